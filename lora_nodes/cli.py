@@ -1,0 +1,204 @@
+"""The ``lora-nodes`` command line: run, validate, nodes, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  lora-nodes run workflows/quickstart.yaml
+  lora-nodes run workflows/quickstart.yaml --set lora.path=my_style.safetensors
+  lora-nodes run workflows/quickstart.yaml --sweep styled.strength_model=0,0.5,1
+  lora-nodes run outputs/quickstart_00001.png          # re-run the workflow a PNG was made with
+  lora-nodes validate workflows/quickstart.yaml --json
+  lora-nodes nodes                                     # every node type and its inputs
+  lora-nodes inspect builtin:tiny --json               # what a LoRA can target in a base
+  lora-nodes inspect style.safetensors --base builtin:tiny
+"""
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-nodes", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Run LoRA node-graph workflows (YAML, JSON, ComfyUI API format, or a PNG we wrote) headless.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a workflow", formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Validate a workflow, then run the nodes its outputs need.\n"
+                         "Exit codes: 0 done, 1 a node failed, 2 the workflow is invalid.", epilog=EXAMPLES)
+    run.add_argument("file", help="workflow file: .yaml, .json (ours or ComfyUI API format) or .png")
+    _add_override_args(run)
+    run.add_argument("--sweep", action="append", default=[], metavar="NODE.INPUT=V1,V2,...",
+                     help="run one variant per value (repeat for the cartesian product); shared nodes run once")
+    run.add_argument("--output-dir", default="outputs", help="where output files go (default: ./outputs)")
+    run.add_argument("--cache-dir", default=None, help="disk cache for expensive results (default: ~/.cache/lora-nodes)")
+    run.add_argument("--events", choices=["jsonl"], help="print run events as JSON lines on stdout instead of bars")
+    run.add_argument("--debug", action="store_true", help="show the full traceback when a node fails")
+
+    validate = sub.add_parser("validate", help="check a workflow without running it (exit 0 valid, 2 invalid)")
+    validate.add_argument("file")
+    _add_override_args(validate)
+    validate.add_argument("--json", action="store_true", help="print the problems as a JSON list")
+
+    nodes = sub.add_parser("nodes", help="list node types with their inputs and outputs")
+    nodes.add_argument("--json", action="store_true", help="the catalogue in ComfyUI's /object_info shape")
+
+    inspect = sub.add_parser("inspect", help="describe a base model or a LoRA file")
+    inspect.add_argument("source", help="builtin:NAME, a diffusers folder, a checkpoint or a LoRA file")
+    inspect.add_argument("--base", help="with a LoRA: the base to place it on (shows what fits and what not)")
+    inspect.add_argument("--config", default="", help="configs+tokenizer folder for a single-file checkpoint")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _add_override_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                        help="override an input; VALUE is YAML (0.5, true, 'text', [node, output])")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lora-nodes`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    handler = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "inspect": cmd_inspect}[args.command]
+    try:
+        return handler(args)
+    except BrokenPipeError:  # e.g. piped into `head`: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("interrupted; files already written were kept", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (deprecations, optional-backend notes) out of the CLI's output."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _load(args: argparse.Namespace):
+    """The workflow of ``args.file`` with ``--set`` applied, and the sweep variants."""
+    from .graph import load_workflow
+    from .graph.overrides import apply_overrides, parse_set, parse_sweep, sweep_variants
+    from .nodes import catalogue
+
+    workflow = load_workflow(args.file)
+    sets = [parse_set(text) for text in args.set]
+    workflow = apply_overrides(workflow, sets, catalogue(), Path.cwd())
+    sweeps = [parse_sweep(text) for text in getattr(args, "sweep", [])]
+    return workflow, sweep_variants(sweeps)
+
+
+def _print_problems(problems, as_json: bool, stream=None) -> None:
+    stream = stream or sys.stderr
+    if as_json:
+        print(json.dumps([p.to_dict() for p in problems], indent=2), file=stream)
+        return
+    print(f"The workflow has {len(problems)} problem{'s' * (len(problems) != 1)}:", file=stream)
+    for problem in problems:
+        print(f"  {problem}", file=stream)
+    print("Fix them and run again ('lora-nodes nodes' lists every node's inputs).", file=stream)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .graph import WorkflowError
+    from .graph.validate import check
+    from .nodes import catalogue
+
+    try:
+        workflow, _ = _load(args)
+        problems, _ = check(workflow, catalogue())
+    except WorkflowError as exc:
+        problems = exc.problems
+    if args.json:
+        print(json.dumps([p.to_dict() for p in problems], indent=2))
+    elif problems:
+        _print_problems(problems, False)
+    else:
+        print(f"{args.file}: valid ({len(workflow.nodes)} nodes)")
+    return EXIT_INVALID if problems else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .cli_display import ProgressDisplay
+    from .engine.events import JsonLines, event
+    from .engine.scheduler import RunFailed, Runner
+    from .graph import WorkflowError
+
+    jsonl = args.events == "jsonl"
+    display = None if jsonl else ProgressDisplay()
+    emit = JsonLines(sys.stdout) if jsonl else display
+    started = time.perf_counter()
+    try:
+        workflow, variants = _load(args)
+        runner = Runner(output_dir=args.output_dir, cache_dir=args.cache_dir, emit=emit)
+        runner.run_variants(workflow, variants, cwd=Path.cwd())
+    except WorkflowError as exc:
+        if jsonl:
+            emit(event("invalid", problems=[p.to_dict() for p in exc.problems]))
+        else:
+            _print_problems(exc.problems, False)
+        return EXIT_INVALID
+    except RunFailed as exc:
+        if args.debug:
+            traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
+        if not jsonl:
+            print(f"error: {exc}", file=sys.stderr)
+            print("Files written before the failure were kept." + ("" if args.debug else
+                  " Add --debug for the full traceback."), file=sys.stderr)
+        return EXIT_RUN_FAILED
+    if display is not None:
+        print(display.summary(time.perf_counter() - started))
+    return EXIT_OK
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from .nodes import catalogue
+
+    cat = catalogue()
+    if args.json:
+        print(json.dumps(cat.object_info(), indent=2))
+        return EXIT_OK
+    for spec in cat.values():
+        print(f"{spec.id}  ({spec.display_name}, {spec.category}, v{spec.version})")
+        print(f"    {spec.description.splitlines()[0] if spec.description else ''}")
+        for decl in spec.inputs:
+            default = "" if decl.required or decl.optional else f" = {decl.default!r}"
+            kind = "|".join(decl.choices) if decl.choices else decl.type
+            flag = " (optional)" if decl.optional else ""
+            print(f"    in  {decl.name}: {kind}{default}{flag}")
+        for out in spec.outputs:
+            print(f"    out {out.name}: {out.type}")
+        print()
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .errors import NodeError
+    from .inspection import format_inspection, inspect_source
+
+    try:
+        info = inspect_source(args.source, args.base, args.config)
+    except (NodeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Running workflows: the scheduler, cache keys, caches and events."""

@@ -1,0 +1,41 @@
+"""What a running node can see and do besides its inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import NodeError
+from .events import Event, EventSink, event
+
+__all__ = ["NodeContext", "NodeError"]
+
+
+@dataclass
+class NodeContext:
+    """Passed to every node function as its first argument."""
+
+    node_id: str
+    node_type: str
+    output_dir: Path
+    cache_dir: Path
+    emit: EventSink
+    file_suffix: str = ""  # keeps the outputs of sweep variants apart
+    workflow: dict[str, Any] = field(default_factory=dict)  # the workflow being run, for embedding
+    files: list[str] = field(default_factory=list)
+
+    def progress(self, value: int, maximum: int) -> None:
+        """Report progress of long work (steps done out of ``maximum``)."""
+        self.emit(event("progress", node=self.node_id, value=value, max=maximum))
+
+    def warn(self, message: str, **details: Any) -> None:
+        """Tell the user something went partly wrong, without stopping the run."""
+        self.emit(event("warning", node=self.node_id, type=self.node_type, message=message, **details))
+
+    def wrote(self, path: str | Path) -> None:
+        """Record a file this node wrote (reported in its ``executed`` event)."""
+        self.files.append(str(path))
+
+    def on_event(self, ev: Event) -> None:
+        self.emit(ev)

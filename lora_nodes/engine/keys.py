@@ -1,0 +1,52 @@
+"""Cache keys: blake2b of canonical JSON, never Python's ``hash()`` (it changes per process)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+CONTENT_HASH_LIMIT = 64 * 2**20  # files up to this size are hashed by content; larger by size and mtime
+
+
+def digest(data: Any) -> str:
+    """Stable hex digest of JSON-ready ``data``."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def file_fingerprint(path: str | Path) -> dict[str, Any]:
+    """What identifies a file's version: path, size, mtime, and its content hash where cheap.
+
+    A folder is fingerprinted by every file under it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return {"path": str(path), "files": [file_fingerprint(p) | {"path": str(p.relative_to(path))} for p in files]}
+    stat = path.stat()
+    fp: dict[str, Any] = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if stat.st_size <= CONTENT_HASH_LIMIT:
+        fp["blake2b"] = content_hash(path)
+    return fp
+
+
+def content_hash(path: str | Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def node_key(node_type: str, version: int, literals: dict[str, Any],
+             upstream: dict[str, tuple[str, int]], files: dict[str, Any]) -> str:
+    """The cache key of one node: what it is, what it was given, and what it read."""
+    return digest({
+        "type": node_type,
+        "version": version,
+        "inputs": literals,
+        "upstream": {name: list(ref) for name, ref in upstream.items()},
+        "files": files,
+    })

@@ -1,0 +1,164 @@
+"""The scheduler: binds a workflow, orders the nodes an output needs, runs them, caches results."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from ..graph.overrides import Override, apply_overrides
+from ..graph.problems import WorkflowError
+from ..graph.validate import BoundNode, bind
+from ..graph.workflow import Workflow
+from ..nodes import catalogue as default_catalogue
+from ..nodes.spec import Catalogue
+from .context import NodeContext, NodeError
+from .events import EventSink, event, ignore
+from .keys import file_fingerprint, node_key
+
+
+class RunFailed(Exception):
+    """A node failed while running. Files written before the failure are kept."""
+
+    def __init__(self, node: str, node_type: str, message: str):
+        self.node, self.node_type, self.message = node, node_type, message
+        super().__init__(f"node '{node}' ({node_type}) failed: {message}")
+
+
+@dataclass
+class RunResult:
+    """What one run did: nodes executed and cached, files written, and every node's outputs."""
+
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    outputs: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def execution_order(bound: dict[str, BoundNode]) -> list[str]:
+    """The nodes that output nodes need, each after its inputs, in a stable order."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(bound)
+    for node in bound.values():
+        for upstream, _ in node.links.values():
+            graph.add_edge(upstream, node.id)
+    needed: set[str] = set()
+    for node in bound.values():
+        if node.spec.output_node:
+            needed |= {node.id} | nx.ancestors(graph, node.id)
+    return list(nx.lexicographical_topological_sort(graph.subgraph(needed)))
+
+
+class Runner:
+    """Runs workflows and keeps every node's result in memory for the life of the process.
+
+    Running again (another variant, or the same workflow after an edit) re-runs only the nodes
+    whose cache key changed: their type, version, literal inputs, upstream keys or files read.
+    """
+
+    def __init__(self, catalogue: Catalogue | None = None, output_dir: str | Path = "outputs",
+                 cache_dir: str | Path | None = None, emit: EventSink = ignore):
+        self.catalogue = catalogue or default_catalogue()
+        self.output_dir = Path(output_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "lora-nodes"
+        self.emit = emit
+        self._results: dict[str, tuple[Any, ...]] = {}
+        self._files: dict[str, list[str]] = {}
+
+    def run(self, workflow: Workflow, file_suffix: str = "", variant: str = "") -> RunResult:
+        """Validate and run ``workflow``. Raises WorkflowError (invalid) or RunFailed (a node failed)."""
+        return self._run_bound(workflow, bind(workflow, self.catalogue), file_suffix, variant)
+
+    def run_variants(self, workflow: Workflow, variants: list[tuple[Override, ...]],
+                     cwd: Path | None = None) -> list[RunResult]:
+        """Run one variant of ``workflow`` per tuple of overrides, sharing every node they share.
+
+        All variants are validated before any runs, so a bad value in the last one runs nothing.
+        """
+        prepared = []
+        problems = []
+        for overrides in variants:
+            variant = apply_overrides(workflow, overrides, self.catalogue, cwd)
+            try:
+                prepared.append((variant, bind(variant, self.catalogue), overrides))
+            except WorkflowError as exc:
+                problems += [p for p in exc.problems if p not in problems]
+        if problems:
+            raise WorkflowError(problems)
+        results = []
+        for variant, bound, overrides in prepared:
+            label = "_".join(o.label for o in overrides)
+            results.append(self._run_bound(variant, bound, f"_{label}" if label else "", label))
+        return results
+
+    def _run_bound(self, workflow: Workflow, bound: dict[str, BoundNode], file_suffix: str,
+                   variant: str) -> RunResult:
+        start = time.perf_counter()
+        order = execution_order(bound)
+        embedded = embeddable_workflow(workflow, bound)
+        self.emit(event("run_start", nodes=order, variant=variant))
+        result = RunResult()
+        keys: dict[str, str] = {}
+        for node_id in order:
+            node = bound[node_id]
+            key = keys[node_id] = self._key(node, keys)
+            if key in self._results:
+                self.emit(event("cached", node=node_id, type=node.spec.id, cache="memory", files=self._files[key]))
+                result.cached.append(node_id)
+            else:
+                ctx = NodeContext(node_id, node.spec.id, self.output_dir, self.cache_dir, self.emit,
+                                  file_suffix, embedded)
+                self._execute(node, ctx, key, keys)
+                result.executed.append(node_id)
+            result.outputs[node_id] = self._results[key]
+            result.files += self._files[key]
+        result.seconds = time.perf_counter() - start
+        self.emit(event("run_end", ok=True, seconds=round(result.seconds, 4), executed=result.executed,
+                        cached=result.cached, files=result.files))
+        return result
+
+    def _key(self, node: BoundNode, keys: dict[str, str]) -> str:
+        files = {d.name: file_fingerprint(node.literals[d.name]) for d in node.spec.inputs
+                 if d.path and node.literals.get(d.name) and Path(node.literals[d.name]).exists()}
+        upstream = {name: (keys[up], index) for name, (up, index) in node.links.items()}
+        return node_key(node.spec.id, node.spec.version, node.literals, upstream, files)
+
+    def _execute(self, node: BoundNode, ctx: NodeContext, key: str, keys: dict[str, str]) -> None:
+        inputs: dict[str, Any] = {decl.name: None for decl in node.spec.inputs}
+        inputs.update(node.literals)
+        for name, (upstream, index) in node.links.items():
+            inputs[name] = self._results[keys[upstream]][index]
+        self.emit(event("executing", node=node.id, type=node.spec.id))
+        started = time.perf_counter()
+        try:
+            outputs = node.spec.run(ctx, **inputs)
+        except (NodeError, WorkflowError) as exc:
+            self._fail(node, str(exc), exc)
+        except Exception as exc:  # a bug or an unexpected library error: still name the node
+            self._fail(node, f"{type(exc).__name__}: {exc}", exc)
+        outputs = tuple(outputs) if outputs is not None else ()
+        if len(outputs) != len(node.spec.outputs):
+            raise RuntimeError(f"{node.spec.id} returned {len(outputs)} values for {len(node.spec.outputs)} outputs")
+        self._results[key] = outputs
+        self._files[key] = list(ctx.files)
+        self.emit(event("executed", node=node.id, type=node.spec.id, files=list(ctx.files),
+                        seconds=round(time.perf_counter() - started, 4)))
+
+    def _fail(self, node: BoundNode, message: str, cause: BaseException) -> None:
+        self.emit(event("error", node=node.id, type=node.spec.id, message=message))
+        raise RunFailed(node.id, node.spec.id, message) from cause
+
+
+def embeddable_workflow(workflow: Workflow, bound: dict[str, BoundNode]) -> dict[str, Any]:
+    """The workflow as run (overrides applied, paths absolute), to embed in the files it writes."""
+    data = workflow.to_dict()
+    for node_id, node in bound.items():
+        inputs = data["nodes"][node_id]["inputs"]
+        for decl in node.spec.inputs:
+            if decl.path and decl.name in inputs and decl.name in node.literals:
+                inputs[decl.name] = node.literals[decl.name]
+    return data

@@ -1,0 +1,87 @@
+"""``--set`` and ``--sweep``: changing inputs of a workflow from the command line."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..nodes.spec import Catalogue
+from .problems import Problem, WorkflowError
+from .validate import resolve_path
+from .workflow import Link, Workflow, is_link
+
+
+@dataclass(frozen=True)
+class Override:
+    """Set input ``input`` of node ``node`` to ``value``."""
+
+    node: str
+    input: str
+    value: Any
+
+    @property
+    def label(self) -> str:
+        shown = self.value if not isinstance(self.value, str) else Path(self.value).stem or self.value
+        return re.sub(r"[^A-Za-z0-9.=+-]+", "-", f"{self.node}.{self.input}={shown}").strip("-")
+
+
+def _split(text: str, flag: str) -> tuple[str, str, str]:
+    target, sep, value = text.partition("=")
+    node, dot, name = target.rpartition(".")
+    if not sep or not dot or not node or not name:
+        raise WorkflowError([Problem("bad_override", f"{flag} expects NODE.INPUT=VALUE, got {text!r}")])
+    return node, name, value
+
+
+def parse_set(text: str) -> Override:
+    """``NODE.INPUT=VALUE``; the value is read as YAML (``0.5`` is a number, ``[a, 0]`` a link)."""
+    node, name, value = _split(text, "--set")
+    return Override(node, name, yaml.safe_load(value) if value != "" else "")
+
+
+def parse_sweep(text: str) -> list[Override]:
+    """``NODE.INPUT=V1,V2,...`` (or a YAML list ``[V1, V2]`` when values hold commas)."""
+    node, name, value = _split(text, "--sweep")
+    parsed = yaml.safe_load(value) if value.strip().startswith("[") else None
+    items = parsed if isinstance(parsed, list) else [yaml.safe_load(v) for v in value.split(",")]
+    if not items:
+        raise WorkflowError([Problem("bad_override", f"--sweep {text!r} has no values")])
+    return [Override(node, name, item) for item in items]
+
+
+def sweep_variants(sweeps: list[list[Override]]) -> list[tuple[Override, ...]]:
+    """The cartesian product of several sweeps; one empty variant when there is no sweep."""
+    return list(itertools.product(*sweeps))
+
+
+def apply_overrides(workflow: Workflow, overrides: list[Override] | tuple[Override, ...],
+                    catalogue: Catalogue, cwd: Path | None = None) -> Workflow:
+    """A copy of ``workflow`` with the overrides applied.
+
+    A relative path given on the command line means relative to where the command runs
+    (``cwd``), not to the workflow file, so it is made absolute here.
+    """
+    result = workflow.copy()
+    problems = []
+    for override in overrides:
+        call = result.nodes.get(override.node)
+        if call is None:
+            problems.append(Problem("missing_node", f"--set/--sweep names node '{override.node}', which is not in "
+                                    f"the workflow (nodes: {', '.join(result.nodes)})", override.node, override.input))
+            continue
+        value = override.value
+        spec = catalogue.get(call.type)
+        decl = spec.input(override.input) if spec else None
+        if is_link(value):
+            value = Link(str(value[0]), value[1])
+        elif decl is not None and decl.path and isinstance(value, str) and cwd is not None:
+            value = resolve_path(value, cwd)
+        call.inputs[override.input] = value
+    if problems:
+        raise WorkflowError(problems)
+    return result

@@ -1,0 +1,73 @@
+"""``lora-nodes inspect``: what a base model or a LoRA file holds, and how a LoRA fits a base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .lora.formats import SUFFIXES, place, read_lora
+from .models.builtin import BUILTINS
+from .models.loading import load_base
+
+
+def is_lora_file(path: str | Path) -> bool:
+    """True when a file's keys look like a LoRA's (read from the header only, no tensors loaded)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return True  # pickle files are only ever read as LoRAs, weights-only
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(key.endswith(suffix) for key in f.keys() for suffix in SUFFIXES)
+
+
+def inspect_source(source: str, base: str | None = None, config: str = "") -> dict[str, Any]:
+    """A JSON-ready description of ``source`` (a base or a LoRA file), placed on ``base`` if given."""
+    if source in BUILTINS or Path(source).is_dir() or not is_lora_file(source):
+        return {"kind": "base", **load_base(source, device="cpu", config=config).describe()}
+    lora = read_lora(source)
+    info: dict[str, Any] = {"kind": "lora", **lora.describe()}
+    if base:
+        model = load_base(base, device="cpu", config=config)
+        placement = place(lora, model)
+        info["placement"] = {
+            "base": base,
+            "architecture": model.architecture,
+            "placed": len(placement.placed),
+            "total": len(lora.modules),
+            "unplaced": placement.unplaced,
+        }
+    return info
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    """The human-readable form of :func:`inspect_source`'s result."""
+    if info["kind"] == "base":
+        modules = info["modules"]
+        counts: dict[str, int] = {}
+        for name, module in modules.items():
+            key = f"{name.split('.', 1)[0]} {module['kind']}"
+            counts[key] = counts.get(key, 0) + 1
+        lines = [f"base model: {info['source']}", f"  architecture: {info['architecture']}",
+                 f"  dtype: {info['dtype']}, native size: {info['native_size']}px",
+                 f"  LoRA-targetable modules: {len(modules)}"]
+        lines += [f"    {key}: {n}" for key, n in sorted(counts.items())]
+        lines.append("  (--json lists every module with its kind and shape)")
+        return "\n".join(lines)
+    lines = [f"LoRA: {info['path']}", f"  format: {info['format']}", f"  modules: {info['modules']}",
+             f"  rank(s): {', '.join(map(str, info['ranks']))}",
+             f"  alpha(s): {', '.join(f'{a:g}' for a in info['alphas'])}",
+             f"  components: {', '.join(info['components'])}"]
+    if info["metadata"]:
+        lines.append("  metadata:")
+        lines += [f"    {k}: {_short(v)}" for k, v in sorted(info["metadata"].items())]
+    placement = info.get("placement")
+    if placement:
+        lines.append(f"  on {placement['base']} ({placement['architecture']}): "
+                     f"{placement['placed']} of {placement['total']} modules placed")
+        lines += [f"    not placed: {k} ({why})" for k, why in sorted(placement["unplaced"].items())]
+    return "\n".join(lines)
+
+
+def _short(value: str, limit: int = 100) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."

@@ -1,0 +1,67 @@
+"""MODEL values: a base plus an ordered list of LoRAs at strengths. Cheap, immutable, shareable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..lora.formats import Placement, component_of, place
+from ..lora.model import LoRA
+from ..lora.patcher import PatchList
+from .base import TEXT_COMPONENTS, BaseModel
+
+
+@dataclass(frozen=True, eq=False)
+class AppliedLoRA:
+    """One LoRA in a recipe or a stack, with its strengths for the UNet and the text encoders."""
+
+    lora: LoRA
+    strength_model: float = 1.0
+    strength_text: float = 1.0
+
+    def strength_for(self, target: str) -> float:
+        return self.strength_text if target.split(".", 1)[0] in TEXT_COMPONENTS else self.strength_model
+
+
+@dataclass(frozen=True, eq=False)
+class ModelRecipe:
+    """What a MODEL output carries: nothing is computed until a node needs the weights."""
+
+    base: BaseModel
+    loras: tuple[AppliedLoRA, ...] = ()
+
+    def with_loras(self, *applied: AppliedLoRA) -> ModelRecipe:
+        return ModelRecipe(self.base, self.loras + tuple(applied))
+
+    def patch_plan(self) -> dict[str, PatchList]:
+        """For every targeted module, the (LoRA module, strength) pairs to add, in order."""
+        plan: dict[str, list] = {}
+        for applied in self.loras:
+            for target, module in place(applied.lora, self.base).placed.items():
+                strength = applied.strength_for(target)
+                if strength != 0.0:
+                    plan.setdefault(target, []).append((module, strength))
+        return {target: tuple(pairs) for target, pairs in plan.items()}
+
+    def materialize(self) -> BaseModel:
+        """Patch the shared base to this recipe's weights and return it (for sampling, saving)."""
+        self.base.patcher.apply(self.patch_plan())
+        return self.base
+
+
+def check_placement(lora: LoRA, base: BaseModel) -> Placement:
+    """Place ``lora`` on ``base``; a LoRA that places nothing is an error that says why."""
+    from ..errors import LoRAError
+    from .base import ARCHITECTURE_NAMES
+
+    placement = place(lora, base)
+    if not placement.placed:
+        components = sorted({component_of(k) for k in lora.modules})
+        examples = ", ".join(sorted(placement.unplaced)[:3])
+        raise LoRAError(
+            f"LoRA '{lora.name}' matches nothing in the base {base.source} "
+            f"({ARCHITECTURE_NAMES.get(base.architecture, base.architecture)}): none of its {len(lora.modules)} "
+            f"modules ({', '.join(components)}) has a place, e.g. {examples} "
+            f"({placement.unplaced[sorted(placement.unplaced)[0]]}). "
+            f"Is it for another model? 'lora-nodes inspect LORA --base SOURCE' lists what fits."
+        )
+    return placement

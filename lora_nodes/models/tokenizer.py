@@ -1,0 +1,81 @@
+"""A small CLIP BPE tokenizer that the package builds itself, so no tokenizer is downloaded.
+
+It speaks CLIP's format (byte-level symbols, ``</w>`` word ends, start/end tokens), so the real
+``transformers.CLIPTokenizer`` runs it. Its merges cover a fixed list of words; any other word
+falls back to single characters, which still encodes every prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+START, END = "<|startoftext|>", "<|endoftext|>"
+
+WORDS = (
+    "a an the of on in with and or at by to from"
+    " red green blue yellow purple orange pink black white gray grey brown cyan magenta"
+    " circle square triangle star rectangle shape shapes"
+    " small large big tiny background photo picture image drawing style painting"
+).split()
+
+
+def _byte_symbols() -> list[str]:
+    """One printable unicode character per byte value, as CLIP's byte-level BPE uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def build_vocab(words: tuple[str, ...] | list[str] = WORDS) -> tuple[dict[str, int], list[str]]:
+    """The vocabulary and merge list: every byte symbol, then BPE merges learned on ``words``.
+
+    Merges are learned until every word is one token (most frequent pair first, ties broken
+    alphabetically), so encoding reproduces that segmentation and each word is a single token.
+    """
+    symbols = _byte_symbols()
+    vocab: dict[str, int] = {}
+    for token in [*symbols, *(s + "</w>" for s in symbols)]:
+        vocab.setdefault(token, len(vocab))
+    pieces = [[*w[:-1], w[-1] + "</w>"] for w in dict.fromkeys(words)]
+    merges: list[str] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for word in pieces:
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(" ".join(best))
+        vocab.setdefault("".join(best), len(vocab))
+        pieces = [_merge(word, best) for word in pieces]
+    vocab[START] = len(vocab)
+    vocab[END] = len(vocab)
+    return vocab, merges
+
+
+def _merge(word: list[str], pair: tuple[str, str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def build_tokenizer(max_length: int = 77):
+    """A ``CLIPTokenizer`` over :func:`build_vocab`, identical every time it is built."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_vocab()
+    with tempfile.TemporaryDirectory() as folder:
+        vocab_file, merges_file = Path(folder, "vocab.json"), Path(folder, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length)

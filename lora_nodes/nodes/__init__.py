@@ -1,0 +1,23 @@
+"""The node catalogue: every node type, declared once in its family's module."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from .spec import Catalogue
+
+
+@lru_cache(maxsize=1)
+def catalogue() -> Catalogue:
+    """All node types of lora-nodes, by id."""
+    from . import base, io, lora, sample
+
+    return Catalogue([
+        base.load_base,
+        lora.load_lora,
+        lora.apply_lora,
+        lora.lora_stack,
+        lora.apply_lora_stack,
+        sample.sample,
+        io.save_images,
+    ])

@@ -1,0 +1,29 @@
+"""Base model nodes."""
+
+from __future__ import annotations
+
+from ..models.builtin import BUILTINS
+from ..models.loading import load_base as load_base_model
+from ..models.recipe import ModelRecipe
+from .spec import COMBO, MODEL, STRING, Input, Output, node
+
+
+@node(
+    "LoadBase",
+    display_name="Load Base Model",
+    category="models",
+    inputs=[
+        Input("source", STRING, "builtin:tiny", path=True, builtins=tuple(BUILTINS),
+              description="builtin:NAME, a diffusers pipeline folder, or a single-file .safetensors checkpoint"),
+        Input("dtype", COMBO, "auto", choices=("auto", "float32", "float16", "bfloat16"),
+              description="weight precision; auto is float16 on a GPU and float32 on the CPU"),
+        Input("device", COMBO, "auto", choices=("auto", "cpu", "cuda", "mps"),
+              description="where the model runs; auto picks a GPU when there is one"),
+        Input("config", STRING, "", path=True, optional=True,
+              description="for a single-file checkpoint: a diffusers folder with its configs and tokenizer"),
+    ],
+    outputs=[Output("model", MODEL, "the base model, ready for LoRAs")],
+)
+def load_base(ctx, source: str, dtype: str, device: str, config: str | None):
+    """Load a Stable Diffusion base model once; every variant made from it shares its weights."""
+    return (ModelRecipe(load_base_model(source, dtype, device, config or "")),)

@@ -1,0 +1,53 @@
+"""Nodes that write files."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ..fileio import atomic_write
+from ..graph.load import PNG_WORKFLOW_KEY
+from .spec import IMAGE, STRING, Input, node
+
+
+def next_free_index(folder: Path, stem: str) -> int:
+    """1 + the highest counter of existing ``{stem}_NNNNN.png`` files: nothing is overwritten."""
+    pattern = re.compile(rf"{re.escape(stem)}_(\d+)\.png$")
+    found = [int(m.group(1)) for p in folder.glob(f"{stem}_*.png") if (m := pattern.match(p.name))]
+    return max(found, default=0) + 1
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """One [height, width, 3] float image in 0..1 as an 8-bit PIL image."""
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+@node(
+    "SaveImages",
+    display_name="Save Images",
+    category="io",
+    inputs=[
+        Input("images", IMAGE),
+        Input("prefix", STRING, "lora-nodes", description="file name start; may include sub-folders"),
+    ],
+    output_node=True,
+)
+def save_images(ctx, images: torch.Tensor, prefix: str):
+    """Write each image as a PNG under the output folder, with the workflow embedded to re-run it."""
+    stem_path = ctx.output_dir / f"{prefix}{ctx.file_suffix}"
+    folder, stem = stem_path.parent, stem_path.name
+    info = PngInfo()
+    info.add_text(PNG_WORKFLOW_KEY, json.dumps(ctx.workflow))
+    start = next_free_index(folder, stem) if folder.exists() else 1
+    for offset, image in enumerate(images):
+        path = folder / f"{stem}_{start + offset:05d}.png"
+        picture = to_pil(image)
+        atomic_write(path, lambda tmp: picture.save(tmp, format="PNG", pnginfo=info))
+        ctx.wrote(path)

@@ -27,7 +27,7 @@ class Override:
     @property
     def label(self) -> str:
         shown = self.value if not isinstance(self.value, str) else Path(self.value).stem or self.value
-        return re.sub(r"[^A-Za-z0-9.=+-]+", "-", f"{self.node}.{self.input}={shown}").strip("-")
+        return re.sub(r"[^A-Za-z0-9._=+-]+", "-", f"{self.node}.{self.input}={shown}").strip("-")
 
 
 def _split(text: str, flag: str) -> tuple[str, str, str]:

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .text_names import to_file_name
+
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 LORA_COMPONENTS = ("unet", *TEXT_COMPONENTS)
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
@@ -53,7 +55,10 @@ class BaseModel:
 
     @cached_property
     def lora_targets(self) -> dict[str, nn.Module]:
-        """Every linear and conv module a LoRA can target, as ``component.module_path``."""
+        """Every linear and conv module a LoRA can target, as ``component.module_path``.
+
+        Paths are spelled as LoRA files spell them (see :mod:`.text_names`).
+        """
         targets = {}
         for component in LORA_COMPONENTS:
             model = self.components.get(component)
@@ -61,7 +66,7 @@ class BaseModel:
                 continue
             for path, module in model.named_modules():
                 if isinstance(module, (nn.Linear, nn.Conv2d)):
-                    targets[f"{component}.{path}"] = module
+                    targets[f"{component}.{to_file_name(path, model)}"] = module
         return targets
 
     @cached_property

@@ -11,6 +11,7 @@ import torch
 from ..errors import ModelLoadError
 from .base import BaseModel
 from .builtin import BUILTINS
+from .text_names import state_dict_for
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -112,7 +113,7 @@ def _load_single_file(path: Path, config: Path | None) -> dict[str, Any]:
     vae = AutoencoderKL.from_config(vae_config)
     text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder"))
     for model, name in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
-        _load_exact(model, parts[name], name, path)
+        _load_exact(model, state_dict_for(model, parts[name]), name, path)
     return {
         "unet": unet,
         "vae": vae,

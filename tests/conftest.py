@@ -1,0 +1,50 @@
+"""Shared fixtures: the built-in tiny base and LoRA files made from it (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = REPO / "workflows"
+EXAMPLE_LORA = WORKFLOWS / "loras" / "tiny_style.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """builtin:tiny on the CPU in float32, shared by the tests that only read it via recipes."""
+    from lora_nodes.models.loading import load_base
+
+    return load_base("builtin:tiny", dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def write_lora(tmp_path, tiny):
+    """Write a synthetic LoRA for builtin:tiny and return its path: write_lora(fmt=..., seed=...)."""
+    from lora_nodes.lora.synthetic import synthetic_lora
+
+    def write(name: str = "lora", fmt: str = "kohya", metadata: dict | None = None, **kwargs) -> Path:
+        tensors = synthetic_lora(tiny, fmt=fmt, **kwargs)
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
+        return path
+
+    return write
+
+
+def write_workflow(folder: Path, text: str, name: str = "workflow.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

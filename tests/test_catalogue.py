@@ -1,0 +1,57 @@
+"""The node catalogue: one declaration per node, described in ComfyUI's /object_info shape."""
+
+import json
+
+import pytest
+
+from lora_nodes.cli import main
+from lora_nodes.nodes import catalogue
+from lora_nodes.nodes.spec import REQUIRED, Input, node
+
+CORE_NODES = {"LoadBase", "LoadLoRA", "ApplyLoRA", "LoRAStack", "ApplyLoRAStack", "Sample", "SaveImages"}
+
+
+def test_nodes_json_is_object_info_shaped(capsys):
+    assert main(["nodes", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert CORE_NODES <= set(info)
+    for node_id, entry in info.items():
+        assert entry["name"] == node_id
+        for key in ("input", "input_order", "output", "output_name", "display_name", "description",
+                    "category", "output_node"):
+            assert key in entry, (node_id, key)
+        assert set(entry["input_order"]["required"]) == set(entry["input"]["required"])
+        assert len(entry["output"]) == len(entry["output_name"])
+
+
+def test_object_info_carries_types_defaults_ranges_and_choices():
+    info = catalogue()["Sample"].object_info()
+    required = info["input"]["required"]
+    assert required["model"] == ["LN_MODEL", {}]
+    assert required["steps"][0] == "INT" and required["steps"][1]["default"] == 20
+    assert required["steps"][1]["min"] == 1
+    assert required["sampler"][0] == ["euler", "euler_ancestral", "ddim", "dpmpp_2m"]
+    assert required["cfg"][1]["step"] == 0.1
+    assert info["output"] == ["IMAGE"] and info["output_name"] == ["images"]
+    stack = catalogue()["LoRAStack"].object_info()
+    assert "stack" in stack["input"]["optional"] and "lora_1" in stack["input"]["optional"]
+    assert catalogue()["SaveImages"].object_info()["output_node"] is True
+
+
+def test_our_types_never_reuse_comfyui_model_types():
+    comfy_types = {"MODEL", "CLIP", "VAE", "LATENT", "CONDITIONING"}
+    for spec in catalogue().values():
+        assert not comfy_types & ({i.type for i in spec.inputs} | {o.type for o in spec.outputs}), spec.id
+
+
+def test_declaration_must_match_the_function():
+    with pytest.raises(TypeError, match="differ from declared inputs"):
+        @node("Broken", display_name="Broken", category="test", inputs=[Input("a", "INT", 1)])
+        def broken(ctx, b):
+            return ()
+
+
+def test_required_means_no_default():
+    spec = catalogue()["Sample"]
+    assert spec.input("prompt").default is REQUIRED and spec.input("prompt").required
+    assert not spec.input("seed").required

@@ -23,7 +23,7 @@ def is_lora_file(path: str | Path) -> bool:
 
 def inspect_source(source: str, base: str | None = None, config: str = "") -> dict[str, Any]:
     """A JSON-ready description of ``source`` (a base or a LoRA file), placed on ``base`` if given."""
-    if source in BUILTINS or Path(source).is_dir() or not is_lora_file(source):
+    if source in BUILTINS or not Path(source).is_file() or not is_lora_file(source):
         return {"kind": "base", **load_base(source, device="cpu", config=config).describe()}
     lora = read_lora(source)
     info: dict[str, Any] = {"kind": "lora", **lora.describe()}

@@ -1,0 +1,168 @@
+"""Running workflows: only what outputs need, cached by key, sweeps share nodes, errors name the node."""
+
+import json
+import shutil
+
+import numpy as np
+from conftest import EXAMPLE_LORA, write_workflow
+from PIL import Image
+
+from lora_nodes.cli import main
+from lora_nodes.engine.events import Collector
+from lora_nodes.engine.scheduler import Runner
+from lora_nodes.graph import load_workflow
+from lora_nodes.graph.overrides import parse_set, parse_sweep, sweep_variants
+
+WORKFLOW = """
+format: lora-nodes/1
+nodes:
+  base:   {type: LoadBase}
+  lora:   {type: LoadLoRA, inputs: {path: style.safetensors}}
+  styled: {type: ApplyLoRA, inputs: {model: [base, model], lora: [lora, lora], strength_model: 0.8}}
+  images: {type: Sample, inputs: {model: [styled, model], prompt: "a red circle", seed: 1, steps: 3}}
+  unused: {type: Sample, inputs: {model: [base, model], prompt: "never drawn", steps: 3}}
+  save:   {type: SaveImages, inputs: {images: [images, images], prefix: run}}
+"""
+
+
+def setup_folder(tmp_path):
+    shutil.copy(EXAMPLE_LORA, tmp_path / "style.safetensors")
+    return write_workflow(tmp_path, WORKFLOW)
+
+
+def executed(events):
+    return [e["node"] for e in events.of("executing")]
+
+
+def test_only_needed_nodes_run_and_reruns_are_cached(tmp_path):
+    events = Collector()
+    runner = Runner(output_dir=tmp_path / "out", emit=events)
+    workflow = load_workflow(setup_folder(tmp_path))
+    first = runner.run(workflow)
+    assert "unused" not in first.executed and set(first.executed) == {"base", "lora", "styled", "images", "save"}
+    assert runner.run(workflow).executed == []
+    changed = workflow.copy()
+    changed.nodes["images"].inputs["seed"] = 2
+    assert runner.run(changed).executed == ["images", "save"]
+
+
+def test_a_changed_file_is_read_again(tmp_path):
+    runner = Runner(output_dir=tmp_path / "out")
+    path = setup_folder(tmp_path)
+    runner.run(load_workflow(path))
+    lora_file = tmp_path / "style.safetensors"
+    data = bytearray(lora_file.read_bytes())
+    lora_file.write_bytes(bytes(data))  # same content, new mtime
+    assert "lora" in runner.run(load_workflow(path)).executed
+
+
+def test_sweep_loads_the_base_once_and_keeps_outputs_apart(tmp_path):
+    events = Collector()
+    runner = Runner(output_dir=tmp_path / "out", emit=events)
+    variants = sweep_variants([parse_sweep("styled.strength_model=0,0.5,1"), parse_sweep("images.seed=1,2")])
+    results = runner.run_variants(load_workflow(setup_folder(tmp_path)), variants)
+    assert len(results) == 6
+    assert executed(events).count("base") == 1 and executed(events).count("lora") == 1
+    files = [f for r in results for f in r.files]
+    assert len(set(files)) == 6
+    assert any("styled.strength_model=0.5_images.seed=2" in f for f in files)
+
+
+def test_relative_paths_follow_the_workflow_file_and_set_paths_follow_cwd(tmp_path, monkeypatch, capsys):
+    path = setup_folder(tmp_path / "project") if (tmp_path / "project").mkdir() is None else None
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["run", str(path), "--output-dir", "out"]) == 0
+    assert len(list((elsewhere / "out").glob("run_*.png"))) == 1
+    shutil.copy(EXAMPLE_LORA, elsewhere / "mine.safetensors")
+    assert main(["validate", str(path), "--set", "lora.path=mine.safetensors"]) == 0
+    assert main(["validate", str(path), "--set", "lora.path=nope.safetensors"]) == 2
+
+
+def test_events_jsonl(tmp_path, capsys):
+    path = setup_folder(tmp_path)
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--events", "jsonl"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    assert {"executing", "progress", "executed"} <= set(kinds)
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress[-1] == {"event": "progress", "node": "images", "value": 3, "max": 3}
+    saved = next(e for e in events if e["event"] == "executed" and e["node"] == "save")
+    assert saved["files"] and saved["files"][0].endswith("run_00001.png")
+
+
+def test_cached_event_in_one_process(tmp_path):
+    events = Collector()
+    runner = Runner(output_dir=tmp_path / "out", emit=events)
+    workflow = load_workflow(setup_folder(tmp_path))
+    runner.run(workflow)
+    runner.run(workflow)
+    assert {e["node"] for e in events.of("cached")} == {"base", "lora", "styled", "images", "save"}
+
+
+FAILING = """
+nodes:
+  base:   {type: LoadBase}
+  images: {type: Sample, inputs: {model: [base, model], prompt: "x", steps: 2}}
+  a_save: {type: SaveImages, inputs: {images: [images, images], prefix: kept}}
+  z_lora: {type: LoadLoRA, inputs: {path: broken.safetensors}}
+  z_apply: {type: ApplyLoRA, inputs: {model: [base, model], lora: [z_lora, lora]}}
+  z_images: {type: Sample, inputs: {model: [z_apply, model], prompt: "x", steps: 2}}
+  z_save: {type: SaveImages, inputs: {images: [z_images, images], prefix: never}}
+"""
+
+
+def test_a_failing_node_exits_1_names_itself_and_keeps_written_files(tmp_path, capsys):
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
+    path = write_workflow(tmp_path, FAILING)
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--output-dir", str(out), "--events", "jsonl"]) == 1
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    error = next(e for e in events if e["event"] == "error")
+    assert error["node"] == "z_lora" and error["type"] == "LoadLoRA" and "broken.safetensors" in error["message"]
+    assert [p.name for p in out.iterdir()] == ["kept_00001.png"]  # no temporary or partial files
+    assert main(["run", str(path), "--output-dir", str(out)]) == 1
+    assert "node 'z_lora' (LoadLoRA) failed" in capsys.readouterr().err
+
+
+def test_same_graph_in_yaml_json_and_comfyui_api_format_gives_the_same_image(tmp_path):
+    yaml_path = setup_folder(tmp_path)
+    workflow = load_workflow(yaml_path)
+    (tmp_path / "w.json").write_text(json.dumps(workflow.to_dict()))
+    ids = {name: str(i) for i, name in enumerate(workflow.nodes, start=3)}
+    api = {ids[n]: {"class_type": c.type, "inputs": {k: [ids[v.node], v.output] if hasattr(v, "node") else v
+                                                       for k, v in c.inputs.items()}}
+           for n, c in workflow.nodes.items()}
+    (tmp_path / "api.json").write_text(json.dumps(api))
+    pixels = []
+    for name in ("workflow.yaml", "w.json", "api.json"):
+        result = Runner(output_dir=tmp_path / f"out_{name}").run(load_workflow(tmp_path / name))
+        pixels.append(np.asarray(Image.open(result.files[0])))
+    assert np.array_equal(pixels[0], pixels[1]) and np.array_equal(pixels[0], pixels[2])
+
+
+def test_a_png_reruns_its_embedded_workflow(tmp_path, monkeypatch):
+    path = setup_folder(tmp_path)
+    first = Runner(output_dir=tmp_path / "a").run(load_workflow(path), ).files[0]
+    embedded = json.loads(Image.open(first).info["lora-nodes"])
+    assert embedded["nodes"]["styled"]["inputs"]["strength_model"] == 0.8
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["run", first, "--output-dir", str(tmp_path / "b")]) == 0
+    again = next((tmp_path / "b").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+def test_outputs_are_never_overwritten(tmp_path):
+    path = setup_folder(tmp_path)
+    for _ in range(2):
+        Runner(output_dir=tmp_path / "out").run(load_workflow(path))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run_00001.png", "run_00002.png"]
+
+
+def test_override_parsing():
+    assert parse_set("images.prompt=a blue star").value == "a blue star"
+    assert parse_set("styled.strength_model=0.25").value == 0.25
+    assert [o.value for o in parse_sweep("images.prompt=[a, b c]")] == ["a", "b c"]
+    assert [o.value for o in parse_sweep("images.seed=1,2,3")] == [1, 2, 3]

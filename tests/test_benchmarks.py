@@ -1,0 +1,19 @@
+"""The benchmark scripts run (at a tiny size) and print their tables; targets are not asserted here."""
+
+import importlib.util
+
+from conftest import REPO
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_overhead_benchmark_prints_its_table(capsys):
+    figures = load("sample_overhead").main(["--steps", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "overhead" in out and "4-variant sweep" in out
+    assert figures["node_s"] > 0 and figures["direct_s"] > 0 and figures["sweep_mb"] > 0

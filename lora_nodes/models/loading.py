@@ -15,7 +15,7 @@ from .text_names import state_dict_for
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
+TOKENIZER_FILES = ("vocab.json", "merges.txt")  # or one tokenizer.json (what transformers 5 writes)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -65,7 +65,9 @@ def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
 def missing_pipeline_files(folder: Path) -> list[str]:
     """The files a diffusers SD pipeline folder needs that ``folder`` lacks."""
     needed = ["model_index.json", *(f"{part}/config.json" for part in ("unet", "vae", "text_encoder")),
-              "scheduler/scheduler_config.json", *(f"tokenizer/{name}" for name in TOKENIZER_FILES)]
+              "scheduler/scheduler_config.json"]
+    if not (folder / "tokenizer/tokenizer.json").is_file():
+        needed += [f"tokenizer/{name}" for name in TOKENIZER_FILES]
     return [name for name in needed if not (folder / name).is_file()]
 
 

@@ -1,0 +1,87 @@
+"""Base models: the built-in one is made in code; folders and single files load offline or say why not."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from lora_nodes.errors import ModelLoadError
+from lora_nodes.models.base import architecture_of
+from lora_nodes.models.builtin import build_tiny
+from lora_nodes.models.loading import load_base
+from lora_nodes.models.recipe import ModelRecipe
+from lora_nodes.models.text_names import file_state_dict
+from lora_nodes.models.tokenizer import WORDS, build_tokenizer
+from lora_nodes.nodes.sample import make_pipeline
+
+
+def save_tiny_folder(path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**build_tiny(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path
+
+
+def draw(base, seed=0):
+    pipe = make_pipeline(ModelRecipe(base).materialize(), "euler")
+    with torch.inference_mode():
+        return pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(seed),
+                    output_type="pt").images
+
+
+def test_builtin_tiny_is_deterministic_small_and_sd15_shaped():
+    a, b = build_tiny(), build_tiny()
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = a[name].state_dict(), b[name].state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    params = sum(p.numel() for n in ("unet", "vae", "text_encoder") for p in a[n].parameters())
+    assert params * 4 < 8 * 2**20  # a few MB in float32
+    assert architecture_of(a["unet"].config) == "sd1"
+    assert a["unet"].config.cross_attention_dim == a["text_encoder"].config.hidden_size
+
+
+def test_builtin_leaves_the_callers_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny()
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tokenizer_keeps_its_words_whole():
+    tokenizer = build_tokenizer()
+    for word in WORDS:
+        assert len(tokenizer(word).input_ids) == 3, word  # start, the word, end
+    assert tokenizer("zebra!").input_ids  # unknown words fall back to characters
+
+
+def test_diffusers_folder_loads_to_the_same_model(tmp_path, tiny):
+    folder = save_tiny_folder(tmp_path / "tiny-folder")
+    loaded = load_base(str(folder), dtype="float32", device="cpu")
+    assert loaded.architecture == "sd1" and set(loaded.lora_targets) == set(tiny.lora_targets)
+    for name in ("unet", "text_encoder"):
+        ours, theirs = file_state_dict(tiny.components[name]), file_state_dict(loaded.components[name])
+        ModelRecipe(tiny).materialize()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(draw(loaded), draw(tiny))
+
+
+def test_incomplete_folder_names_what_is_missing(tmp_path):
+    folder = save_tiny_folder(tmp_path / "broken")
+    shutil.rmtree(folder / "tokenizer")
+    with pytest.raises(ModelLoadError, match="missing tokenizer/vocab.json, tokenizer/merges.txt"):
+        load_base(str(folder), device="cpu")
+
+
+def test_load_base_dtype_and_device_choices(tiny):
+    half = load_base("builtin:tiny", dtype="bfloat16", device="cpu")
+    assert half.unet.dtype == torch.bfloat16 and half.dtype == torch.bfloat16
+    assert tiny.device.type == "cpu" and tiny.unet.dtype == torch.float32
+
+
+def test_folder_index_json_is_ours(tmp_path):
+    folder = save_tiny_folder(tmp_path / "f")
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"

@@ -18,7 +18,7 @@ def is_lora_file(path: str | Path) -> bool:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return any(key.endswith(suffix) for key in f.keys() for suffix in SUFFIXES)
+        return any(key.endswith(suffix) for key in f.keys() for suffix in SUFFIXES)  # noqa: SIM118 - not a dict
 
 
 def inspect_source(source: str, base: str | None = None, config: str = "") -> dict[str, Any]:

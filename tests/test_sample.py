@@ -13,8 +13,8 @@ from lora_nodes.nodes.sample import SAMPLERS, sample
 
 def draw(recipe, events=None, **overrides):
     ctx = NodeContext("s", "Sample", None, None, events or Collector())
-    inputs = dict(prompt="a red circle", negative_prompt="", seed=3, steps=4, cfg=7.0, sampler="euler",
-                  width=0, height=0, batch_size=1)
+    inputs = {"prompt": "a red circle", "negative_prompt": "", "seed": 3, "steps": 4, "cfg": 7.0,
+              "sampler": "euler", "width": 0, "height": 0, "batch_size": 1}
     inputs.update(overrides)
     return sample.run(ctx, recipe, **inputs)[0]
 

@@ -138,7 +138,7 @@ class Runner:
             outputs = node.spec.run(ctx, **inputs)
         except (NodeError, WorkflowError) as exc:
             self._fail(node, str(exc), exc)
-        except Exception as exc:  # a bug or an unexpected library error: still name the node
+        except Exception as exc:  # noqa: BLE001 - a bug or a library error: still name the node
             self._fail(node, f"{type(exc).__name__}: {exc}", exc)
         outputs = tuple(outputs) if outputs is not None else ()
         if len(outputs) != len(node.spec.outputs):

@@ -92,7 +92,7 @@ def _check_node(node_id: str, spec: NodeSpec, inputs: dict[str, Any], workflow: 
             continue
         value = inputs[decl.name]
         if isinstance(value, Link):
-            target = _check_link(value, decl, workflow, catalogue, lambda c, m: problem(c, m, decl.name))
+            target = _check_link(value, decl, workflow, catalogue, lambda c, m, n=decl.name: problem(c, m, n))
             if target is not None:
                 links[decl.name] = target
         elif decl.is_link:
@@ -137,9 +137,10 @@ def _check_literal(decl: Input, value: Any, base_dir: Path) -> list[tuple[str, s
         return [("invalid_value", f"expects {decl.type.lower()}, got {type(value).__name__} {value!r}")]
     if decl.type == COMBO and value not in decl.choices:
         return [("invalid_choice", f"{value!r} is not one of: {', '.join(decl.choices)}")]
-    if decl.type in (INT, FLOAT):
-        if decl.min is not None and value < decl.min or decl.max is not None and value > decl.max:
-            return [("out_of_range", f"{value} is outside {decl.min}..{decl.max}")]
+    below = decl.min is not None and value < decl.min
+    above = decl.max is not None and value > decl.max
+    if decl.type in (INT, FLOAT) and (below or above):
+        return [("out_of_range", f"{value} is outside {decl.min}..{decl.max}")]
     if decl.path:
         return _check_path(decl, value, base_dir)
     return []

@@ -54,7 +54,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
 
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 - not a dict
         except (SafetensorError, OSError, ValueError) as exc:
             raise LoRAError(f"{path.name} is not a readable .safetensors file: {exc}") from exc
     if path.suffix.lower() in PICKLE_SUFFIXES:

@@ -56,12 +56,13 @@ def check_placement(lora: LoRA, base: BaseModel) -> Placement:
     placement = place(lora, base)
     if not placement.placed:
         components = sorted({component_of(k) for k in lora.modules})
+        first = min(placement.unplaced)
         examples = ", ".join(sorted(placement.unplaced)[:3])
         raise LoRAError(
             f"LoRA '{lora.name}' matches nothing in the base {base.source} "
             f"({ARCHITECTURE_NAMES.get(base.architecture, base.architecture)}): none of its {len(lora.modules)} "
             f"modules ({', '.join(components)}) has a place, e.g. {examples} "
-            f"({placement.unplaced[sorted(placement.unplaced)[0]]}). "
+            f"({placement.unplaced[first]}). "
             f"Is it for another model? 'lora-nodes inspect LORA --base SOURCE' lists what fits."
         )
     return placement

@@ -7,6 +7,7 @@ falls back to single characters, which still encodes every prompt.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -14,11 +15,13 @@ from pathlib import Path
 START, END = "<|startoftext|>", "<|endoftext|>"
 
 WORDS = (
-    "a an the of on in with and or at by to from"
-    " red green blue yellow purple orange pink black white gray grey brown cyan magenta"
-    " circle square triangle star rectangle shape shapes"
-    " small large big tiny background photo picture image drawing style painting"
-).split()
+    "a", "an", "the", "of", "on", "in", "with", "and", "or", "at", "by", "to", "from",
+    "red", "green", "blue", "yellow", "purple", "orange", "pink", "black", "white", "gray", "grey",
+    "brown", "cyan", "magenta",
+    "circle", "square", "triangle", "star", "rectangle", "shape", "shapes",
+    "small", "large", "big", "tiny", "background", "photo", "picture", "image", "drawing", "style",
+    "painting",
+)
 
 
 def _byte_symbols() -> list[str]:
@@ -43,7 +46,7 @@ def build_vocab(words: tuple[str, ...] | list[str] = WORDS) -> tuple[dict[str, i
     while True:
         counts: dict[tuple[str, str], int] = {}
         for word in pieces:
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 counts[pair] = counts.get(pair, 0) + 1
         if not counts:
             break

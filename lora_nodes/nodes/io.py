@@ -49,5 +49,5 @@ def save_images(ctx, images: torch.Tensor, prefix: str):
     for offset, image in enumerate(images):
         path = folder / f"{stem}_{start + offset:05d}.png"
         picture = to_pil(image)
-        atomic_write(path, lambda tmp: picture.save(tmp, format="PNG", pnginfo=info))
+        atomic_write(path, lambda tmp, picture=picture: picture.save(tmp, format="PNG", pnginfo=info))
         ctx.wrote(path)

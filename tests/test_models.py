@@ -85,3 +85,65 @@ def test_load_base_dtype_and_device_choices(tiny):
 def test_folder_index_json_is_ours(tmp_path):
     folder = save_tiny_folder(tmp_path / "f")
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+
+def write_single_file(tiny, path):
+    from safetensors.torch import save_file
+
+    from lora_nodes.models.ldm import to_ldm_checkpoint
+
+    ModelRecipe(tiny).materialize()
+    c = tiny.components
+    state = to_ldm_checkpoint(c["unet"].state_dict(), c["vae"].state_dict(), file_state_dict(c["text_encoder"]),
+                              c["unet"].config, c["vae"].config)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def test_single_file_checkpoint_loads_offline_with_a_config_folder(tmp_path, tiny):
+    checkpoint = write_single_file(tiny, tmp_path / "tiny.safetensors")
+    configs = save_tiny_folder(tmp_path / "configs")
+    for weights_file in configs.rglob("*.safetensors"):
+        weights_file.unlink()  # the folder gives configs and tokenizer only
+    loaded = load_base(str(checkpoint), dtype="float32", device="cpu", config=str(configs))
+    assert loaded.architecture == "sd1"
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = file_state_dict(tiny.components[name]), file_state_dict(loaded.components[name])
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert torch.equal(draw(loaded), draw(tiny))
+
+
+def test_single_file_without_config_says_what_to_pass(tmp_path, tiny):
+    checkpoint = write_single_file(tiny, tmp_path / "tiny.safetensors")
+    with pytest.raises(ModelLoadError, match="Set LoadBase's 'config' input to a diffusers folder"):
+        load_base(str(checkpoint), device="cpu")
+    configs = save_tiny_folder(tmp_path / "configs")
+    shutil.rmtree(configs / "vae")
+    with pytest.raises(ModelLoadError, match="lacks vae/config.json"):
+        load_base(str(checkpoint), device="cpu", config=str(configs))
+
+
+def test_single_file_that_does_not_fit_its_configs_names_keys(tmp_path, tiny):
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = write_single_file(tiny, tmp_path / "tiny.safetensors")
+    state = load_file(str(checkpoint))
+    del state["model.diffusion_model.out.2.weight"]
+    save_file(state, str(checkpoint))
+    configs = save_tiny_folder(tmp_path / "configs")
+    with pytest.raises(ModelLoadError, match=r"does not fit the configs.*out\.2\.weight"):
+        load_base(str(checkpoint), device="cpu", config=str(configs))
+
+
+def test_load_base_node_failure_names_the_node(tmp_path, capsys):
+    from conftest import write_workflow
+
+    from lora_nodes.cli import main
+
+    (tmp_path / "empty_model").mkdir()
+    path = write_workflow(tmp_path, "nodes:\n  base: {type: LoadBase, inputs: {source: empty_model}}\n"
+                          "  s: {type: Sample, inputs: {model: [base, model], prompt: x, steps: 1}}\n"
+                          "  o: {type: SaveImages, inputs: {images: [s, images]}}\n")
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "node 'base' (LoadBase) failed" in err and "missing model_index.json" in err

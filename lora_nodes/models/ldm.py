@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .text_names import FILE_LEVEL, file_spelling
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
@@ -49,8 +51,6 @@ _VAE_ATTENTION_LINEARS = ("to_q", "to_k", "to_v", "to_out.0")
 
 # Text-encoder entries that are buffers or training leftovers, not weights of the HF model.
 _IGNORED_TEXT_SUFFIXES = ("position_ids", "logit_scale", "attn_mask")
-_CLIP_FILE_LEVEL = "text_model."
-_CLIP_FLATTENED = ("embeddings.", "encoder.", "final_layer_norm.")
 _MAX_NAMED = 5
 
 
@@ -252,7 +252,9 @@ def _vae_rules(config: Mapping[str, Any]) -> dict[str, _Rule]:
         rules.append(_Rule(f"encoder.down_blocks.{i}.downsamplers.0", f"{down}.downsample"))
         rules.append(_Rule(f"decoder.up_blocks.{i}.upsamplers.0", f"{up}.upsample"))
         for j in range(layers):
-            rules.append(_Rule(f"encoder.down_blocks.{i}.resnets.{j}", f"{down}.block.{j}", _VAE_RESNET_RENAMES))
+            rules.append(
+                _Rule(f"encoder.down_blocks.{i}.resnets.{j}", f"{down}.block.{j}", _VAE_RESNET_RENAMES)
+            )
         for j in range(layers + 1):
             rules.append(_Rule(f"decoder.up_blocks.{i}.resnets.{j}", f"{up}.block.{j}", _VAE_RESNET_RENAMES))
     return {rule.src: rule for rule in rules}
@@ -277,28 +279,26 @@ def _is_vae_attention_linear(name: str) -> bool:
 # --------------------------------------------------------------------------- text encoders
 
 
-def _clip_file_name(name: str) -> str:
-    """A CLIP text-model name in file spelling (``text_model.`` level restored if flattened)."""
-    return _CLIP_FILE_LEVEL + name if name.startswith(_CLIP_FLATTENED) else name
-
-
 def _is_ignored_text_key(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in _IGNORED_TEXT_SUFFIXES
 
 
 def _clip_to_ldm(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """HF CLIP text model -> HF names under ``prefix`` (file spelling)."""
-    return {prefix + _clip_file_name(k): v for k, v in state.items() if not _is_ignored_text_key(k)}
+    return {prefix + file_spelling(k): v for k, v in state.items() if not _is_ignored_text_key(k)}
 
 
 def _clip_from_ldm(state: Mapping[str, Tensor], prefix: str) -> tuple[dict[str, Tensor], list[str]]:
-    """HF names under ``prefix`` -> HF CLIP state dict, and the keys that are not CLIP weights."""
+    """HF names under ``prefix`` -> HF CLIP state dict, and the keys that are not CLIP weights.
+
+    Names without the ``text_model.`` level (old checkpoints) come out with it.
+    """
     out, unexpected = {}, []
     for key, value in state.items():
         if not key.startswith(prefix) or _is_ignored_text_key(key):
             continue
-        name = key[len(prefix):]
-        if name.startswith(_CLIP_FILE_LEVEL) or name == "text_projection.weight":
+        name = file_spelling(key[len(prefix) :])
+        if name.startswith(FILE_LEVEL) or name == "text_projection.weight":
             out[name] = value
         else:
             unexpected.append(key)
@@ -326,7 +326,7 @@ _OC_IN_PROJ = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|
 
 def _open_clip_to_ldm(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """HF CLIP text model (file spelling or flattened) -> OpenCLIP layout under ``prefix``."""
-    hf = {_clip_file_name(k): v for k, v in state.items() if not _is_ignored_text_key(k)}
+    hf = {file_spelling(k): v for k, v in state.items() if not _is_ignored_text_key(k)}
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
     for name, value in hf.items():
@@ -336,8 +336,8 @@ def _open_clip_to_ldm(state: Mapping[str, Tensor], prefix: str) -> dict[str, Ten
             out[prefix + "text_projection"] = value.t().contiguous()
         elif (match := _HF_LAYER.match(name)) is None:
             raise ValueError(f"text encoder weight {name!r} has no OpenCLIP name")
-        elif match[2].startswith("self_attn.") and match[2][len("self_attn."):] in _QKV:
-            qkv.setdefault((match[1], match[3]), {})[match[2][len("self_attn."):]] = value
+        elif match[2].startswith("self_attn.") and match[2][len("self_attn.") :] in _QKV:
+            qkv.setdefault((match[1], match[3]), {})[match[2][len("self_attn.") :]] = value
         elif match[2] in _OPEN_CLIP_LAYER:
             out[f"{prefix}transformer.resblocks.{match[1]}.{_OPEN_CLIP_LAYER[match[2]]}.{match[3]}"] = value
         else:
@@ -358,7 +358,7 @@ def _open_clip_from_ldm(state: Mapping[str, Tensor], prefix: str) -> tuple[dict[
     for key, value in state.items():
         if not key.startswith(prefix) or _is_ignored_text_key(key):
             continue
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         if name in top:
             out[top[name]] = value
         elif name == "text_projection":
@@ -406,7 +406,9 @@ def _raise_if(problems: Iterable[str | None], context: str) -> None:
         raise ValueError(f"{context} - " + " | ".join(found))
 
 
-def _rename(state: Mapping[str, Tensor], mapping: Mapping[str, str], prefix: str, what: str) -> dict[str, Tensor]:
+def _rename(
+    state: Mapping[str, Tensor], mapping: Mapping[str, str], prefix: str, what: str
+) -> dict[str, Tensor]:
     """diffusers ``state`` renamed by ``mapping`` and prefixed; raises on missing/unexpected names."""
     problem = _mismatch(what, set(mapping) - set(state), set(state) - set(mapping))
     _raise_if([problem], "state dict does not fit the config")
@@ -478,7 +480,9 @@ def from_ldm_checkpoint(
     """A single-file LDM checkpoint -> ``{'unet', 'vae', 'text_encoder'[, 'text_encoder_2']}`` state dicts.
 
     UNet and VAE names come out as diffusers names, text encoders as HF CLIP names in file
-    spelling (``text_model.encoder...``; OpenCLIP layouts are unfused and transposed back).
+    spelling (``text_model.encoder...``; OpenCLIP layouts are unfused and transposed back). An SD2
+    text encoder comes out whole (every OpenCLIP layer and ``text_projection.weight``); diffusers'
+    SD2 ``CLIPTextModel`` has one layer fewer and no projection, so the caller drops the rest.
     Keys outside the component prefixes (noise-schedule buffers, ``model_ema.``) are ignored.
     Raises ValueError naming the missing and unexpected keys (the first few and the counts) when
     the checkpoint does not fit the configs.
@@ -492,7 +496,9 @@ def from_ldm_checkpoint(
     problems = [unet_problem, vae_problem]
     if has_text_encoder_2:
         result["text_encoder"], problem = _text_from_ldm(state, SDXL_TEXT_PREFIX, False, "text encoder")
-        result["text_encoder_2"], problem_2 = _text_from_ldm(state, SDXL_TEXT_2_PREFIX, True, "text encoder 2")
+        result["text_encoder_2"], problem_2 = _text_from_ldm(
+            state, SDXL_TEXT_2_PREFIX, True, "text encoder 2"
+        )
         problems += [problem, problem_2]
     else:
         open_clip = any(key.startswith(SD2_TEXT_PREFIX) for key in state)

@@ -22,11 +22,14 @@ def is_flattened(model: nn.Module) -> bool:
     return not hasattr(model, "text_model") and hasattr(model, "encoder") and hasattr(model, "embeddings")
 
 
+def file_spelling(name: str) -> str:
+    """``name`` with the ``text_model.`` level put back where it was left out."""
+    return FILE_LEVEL + name if name.split(".", 1)[0] in _FLATTENED_CHILDREN else name
+
+
 def to_file_name(name: str, model: nn.Module) -> str:
     """A module or parameter name of ``model`` in the spelling files use."""
-    if is_flattened(model) and name.split(".", 1)[0] in _FLATTENED_CHILDREN:
-        return FILE_LEVEL + name
-    return name
+    return file_spelling(name) if is_flattened(model) else name
 
 
 def to_model_name(name: str, model: nn.Module) -> str:

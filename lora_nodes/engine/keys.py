@@ -16,20 +16,29 @@ def digest(data: Any) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def file_fingerprint(path: str | Path) -> dict[str, Any]:
-    """What identifies a file's version: path, size, mtime, and its content hash where cheap.
+class Fingerprints:
+    """File fingerprints, each content hash computed once per file version in a process."""
 
-    A folder is fingerprinted by every file under it.
-    """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        return {"path": str(path), "files": [file_fingerprint(p) | {"path": str(p.relative_to(path))} for p in files]}
-    stat = path.stat()
-    fp: dict[str, Any] = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if stat.st_size <= CONTENT_HASH_LIMIT:
-        fp["blake2b"] = content_hash(path)
-    return fp
+    def __init__(self) -> None:
+        self._hashes: dict[tuple[str, int, int], str] = {}
+
+    def __call__(self, path: str | Path) -> dict[str, Any]:
+        """What identifies a file's version: path, size, mtime, and its content hash where cheap.
+
+        A folder is fingerprinted by every file under it.
+        """
+        path = Path(path)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            return {"path": str(path), "files": [self(p) | {"path": str(p.relative_to(path))} for p in files]}
+        stat = path.stat()
+        fp: dict[str, Any] = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        if stat.st_size <= CONTENT_HASH_LIMIT:
+            version = (str(path), stat.st_size, stat.st_mtime_ns)
+            if version not in self._hashes:
+                self._hashes[version] = content_hash(path)
+            fp["blake2b"] = self._hashes[version]
+        return fp
 
 
 def content_hash(path: str | Path) -> str:

@@ -17,7 +17,7 @@ from ..nodes import catalogue as default_catalogue
 from ..nodes.spec import Catalogue
 from .context import NodeContext, NodeError
 from .events import EventSink, event, ignore
-from .keys import file_fingerprint, node_key
+from .keys import Fingerprints, node_key
 
 
 class RunFailed(Exception):
@@ -68,6 +68,7 @@ class Runner:
         self.emit = emit
         self._results: dict[str, tuple[Any, ...]] = {}
         self._files: dict[str, list[str]] = {}
+        self._fingerprint = Fingerprints()
 
     def run(self, workflow: Workflow, file_suffix: str = "", variant: str = "") -> RunResult:
         """Validate and run ``workflow``. Raises WorkflowError (invalid) or RunFailed (a node failed)."""
@@ -122,7 +123,7 @@ class Runner:
         return result
 
     def _key(self, node: BoundNode, keys: dict[str, str]) -> str:
-        files = {d.name: file_fingerprint(node.literals[d.name]) for d in node.spec.inputs
+        files = {d.name: self._fingerprint(node.literals[d.name]) for d in node.spec.inputs
                  if d.path and node.literals.get(d.name) and Path(node.literals[d.name]).exists()}
         upstream = {name: (keys[up], index) for name, (up, index) in node.links.items()}
         return node_key(node.spec.id, node.spec.version, node.literals, upstream, files)

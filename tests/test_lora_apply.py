@@ -13,13 +13,13 @@ TE_Q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
 
 
 def original(tiny, target):
-    return tiny.patcher._backup.get(target, tiny.lora_targets[target].weight).detach().clone()
+    return tiny.patcher.original(target).detach().clone()
 
 
 def test_kohya_and_peft_files_read_to_the_same_modules(write_lora, tiny):
     kohya = read_lora(write_lora("k", fmt="kohya", rank=4, alpha=2.0, seed=3))
     peft = read_lora(write_lora("p", fmt="peft", rank=4, seed=3))
-    assert kohya.format == "kohya" and peft.format == "peft"
+    assert kohya.format == "kohya" and peft.format == "diffusers"
     assert len(kohya.modules) == len(peft.modules) > 0
     assert all(m.scale == 0.5 for m in kohya.modules.values())  # alpha 2 / rank 4
     assert all(m.scale == 1.0 for m in peft.modules.values())  # no alpha: alpha = rank

@@ -14,18 +14,42 @@ import torch
 from torch import Tensor
 
 from ..errors import LoRAError
-from .model import LoRA, LoRAModule
+from .model import FullModule, LoHaModule, LoKrModule, LoRA, LoRAModule, Module
 
-# key suffix -> (part, format)
-SUFFIXES: dict[str, tuple[str, str]] = {
-    ".lora_down.weight": ("down", "kohya"),
-    ".lora_up.weight": ("up", "kohya"),
-    ".alpha": ("alpha", "kohya"),
-    ".lora_A.weight": ("down", "peft"),
-    ".lora_B.weight": ("up", "peft"),
-    ".lora_A.default.weight": ("down", "peft"),
-    ".lora_B.default.weight": ("up", "peft"),
+# key suffix -> (part, naming); naming None: the suffix says nothing about the naming.
+SUFFIXES: dict[str, tuple[str, str | None]] = {
+    ".lora_down.weight": ("down", None),
+    ".lora_up.weight": ("up", None),
+    ".lora_mid.weight": ("mid", None),
+    ".alpha": ("alpha", None),
+    ".dora_scale": ("dora_scale", None),
+    ".lora_A.weight": ("down", "diffusers"),
+    ".lora_B.weight": ("up", "diffusers"),
+    ".lora_A.default.weight": ("down", "diffusers"),
+    ".lora_B.default.weight": ("up", "diffusers"),
+    ".lora.down.weight": ("down", "diffusers-old"),
+    ".lora.up.weight": ("up", "diffusers-old"),
+    ".lora_linear_layer.down.weight": ("down", "diffusers-old"),
+    ".lora_linear_layer.up.weight": ("up", "diffusers-old"),
+    "_lora.down.weight": ("down", "diffusers-old"),  # attention processors: ...processor.to_q_lora.down
+    "_lora.up.weight": ("up", "diffusers-old"),
+    ".hada_w1_a": ("w1a", None),
+    ".hada_w1_b": ("w1b", None),
+    ".hada_w2_a": ("w2a", None),
+    ".hada_w2_b": ("w2b", None),
+    ".hada_t1": ("t1", None),
+    ".hada_t2": ("t2", None),
+    ".lokr_w1": ("w1", None),
+    ".lokr_w1_a": ("w1a_kr", None),
+    ".lokr_w1_b": ("w1b_kr", None),
+    ".lokr_w2": ("w2", None),
+    ".lokr_w2_a": ("w2a_kr", None),
+    ".lokr_w2_b": ("w2b_kr", None),
+    ".lokr_t2": ("t2_kr", None),
+    ".diff": ("diff", None),
+    ".diff_b": ("diff_b", None),
 }
+_SUFFIXES_LONGEST_FIRST = sorted(SUFFIXES, key=len, reverse=True)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 COMPONENT_PREFIXES = {
     "lora_unet_": "unet",
@@ -89,39 +113,96 @@ def parse_lora(tensors: dict[str, Tensor], metadata: dict[str, str] | None = Non
                name: str = "lora", path: str = "") -> LoRA:
     """Group a LoRA state dict into modules; raise :class:`LoRAError` when it is not a LoRA we read."""
     parts: dict[str, dict[str, Tensor]] = {}
-    formats: set[str] = set()
+    namings: set[str] = set()
     unknown = []
     for key, tensor in tensors.items():
-        match = next((s for s in sorted(SUFFIXES, key=len, reverse=True) if key.endswith(s)), None)
+        match = next((s for s in _SUFFIXES_LONGEST_FIRST if key.endswith(s)), None)
         if match is None:
             unknown.append(key)
             continue
-        part, fmt = SUFFIXES[match]
-        parts.setdefault(key[: -len(match)], {})[part] = tensor
-        if part != "alpha":
-            formats.add(fmt)
-    modules = {}
-    for key, found in parts.items():
-        if "down" not in found or "up" not in found:
-            missing = "up" if "down" in found else "down"
-            raise LoRAError(f"{name}: module '{key}' has no {missing} weight; the file is incomplete")
-        alpha = found.get("alpha")
-        modules[key] = LoRAModule(key, found["down"], found["up"], float(alpha) if alpha is not None else None)
-    if not modules:
+        part, naming = SUFFIXES[match]
+        module_key = normalize_module_key(key[: -len(match)])
+        parts.setdefault(module_key, {})[part] = tensor
+        namings.add(naming or ("kohya" if module_key.startswith("lora_") else "diffusers"))
+    if not parts:
         first = ", ".join(sorted(tensors)[:5]) or "no tensors"
-        raise LoRAError(f"{name}: no LoRA weights found (expected keys like '*.lora_down.weight' or "
-                        f"'*.lora_A.weight'; first keys: {first})")
+        raise LoRAError(f"{name}: no LoRA weights found (expected keys like '*.lora_down.weight', "
+                        f"'*.lora_A.weight' or '*.hada_w1_a'; first keys: {first})")
     if unknown:
         raise LoRAError(f"{name}: {len(unknown)} keys of a format this version does not read, e.g. "
                         f"{', '.join(sorted(unknown)[:5])}")
-    return LoRA(name, "+".join(sorted(formats)), modules, dict(metadata or {}), path)
+    metadata = dict(metadata or {})
+    alphas = peft_alphas(metadata)
+    modules = {key: build_module(key, found, alphas, name) for key, found in parts.items()}
+    return LoRA(name, "+".join(sorted(namings)), modules, metadata, path)
+
+
+def build_module(key: str, found: dict[str, Tensor], peft_alpha: dict[str, float], lora_name: str) -> Module:
+    """The module a file's parts describe; which parts are present decides the format."""
+    alpha_tensor = found.get("alpha")
+    alpha = float(alpha_tensor) if alpha_tensor is not None else peft_alpha.get(component_of(key))
+    common = {"key": key, "alpha": alpha, "dora_scale": found.get("dora_scale"), "bias": found.get("diff_b")}
+    if "down" in found or "up" in found:
+        _require(found, ("down", "up"), key, lora_name)
+        return LoRAModule(**common, down=found["down"], up=found["up"], mid=found.get("mid"))
+    if any(p in found for p in ("w1a", "w1b", "w2a", "w2b")):
+        _require(found, ("w1a", "w1b", "w2a", "w2b"), key, lora_name)
+        return LoHaModule(**common, w1a=found["w1a"], w1b=found["w1b"], w2a=found["w2a"], w2b=found["w2b"],
+                          t1=found.get("t1"), t2=found.get("t2"))
+    if any(p in found for p in ("w1", "w1a_kr", "w2", "w2a_kr")):
+        return LoKrModule(**common, w1=found.get("w1"), w1a=found.get("w1a_kr"), w1b=found.get("w1b_kr"),
+                          w2=found.get("w2"), w2a=found.get("w2a_kr"), w2b=found.get("w2b_kr"),
+                          t2=found.get("t2_kr"))
+    if "diff" in found:
+        return FullModule(**common, diff=found["diff"])
+    raise LoRAError(f"{lora_name}: module '{key}' has only {', '.join(sorted(found))}; the file is incomplete")
+
+
+def _require(found: dict[str, Tensor], needed: tuple[str, ...], key: str, lora_name: str) -> None:
+    missing = [p for p in needed if p not in found]
+    if missing:
+        raise LoRAError(f"{lora_name}: module '{key}' has no {' or '.join(missing)} weight; the file is incomplete")
+
+
+def normalize_module_key(key: str) -> str:
+    """One spelling per module: component prefixes added, old diffusers processor names fixed."""
+    for prefix in ("base_model.model.",):
+        key = key.removeprefix(prefix)
+    if key.startswith(("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.")):
+        key = "unet." + key
+    elif key.startswith("text_model."):
+        key = "text_encoder." + key
+    for old, new in ((".processor.to_out", ".to_out.0"), (".processor.", ".")):
+        key = key.replace(old, new)
+    return key
+
+
+def peft_alphas(metadata: dict[str, str]) -> dict[str, float]:
+    """alpha per component from diffusers' ``lora_adapter_metadata`` (when a file has it)."""
+    import json
+
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    alphas = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        config = data.get(component) if isinstance(data.get(component), dict) else None
+        if config is None and f"{component}.lora_alpha" in data:
+            config = {"lora_alpha": data[f"{component}.lora_alpha"]}
+        if config and config.get("lora_alpha") is not None:
+            alphas[component] = float(config["lora_alpha"])
+    return alphas
 
 
 @dataclass
 class Placement:
     """Which LoRA modules land on which base modules, and why the rest do not."""
 
-    placed: dict[str, LoRAModule] = field(default_factory=dict)  # target -> module
+    placed: dict[str, Module] = field(default_factory=dict)  # target -> module
     unplaced: dict[str, str] = field(default_factory=dict)  # file key -> reason
 
     def summary(self, lora: LoRA) -> str:
@@ -138,7 +219,7 @@ def place(lora: LoRA, base) -> Placement:
             placement.unplaced[key] = "no module of that name in the base"
             continue
         shape = tuple(targets[target].weight.shape)
-        if module.delta_shape != shape:
+        if not module.fits(shape):
             placement.unplaced[key] = f"shape {list(module.delta_shape)} does not fit the module's {list(shape)}"
             continue
         placement.placed[target] = module

@@ -17,7 +17,3 @@ def add_lora_(weight32: Tensor, up: Tensor, down: Tensor, scale: float) -> Tenso
     weight32.view(up2.shape[0], -1).addmm_(up2, down2, alpha=scale)
     return weight32
 
-
-def lora_delta(up: Tensor, down: Tensor, scale: float, shape: torch.Size | tuple[int, ...]) -> Tensor:
-    """The weight change ``scale * up @ down`` shaped like the target weight, float32."""
-    return add_lora_(torch.zeros(shape, dtype=torch.float32, device=up.device), up, down, scale)

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .math import add_lora_
-from .model import LoRAModule
+from .model import Module
 
-PatchList = tuple[tuple[LoRAModule, float], ...]  # (module, strength) in application order
+PatchList = tuple[tuple[Module, float], ...]  # (module, strength) in application order
 
 
 @dataclass
@@ -43,6 +42,10 @@ class Patcher:
         """How many weights have a backup (each is kept once, for exact restores)."""
         return len(self._backup)
 
+    def original(self, target: str) -> Tensor:
+        """The unpatched weight of ``target`` (only modules ever patched keep a copy)."""
+        return self._backup.get(f"{target}.weight", self._targets[target].weight)
+
     @torch.no_grad()
     def apply(self, plan: dict[str, PatchList]) -> PatchStats:
         """Bring every module to ``original + sum(strength * scale * up @ down)`` for its plan."""
@@ -52,18 +55,29 @@ class Patcher:
             if _same(self._applied.get(target, ()), wanted):
                 stats.unchanged += bool(wanted)
                 continue
-            weight = self._targets[target].weight
-            original = self._backup.setdefault(target, weight.detach().clone())
+            module = self._targets[target]
+            self._set(f"{target}.weight", module.weight, wanted, lambda m, w, s: m.apply_(w, s))
+            touches_bias = any(m.bias is not None for m, _ in wanted) or f"{target}.bias" in self._backup
+            if module.bias is not None and touches_bias:
+                self._set(f"{target}.bias", module.bias, wanted, lambda m, b, s: m.apply_bias_(b, s))
             if wanted:
-                merged = original.to(torch.float32, copy=True)
-                for module, strength in wanted:
-                    add_lora_(merged, module.up, module.down, strength * module.scale)
-                weight.copy_(merged)
                 self._applied[target] = wanted
                 stats.patched += 1
             else:
-                weight.copy_(original)
                 del self._applied[target]
                 stats.restored += 1
         self.last = stats
         return stats
+
+    def _set(self, name: str, param: Tensor, wanted: PatchList, apply) -> None:
+        """Set ``param`` to its original value plus every patch of ``wanted``, computed in float32."""
+        if name not in self._backup:
+            self._backup[name] = param.detach().clone()
+        original = self._backup[name]
+        if not wanted:
+            param.copy_(original)
+            return
+        merged = original.to(torch.float32, copy=True)
+        for module, strength in wanted:
+            apply(module, merged, strength)
+        param.copy_(merged)

@@ -115,7 +115,7 @@ def test_single_file_checkpoint_loads_offline_with_a_config_folder(tmp_path, tin
 
 def test_single_file_without_config_says_what_to_pass(tmp_path, tiny):
     checkpoint = write_single_file(tiny, tmp_path / "tiny.safetensors")
-    with pytest.raises(ModelLoadError, match="Set LoadBase's 'config' input to a diffusers folder"):
+    with pytest.raises(ModelLoadError, match="Set LoadBase's 'config' input to an SD1.x/SD2.x diffusers folder"):
         load_base(str(checkpoint), device="cpu")
     configs = save_tiny_folder(tmp_path / "configs")
     shutil.rmtree(configs / "vae")

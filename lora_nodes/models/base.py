@@ -71,7 +71,16 @@ class BaseModel:
 
     @cached_property
     def lora_name_index(self) -> dict[str, str]:
-        """Every name a LoRA file may use for a target (ours, diffusers/PEFT, kohya) -> the target."""
+        """Every name a LoRA file may use for a target -> the target.
+
+        Built from the model's own module tree: our names (= diffusers/PEFT names), kohya's
+        underscore names of those, and kohya's names of the original (LDM/SGM) UNet tree, which
+        SDXL LoRAs use (``lora_unet_input_blocks_4_1_...``); text encoders as ``lora_te_``,
+        ``lora_te1_`` and ``lora_te2_``.
+        """
+        from .ldm import unet_module_map
+
+        sgm = unet_module_map(self.unet.config)
         index = {}
         for target in self.lora_targets:
             component, path = target.split(".", 1)
@@ -79,6 +88,8 @@ class BaseModel:
             index[KOHYA_PREFIXES[component] + path.replace(".", "_")] = target
             if component == "text_encoder":  # kohya names the first text encoder te1 in SDXL files
                 index["lora_te1_" + path.replace(".", "_")] = target
+            if component == "unet" and path in sgm:
+                index["lora_unet_" + sgm[path].replace(".", "_")] = target
         return index
 
     @cached_property

@@ -60,22 +60,14 @@ def build_tiny(seed: int = 0) -> dict[str, Any]:
     The same seed gives the same weights, without touching the caller's random state.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = build_tokenizer()
-    vocab = tokenizer.get_vocab()
-    text_config = CLIPTextConfig(
-        **TINY_TEXT,
-        vocab_size=len(vocab),
-        bos_token_id=vocab[tokenizer.bos_token],
-        eos_token_id=vocab[tokenizer.eos_token],
-        pad_token_id=vocab[tokenizer.pad_token],
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**TINY_UNET)
         vae = AutoencoderKL(**TINY_VAE)
-        text_encoder = CLIPTextModel(text_config)
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
     return {
         "unet": unet,
         "vae": vae,
@@ -85,4 +77,70 @@ def build_tiny(seed: int = 0) -> dict[str, Any]:
     }
 
 
-BUILTINS: dict[str, Callable[[], dict[str, Any]]] = {"builtin:tiny": build_tiny}
+# SDXL's noise schedule (same betas as SD1, "leading" spacing, as its scheduler config says).
+SDXL_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "interpolation_type": "linear",
+    "timestep_spacing": "leading",
+}
+
+TINY_SDXL_UNET: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "cross_attention_dim": 64,  # text_encoder hidden (32) + text_encoder_2 hidden (32), as in SDXL
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,  # 6 time ids * 8 + text_encoder_2 projection (32)
+    "norm_num_groups": 8,
+}
+
+
+def _tiny_text_config(tokenizer, **changes: Any):
+    from transformers import CLIPTextConfig
+
+    vocab = tokenizer.get_vocab()
+    return CLIPTextConfig(**{**TINY_TEXT, **changes}, vocab_size=len(vocab), bos_token_id=vocab[tokenizer.bos_token],
+                          eos_token_id=vocab[tokenizer.eos_token], pad_token_id=vocab[tokenizer.pad_token])
+
+
+def build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
+    """``builtin:tiny-sdxl``: an SDXL-architecture pipeline (two text encoders, text-time conditioning).
+
+    Its UNet follows SDXL's layout (no attention in the first block, several transformer layers
+    per block, linear projections), so SDXL LoRA names (kohya's SGM ``input_blocks_...``) are real.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TINY_SDXL_UNET)
+        vae = AutoencoderKL(**TINY_VAE)
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, hidden_act="gelu"))
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": build_tokenizer(),
+        "scheduler": EulerDiscreteScheduler(**SDXL_SCHEDULE),
+    }
+
+
+BUILTINS: dict[str, Callable[[], dict[str, Any]]] = {"builtin:tiny": build_tiny, "builtin:tiny-sdxl": build_tiny_sdxl}

@@ -14,7 +14,6 @@ from .builtin import BUILTINS
 from .text_names import state_dict_for
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # or one tokenizer.json (what transformers 5 writes)
 
 
@@ -62,67 +61,126 @@ def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
         model.to(device=device)
 
 
-def missing_pipeline_files(folder: Path) -> list[str]:
-    """The files a diffusers SD pipeline folder needs that ``folder`` lacks."""
-    needed = ["model_index.json", *(f"{part}/config.json" for part in ("unet", "vae", "text_encoder")),
-              "scheduler/scheduler_config.json"]
-    if not (folder / "tokenizer/tokenizer.json").is_file():
-        needed += [f"tokenizer/{name}" for name in TOKENIZER_FILES]
+def pipeline_parts(sdxl: bool) -> tuple[str, ...]:
+    """The components of an SD1/SD2 pipeline, or of an SDXL one (two text encoders, two tokenizers)."""
+    extra = ("text_encoder_2", "tokenizer_2") if sdxl else ()
+    return ("unet", "vae", "text_encoder", "tokenizer", *extra, "scheduler")
+
+
+def _is_sdxl_folder(folder: Path) -> bool:
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return (folder / "text_encoder_2").is_dir()
+    return "XL" in str(index.get("_class_name", ""))
+
+
+def missing_pipeline_files(folder: Path, sdxl: bool | None = None) -> list[str]:
+    """The files a diffusers SD/SDXL pipeline folder needs that ``folder`` lacks."""
+    sdxl = _is_sdxl_folder(folder) if sdxl is None else sdxl
+    models = [p for p in pipeline_parts(sdxl) if not p.startswith(("tokenizer", "scheduler"))]
+    needed = ["model_index.json", *(f"{part}/config.json" for part in models), "scheduler/scheduler_config.json"]
+    for tokenizer in [p for p in pipeline_parts(sdxl) if p.startswith("tokenizer")]:
+        if not (folder / tokenizer / "tokenizer.json").is_file():
+            needed += [f"{tokenizer}/{name}" for name in TOKENIZER_FILES]
     return [name for name in needed if not (folder / name).is_file()]
 
 
 def _load_diffusers_folder(folder: Path) -> dict[str, Any]:
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
-    missing = missing_pipeline_files(folder)
+    sdxl = _is_sdxl_folder(folder)
+    missing = missing_pipeline_files(folder, sdxl)
     if missing:
         raise ModelLoadError(f"{folder} is not a complete diffusers pipeline folder: missing {', '.join(missing)}. "
                              "Copy them from the model's original repository (they are small), or pass a "
                              "single-file checkpoint with config: set to a folder that has them.")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder, local_files_only=True, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    return {part: getattr(pipe, part) for part in PIPELINE_PARTS}
+    pipeline_class = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+    extra = {} if sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipe = pipeline_class.from_pretrained(folder, local_files_only=True, **extra)
+    return {part: getattr(pipe, part) for part in pipeline_parts(sdxl)}
 
 
 def _load_single_file(path: Path, config: Path | None) -> dict[str, Any]:
     """A single-file (LDM layout) checkpoint, with configs and tokenizer from a diffusers folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from safetensors import safe_open
     from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .ldm import from_ldm_checkpoint
+    from .ldm import detect_ldm_architecture, from_ldm_checkpoint
 
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"{path.name}: single-file checkpoints are read from .safetensors only "
                              "(pickle .ckpt files can run code when loaded; convert them first)")
+    with safe_open(str(path), framework="pt") as f:
+        embedded = (f.metadata() or {}).get(EMBEDDED_CONFIG_KEY)
+    state = load_file(str(path))
+    try:
+        sdxl = detect_ldm_architecture(state) == "sdxl"
+    except ValueError as exc:
+        raise ModelLoadError(f"{path.name} is not a Stable Diffusion checkpoint we can read: {exc}") from exc
+    configs = json.loads(embedded) if embedded and config is None else _configs_from_folder(path, config, sdxl)
+    try:
+        parts = from_ldm_checkpoint(state, configs["unet"], configs["vae"], has_text_encoder_2=sdxl)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path.name} does not fit the configs in {config or 'its metadata'}: {exc}") from exc
+    components = _models_from_configs(configs)
+    for name, model in components.items():
+        _load_exact(model, state_dict_for(model, parts[name]), name, path)
+    return {**components, **_tokenizers_and_scheduler(configs, config, sdxl)}
+
+
+EMBEDDED_CONFIG_KEY = "lora_nodes_configs"  # single files we write carry their configs (JSON)
+
+
+def _configs_from_folder(path: Path, config: Path | None, sdxl: bool) -> dict[str, Any]:
+    kind = "an SDXL" if sdxl else "an SD1.x/SD2.x"
     if config is None:
         raise ModelLoadError(
             f"{path.name} is a single-file checkpoint, which holds weights but no configs or tokenizer, and "
-            "nothing is downloaded. Set LoadBase's 'config' input to a diffusers folder of the same model "
-            f"family that has {', '.join(missing_pipeline_files(Path('/nonexistent')))} (weights not needed)."
+            f"nothing is downloaded. Set LoadBase's 'config' input to {kind} diffusers folder of the same "
+            f"model family that has {', '.join(missing_pipeline_files(Path('/nonexistent'), sdxl)[1:])} "
+            "(weights not needed)."
         )
-    missing = [m for m in missing_pipeline_files(config) if m != "model_index.json"]
+    missing = [m for m in missing_pipeline_files(config, sdxl) if m != "model_index.json"]
     if missing:
         raise ModelLoadError(f"config folder {config} lacks {', '.join(missing)}")
-    unet_config = json.loads((config / "unet/config.json").read_text())
-    vae_config = json.loads((config / "vae/config.json").read_text())
-    try:
-        parts = from_ldm_checkpoint(load_file(str(path)), unet_config, vae_config)
-    except ValueError as exc:
-        raise ModelLoadError(f"{path.name} does not fit the configs in {config}: {exc}") from exc
-    unet = UNet2DConditionModel.from_config(unet_config)
-    vae = AutoencoderKL.from_config(vae_config)
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder"))
-    for model, name in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
-        _load_exact(model, state_dict_for(model, parts[name]), name, path)
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": CLIPTokenizer.from_pretrained(config / "tokenizer"),
-        "scheduler": DDIMScheduler.from_pretrained(config / "scheduler"),
-    }
+    models = [p for p in pipeline_parts(sdxl) if not p.startswith(("tokenizer", "scheduler"))]
+    configs = {part: json.loads((config / part / "config.json").read_text()) for part in models}
+    configs["scheduler"] = json.loads((config / "scheduler" / "scheduler_config.json").read_text())
+    return configs
+
+
+def _models_from_configs(configs: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    models = {"unet": UNet2DConditionModel.from_config(configs["unet"]), "vae": AutoencoderKL.from_config(configs["vae"])}
+    models["text_encoder"] = CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"])))
+    if "text_encoder_2" in configs:
+        models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(configs["text_encoder_2"])))
+    return models
+
+
+def _clip_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+
+
+def _tokenizers_and_scheduler(configs: dict[str, Any], folder: Path | None, sdxl: bool) -> dict[str, Any]:
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    from .tokenizer import build_tokenizer
+
+    tokenizers = [p for p in pipeline_parts(sdxl) if p.startswith("tokenizer")]
+    if folder is not None:
+        parts = {name: CLIPTokenizer.from_pretrained(folder / name) for name in tokenizers}
+    elif configs.get("tokenizer") == "builtin":
+        parts = {name: build_tokenizer() for name in tokenizers}
+    else:
+        raise ModelLoadError("the checkpoint's metadata names no tokenizer; pass config: a diffusers folder")
+    scheduler_class = getattr(diffusers, configs["scheduler"].get("_class_name", "DDIMScheduler"))
+    parts["scheduler"] = scheduler_class.from_config(configs["scheduler"])
+    return parts
 
 
 def _load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:

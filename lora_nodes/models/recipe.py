@@ -49,10 +49,16 @@ class ModelRecipe:
 
 
 def check_placement(lora: LoRA, base: BaseModel) -> Placement:
-    """Place ``lora`` on ``base``; a LoRA that places nothing is an error that says why."""
+    """Place ``lora`` on ``base``; a LoRA for another model family, or that places nothing, is an error."""
     from ..errors import LoRAError
+    from ..lora.architecture import family_name, lora_architecture
     from .base import ARCHITECTURE_NAMES
 
+    family = lora_architecture(lora)
+    if family is not None and family != base.architecture:
+        raise LoRAError(f"this LoRA is for {family_name(family)}, the base is {family_name(base.architecture)} "
+                        f"(LoRA '{lora.name}' on {base.source}). Use a base of the LoRA's family, or a LoRA "
+                        "trained for this base.")
     placement = place(lora, base)
     if not placement.placed:
         components = sorted({component_of(k) for k in lora.modules})

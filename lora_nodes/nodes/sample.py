@@ -28,14 +28,15 @@ def make_scheduler(sampler: str, base_scheduler):
 
 def make_pipeline(base, sampler: str):
     """A diffusers pipeline over the base's components (no copy) with the sampler's scheduler."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    c = base.components
-    pipe = StableDiffusionPipeline(
-        vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=c["unet"],
-        scheduler=make_scheduler(sampler, c["scheduler"]), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {k: v for k, v in base.components.items() if k != "scheduler"}
+    scheduler = make_scheduler(sampler, base.components["scheduler"])
+    if base.architecture == "sdxl":
+        pipe = StableDiffusionXLPipeline(**parts, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(**parts, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,0 +1,34 @@
+"""Which model family a LoRA was made for, from its metadata, key names and shapes."""
+
+from __future__ import annotations
+
+from .model import LoRA
+
+NAMES = {"sd1": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL"}
+
+# Width of the cross-attention context (what attn2.to_k reads), per family. The built-in tiny
+# models use their own widths so that their LoRAs are told apart the same way.
+CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl", 32: "sd1", 64: "sdxl"}
+
+# kohya's ss_base_model_version values (prefixes) -> family
+METADATA_VERSIONS = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("sd_2", "sd2"), ("sd_1", "sd1"))
+
+
+def lora_architecture(lora: LoRA) -> str | None:
+    """``sd1``, ``sd2``, ``sdxl``, or None when nothing in the file tells."""
+    version = lora.metadata.get("ss_base_model_version", "")
+    for prefix, family in METADATA_VERSIONS:
+        if version.startswith(prefix):
+            return family
+    if "text_encoder_2" in lora.components():
+        return "sdxl"
+    for key, module in lora.modules.items():
+        if key.replace(".", "_").endswith("attn2_to_k"):
+            family = CONTEXT_WIDTHS.get(int(module.delta_shape[1]))
+            if family:
+                return family
+    return None
+
+
+def family_name(family: str | None) -> str:
+    return NAMES.get(family or "", family or "an unknown model")

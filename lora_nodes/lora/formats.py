@@ -224,3 +224,17 @@ def place(lora: LoRA, base) -> Placement:
             continue
         placement.placed[target] = module
     return placement
+
+
+def kohya_module_names(base) -> dict[str, str]:
+    """target -> the name kohya's sd-scripts gives it (SGM UNet names and te1/te2 for SDXL)."""
+    from ..models.ldm import unet_module_map
+
+    sdxl = base.architecture == "sdxl"
+    sgm = unet_module_map(base.unet.config) if sdxl else {}
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    names = {}
+    for target in base.lora_targets:
+        component, path = target.split(".", 1)
+        names[target] = prefixes[component] + sgm.get(path, path).replace(".", "_")
+    return names

@@ -10,6 +10,8 @@ import re
 import torch
 from torch import Tensor
 
+from .formats import kohya_module_names
+
 ATTENTION = re.compile(r"(attn\d?\.(to_q|to_k|to_v|to_out\.0)|self_attn\.(q_proj|k_proj|v_proj|out_proj))$")
 
 
@@ -17,11 +19,13 @@ def synthetic_lora(base, rank: int = 4, alpha: float | None = None, seed: int = 
                    pattern: re.Pattern[str] = ATTENTION, up_std: float = 0.5) -> dict[str, Tensor]:
     """A random LoRA state dict for every module of ``base`` whose path matches ``pattern``.
 
-    ``fmt`` is ``kohya`` (``lora_unet_*.lora_down.weight``, ``.alpha``) or ``peft``
-    (``unet.*.lora_A.weight``); the same seed gives the same tensors in either naming.
+    ``fmt`` is ``kohya`` (``lora_unet_*.lora_down.weight``, ``.alpha``; SDXL UNets by their
+    original SGM names and text encoders as ``lora_te1_``/``lora_te2_``, as kohya names them) or
+    ``peft`` (``unet.*.lora_A.weight``); the same seed gives the same tensors in either naming.
     """
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, Tensor] = {}
+    kohya_names = kohya_module_names(base)
     for target, module in base.lora_targets.items():
         if not pattern.search(target):
             continue
@@ -29,10 +33,8 @@ def synthetic_lora(base, rank: int = 4, alpha: float | None = None, seed: int = 
         fan_in = weight[0].numel()
         down = torch.randn((rank, *weight.shape[1:]), generator=generator) / fan_in**0.5
         up = torch.randn((weight.shape[0], rank, *([1] * (weight.dim() - 2))), generator=generator) * up_std
-        component, path = target.split(".", 1)
         if fmt == "kohya":
-            prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}[component]
-            key = prefix + path.replace(".", "_")
+            key = kohya_names[target]
             tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
             tensors[f"{key}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
         elif fmt == "peft":
@@ -40,3 +42,4 @@ def synthetic_lora(base, rank: int = 4, alpha: float | None = None, seed: int = 
         else:
             raise ValueError(f"unknown format {fmt!r} (kohya or peft)")
     return tensors
+

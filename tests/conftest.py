@@ -26,13 +26,21 @@ def tiny():
     return load_base("builtin:tiny", dtype="float32", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    """builtin:tiny-sdxl on the CPU in float32."""
+    from lora_nodes.models.loading import load_base
+
+    return load_base("builtin:tiny-sdxl", dtype="float32", device="cpu")
+
+
 @pytest.fixture
 def write_lora(tmp_path, tiny):
-    """Write a synthetic LoRA for builtin:tiny and return its path: write_lora(fmt=..., seed=...)."""
+    """Write a synthetic LoRA (for builtin:tiny unless base= is given) and return its path."""
     from lora_nodes.lora.synthetic import synthetic_lora
 
-    def write(name: str = "lora", fmt: str = "kohya", metadata: dict | None = None, **kwargs) -> Path:
-        tensors = synthetic_lora(tiny, fmt=fmt, **kwargs)
+    def write(name: str = "lora", fmt: str = "kohya", metadata: dict | None = None, base=None, **kwargs) -> Path:
+        tensors = synthetic_lora(base or tiny, fmt=fmt, **kwargs)
         path = tmp_path / f"{name}.safetensors"
         save_file(tensors, str(path), metadata=metadata)
         return path

@@ -7,8 +7,10 @@ spelling is one line. Names are matched through the base's own index of module n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -137,10 +139,11 @@ def parse_lora(tensors: dict[str, Tensor], metadata: dict[str, str] | None = Non
     return LoRA(name, "+".join(sorted(namings)), modules, metadata, path)
 
 
-def build_module(key: str, found: dict[str, Tensor], peft_alpha: dict[str, float], lora_name: str) -> Module:
+def build_module(key: str, found: dict[str, Tensor], peft_alpha: Callable[[str], float | None],
+                 lora_name: str) -> Module:
     """The module a file's parts describe; which parts are present decides the format."""
     alpha_tensor = found.get("alpha")
-    alpha = float(alpha_tensor) if alpha_tensor is not None else peft_alpha.get(component_of(key))
+    alpha = float(alpha_tensor) if alpha_tensor is not None else peft_alpha(key)
     common = {"key": key, "alpha": alpha, "dora_scale": found.get("dora_scale"), "bias": found.get("diff_b")}
     if "down" in found or "up" in found:
         _require(found, ("down", "up"), key, lora_name)
@@ -177,25 +180,36 @@ def normalize_module_key(key: str) -> str:
     return key
 
 
-def peft_alphas(metadata: dict[str, str]) -> dict[str, float]:
-    """alpha per component from diffusers' ``lora_adapter_metadata`` (when a file has it)."""
+def peft_alphas(metadata: dict[str, str]) -> Callable[[str], float | None]:
+    """alpha of a module (``component.path``) from diffusers' ``lora_adapter_metadata``, if any.
+
+    diffusers writes the PEFT LoraConfig of each component flattened under its prefix
+    (``unet.lora_alpha``, ``unet.alpha_pattern``, ``text_encoder.lora_alpha``, ...). A pattern key
+    applies to a module whose path is it or ends with ``.`` + it, as PEFT matches them.
+    """
     import json
 
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return {}
     try:
-        data = json.loads(raw)
+        data = json.loads(metadata.get("lora_adapter_metadata") or "{}")
     except json.JSONDecodeError:
-        return {}
-    alphas = {}
-    for component in ("unet", "text_encoder", "text_encoder_2"):
-        config = data.get(component) if isinstance(data.get(component), dict) else None
-        if config is None and f"{component}.lora_alpha" in data:
-            config = {"lora_alpha": data[f"{component}.lora_alpha"]}
-        if config and config.get("lora_alpha") is not None:
-            alphas[component] = float(config["lora_alpha"])
-    return alphas
+        data = {}
+
+    def config_of(component: str) -> dict[str, Any]:
+        nested = data.get(component)
+        if isinstance(nested, dict):
+            return nested
+        return {k.removeprefix(f"{component}."): v for k, v in data.items() if k.startswith(f"{component}.")}
+
+    def alpha_for(module_key: str) -> float | None:
+        component, _, path = module_key.partition(".")
+        config = config_of(component)
+        for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+            if path == pattern or path.endswith("." + pattern):
+                return float(alpha)
+        alpha = config.get("lora_alpha")
+        return float(alpha) if alpha is not None else None
+
+    return alpha_for
 
 
 @dataclass

@@ -131,7 +131,7 @@ class LoHaModule(Module):
         from .lycoris import loha_delta
 
         f = _float
-        return loha_delta(f(self.w1a), f(self.w1b), f(self.w2a), f(self.w2b), f(self.t1), f(self.t2), shape)
+        return loha_delta(f(self.w1a), f(self.w1b), f(self.w2a), f(self.w2b), f(self.t1), f(self.t2), shape=shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,17 +151,21 @@ class LoKrModule(Module):
     @property
     def rank(self) -> int | None:
         """The factored side's rank; None when neither side is factored (then scale is 1)."""
-        if self.w1b is not None:
-            return int(self.w1b.shape[0])
-        if self.w2b is not None:
-            return int(self.w2b.shape[0])
-        return None
+        from .lycoris import lokr_rank
+
+        return lokr_rank(self.w1b, self.w2b)
 
     @property
     def delta_shape(self) -> tuple[int, ...]:
-        from .lycoris import lokr_shape
-
-        return lokr_shape(self.w1, self.w1a, self.w1b, self.w2, self.w2a, self.w2b, self.t2)
+        """kron(w1, w2)'s shape: [a*c, b*d, *kernel] (a conv w2 may be stored flattened)."""
+        a, b = self.w1.shape if self.w1 is not None else (self.w1a.shape[0], self.w1b.shape[1])
+        if self.w2 is not None:
+            c, d, *kernel = self.w2.shape
+        elif self.t2 is not None:  # Tucker: w2a [rank, c], w2b [rank, d], t2 [rank, rank, kh, kw]
+            c, d, kernel = self.w2a.shape[1], self.w2b.shape[1], list(self.t2.shape[2:])
+        else:
+            c, d, kernel = self.w2a.shape[0], self.w2b.shape[1], []
+        return (a * c, b * d, *kernel)
 
     def unscaled_delta(self, shape: tuple[int, ...]) -> Tensor:
         from .lycoris import lokr_delta

@@ -67,6 +67,9 @@ class ProgressDisplay:
         if len(ev.get("unplaced") or {}) > 20:
             self._line(f"      ... and {len(ev['unplaced']) - 20} more")
 
+    def on_info(self, ev: Event) -> None:
+        self._line(f"  i {ev['node']} ({ev['type']}): {ev['message']}")
+
     def on_executed(self, ev: Event) -> None:
         self._close_bar()
         self.executed += 1

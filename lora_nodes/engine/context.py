@@ -33,6 +33,10 @@ class NodeContext:
         """Tell the user something went partly wrong, without stopping the run."""
         self.emit(event("warning", node=self.node_id, type=self.node_type, message=message, **details))
 
+    def info(self, message: str, **details: Any) -> None:
+        """Tell the user what a node found or decided (e.g. the energy a merge kept)."""
+        self.emit(event("info", node=self.node_id, type=self.node_type, message=message, **details))
+
     def wrote(self, path: str | Path) -> None:
         """Record a file this node wrote (reported in its ``executed`` event)."""
         self.files.append(str(path))

@@ -6,6 +6,7 @@ Every event is a plain JSON-ready dict with an ``"event"`` key:
 - ``cached``     {"node", "type", "cache": "memory" | "disk"}
 - ``executing``  {"node", "type"}
 - ``progress``   {"node", "value", "max"}
+- ``info``       {"node", "type", "message", ...details}: what a node found or decided
 - ``warning``    {"node", "type", "message", ...details}
 - ``executed``   {"node", "type", "files": [paths written], "seconds"}
 - ``error``      {"node", "type", "message"}

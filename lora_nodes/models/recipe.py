@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from ..lora.formats import Placement, component_of, place
 from ..lora.model import LoRA
 from ..lora.patcher import PatchList
@@ -41,6 +44,13 @@ class ModelRecipe:
                 if strength != 0.0:
                     plan.setdefault(target, []).append((module, strength))
         return {target: tuple(pairs) for target, pairs in plan.items()}
+
+    def weight(self, target: str, plan: dict[str, PatchList] | None = None) -> Tensor:
+        """One module's weight under this recipe, float32, computed aside (the base is not touched)."""
+        weight = self.base.patcher.original(target).detach().to(torch.float32, copy=True)
+        for module, strength in (self.patch_plan() if plan is None else plan).get(target, ()):
+            module.apply_(weight, strength)
+        return weight
 
     def materialize(self) -> BaseModel:
         """Patch the shared base to this recipe's weights and return it (for sampling, saving)."""

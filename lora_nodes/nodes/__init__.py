@@ -10,7 +10,7 @@ from .spec import Catalogue
 @lru_cache(maxsize=1)
 def catalogue() -> Catalogue:
     """All node types of lora-nodes, by id."""
-    from . import base, io, lora, sample
+    from . import base, io, lora, merge, sample
 
     return Catalogue([
         base.load_base,
@@ -20,4 +20,7 @@ def catalogue() -> Catalogue:
         lora.apply_lora_stack,
         sample.sample,
         io.save_images,
+        merge.merge_loras,
+        merge.resize_lora,
+        merge.extract_lora,
     ])

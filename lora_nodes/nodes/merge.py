@@ -1,0 +1,185 @@
+"""Nodes that make new LoRAs from LoRAs or models: merge, resize, extract."""
+
+from __future__ import annotations
+
+import statistics
+
+from ..errors import LoRAError
+from ..lora import ops
+from ..lora.formats import component_of, place
+from ..lora.model import LoRA, LoRAModule, Module
+from ..models.base import TEXT_COMPONENTS
+from ..models.recipe import AppliedLoRA, ModelRecipe
+from .spec import COMBO, FLOAT, INT, LORA, LORA_STACK, MODEL, STRING, Input, Output, node
+
+MERGE_METHODS = ("concat", "svd", "ties", "dare_linear", "dare_ties")
+
+
+def to_lowrank(module: Module) -> ops.LowRank:
+    """A module as a plain low-rank pair: exact (other formats by SVD at their full rank)."""
+    if module.dora_scale is not None:
+        raise LoRAError(f"module '{module.key}' is DoRA: its effect depends on the base weight, so it cannot be "
+                        "merged or resized on its own; apply it to a model and use ExtractLoRA instead")
+    if isinstance(module, LoRAModule) and module.mid is None:
+        return ops.LowRank(module.up.float(), module.down.float(), module.alpha if module.alpha is not None
+                           else float(module.rank))
+    delta = module.delta(module.delta_shape)
+    lowrank, _ = ops.svd_lowrank(delta, rank=min(delta.shape[0], delta[0].numel()))
+    return lowrank
+
+
+def from_lowrank(key: str, lowrank: ops.LowRank) -> LoRAModule:
+    return LoRAModule(key=key, alpha=lowrank.alpha, down=lowrank.down, up=lowrank.up)
+
+
+def _keyed_modules(applied: AppliedLoRA, model: ModelRecipe | None) -> dict[str, Module]:
+    """A LoRA's modules by target when a model is given (so namings can mix), else by file key."""
+    if model is None:
+        return applied.lora.modules
+    return place(applied.lora, model.base).placed
+
+
+def _weight(applied: AppliedLoRA, key: str) -> float:
+    return applied.strength_text if component_of(key) in TEXT_COMPONENTS else applied.strength_model
+
+
+def _summary(name: str, energies: list[float], ranks: list[int]) -> str:
+    if not energies:
+        return f"{name}: no modules"
+    return (f"{name}: {len(energies)} modules, rank {min(ranks)}..{max(ranks)}, energy kept "
+            f"min {min(energies):.4f} mean {statistics.fmean(energies):.4f}")
+
+
+@node(
+    "MergeLoRAs",
+    display_name="Merge LoRAs",
+    category="lora/tools",
+    inputs=[
+        Input("stack", LORA_STACK, description="the LoRAs to merge; each slot's strengths weight it"),
+        Input("method", COMBO, "concat", choices=MERGE_METHODS,
+              description="concat: exact (rank adds up); svd: exact sum cut to `rank`; ties/dare: PEFT's merges"),
+        Input("rank", INT, 0, min=0, max=4096,
+              description="svd: target rank (0: the largest input rank); ties/dare: 0 keeps full deltas"),
+        Input("density", FLOAT, 0.5, min=0.0, max=1.0, step=0.01, description="ties/dare: fraction of values kept"),
+        Input("seed", INT, 0, min=0, max=2**63 - 1, description="dare: the random drop pattern"),
+        Input("model", MODEL, optional=True,
+              description="the base the LoRAs are for: lets LoRAs with different key namings merge"),
+    ],
+    outputs=[Output("lora", LORA), Output("report", STRING, "what the merge kept")],
+)
+def merge_loras(ctx, stack, method: str, rank: int, density: float, seed: int, model: ModelRecipe | None):
+    """Merge a stack of LoRAs into one LoRA (strengths included), module by module."""
+    if not stack:
+        raise LoRAError("the stack is empty: connect at least one LoRA")
+    keyed = [(_keyed_modules(applied, model), applied) for applied in stack]
+    keys = list(dict.fromkeys(k for modules, _ in keyed for k in modules))
+    merged, energies, ranks = {}, [], []
+    for key in keys:
+        parts = [(modules[key], _weight(applied, key)) for modules, applied in keyed if key in modules]
+        module, energy = _merge_module(key, parts, method, rank, density, seed)
+        merged[key] = module
+        energies.append(energy)
+        ranks.append(module.rank or 0)
+    report = _summary(f"merged {len(stack)} LoRAs by {method}", energies, ranks)
+    ctx.info(report, energy_kept=dict(zip(keys, energies)))
+    name = "+".join(applied.lora.name for applied in stack)
+    return LoRA(f"merge({name})", "diffusers" if model else stack[0].lora.format, merged), report
+
+
+def _merge_module(key: str, parts: list[tuple[Module, float]], method: str, rank: int, density: float,
+                  seed: int) -> tuple[Module, float]:
+    lowranks = [(to_lowrank(m), w) for m, w in parts]
+    if method == "concat":
+        return from_lowrank(key, ops.concat(lowranks)), 1.0
+    if method == "svd":
+        merged, energy = ops.svd_merge(lowranks, rank or max(lr.rank for lr, _ in lowranks))
+        return from_lowrank(key, merged), energy
+    shape = lowranks[0][0].shape
+    deltas = [(lr.delta(shape), w) for lr, w in lowranks]
+    if method == "ties":
+        delta = ops.ties(deltas, density)
+    else:
+        merge = ops.dare_linear if method == "dare_linear" else ops.dare_ties
+        delta = merge(deltas, density, seed)
+    if rank == 0:
+        from ..lora.model import FullModule
+
+        return FullModule(key=key, diff=delta), 1.0
+    lowrank, energy = ops.svd_lowrank(delta, rank)
+    return from_lowrank(key, lowrank), energy
+
+
+@node(
+    "ResizeLoRA",
+    display_name="Resize LoRA",
+    category="lora/tools",
+    inputs=[
+        Input("lora", LORA),
+        Input("rank", INT, 0, min=0, max=4096,
+              description="fixed: the new rank; sv_fro/sv_ratio: the most it may keep (0: the current rank)"),
+        Input("rule", COMBO, "fixed", choices=("fixed", "sv_fro", "sv_ratio"),
+              description="fixed rank; keep a Frobenius fraction; keep singular values above largest/threshold"),
+        Input("threshold", FLOAT, 0.9, min=0.0, max=10000.0, step=0.001,
+              description="sv_fro: the fraction to keep (0..1); sv_ratio: the ratio to the largest"),
+    ],
+    outputs=[Output("lora", LORA), Output("report", STRING, "per-module ranks and error")],
+)
+def resize_lora(ctx, lora: LoRA, rank: int, rule: str, threshold: float):
+    """Change a LoRA's rank by SVD (as kohya's resize_lora does), reporting each module's new rank and error."""
+    if rule == "fixed" and rank == 0:
+        raise LoRAError("rule 'fixed' needs a rank above 0")
+    modules, lines, stats = {}, [], {}
+    for key, module in lora.modules.items():
+        options = {"fro": threshold} if rule == "sv_fro" else {"ratio": threshold} if rule == "sv_ratio" else {}
+        resized, info = ops.resize(to_lowrank(module), rank or None, **options)
+        modules[key] = from_lowrank(key, resized)
+        stats[key] = {"rank": info["rank"], "rel_error": info["rel_error"]}
+        lines.append(f"{key}: rank {module.rank} -> {info['rank']}, relative error {info['rel_error']:.4f}")
+    errors = [s["rel_error"] for s in stats.values()]
+    head = (f"resized {len(modules)} modules ({rule}): ranks {min(s['rank'] for s in stats.values())}.."
+            f"{max(s['rank'] for s in stats.values())}, relative error max {max(errors):.4f}")
+    ctx.info(head, modules=stats)
+    return LoRA(f"{lora.name}-resized", lora.format, modules, dict(lora.metadata)), "\n".join([head, *lines])
+
+
+@node(
+    "ExtractLoRA",
+    display_name="Extract LoRA",
+    category="lora/tools",
+    inputs=[
+        Input("model_a", MODEL, description="the model to start from (e.g. the base)"),
+        Input("model_b", MODEL, description="the model to reach (e.g. a fine-tune, or the base with LoRAs)"),
+        Input("rank", INT, 16, min=1, max=4096, description="rank for linear layers and 1x1 convs"),
+        Input("conv_rank", INT, 0, min=0, max=4096, description="rank for 3x3 convs (0: leave them out)"),
+        Input("min_diff", FLOAT, 1e-6, min=0.0, max=1.0, step=1e-6,
+              description="skip modules whose change is smaller than this fraction of their weight"),
+    ],
+    outputs=[Output("lora", LORA), Output("report", STRING, "energy kept")],
+)
+def extract_lora(ctx, model_a: ModelRecipe, model_b: ModelRecipe, rank: int, conv_rank: int, min_diff: float):
+    """A LoRA approximating model_b minus model_a by truncated SVD, for the UNet and the text encoders."""
+    targets_a, targets_b = model_a.base.lora_targets, model_b.base.lora_targets
+    plan_a, plan_b = model_a.patch_plan(), model_b.patch_plan()
+    modules, energies, ranks = {}, [], []
+    shared = [t for t in targets_a if t in targets_b and targets_a[t].weight.shape == targets_b[t].weight.shape]
+    for done, target in enumerate(shared, start=1):
+        ctx.progress(done, len(shared))
+        weight = targets_a[target].weight
+        k = conv_rank if weight.dim() == 4 and weight.shape[2:] != (1, 1) else rank
+        if k == 0:
+            continue
+        wa, wb = model_a.weight(target, plan_a), model_b.weight(target, plan_b)
+        if (wb - wa).norm() <= min_diff * wa.norm():
+            continue
+        lowrank, energy = ops.extract(wa, wb, k)
+        modules[target] = from_lowrank(target, lowrank)
+        energies.append(energy)
+        ranks.append(lowrank.rank)
+    if not modules:
+        raise LoRAError("model_a and model_b do not differ in any module LoRAs can target: nothing to extract")
+    report = _summary(f"extracted {len(modules)} of {len(shared)} modules", energies, ranks)
+    ctx.info(report)
+    return LoRA("extracted", "diffusers", modules), report
+
+
+

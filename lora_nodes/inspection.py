@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .lora.architecture import family_name
 from .lora.formats import SUFFIXES, place, read_lora
 from .models.builtin import BUILTINS
 from .models.loading import load_base
@@ -36,8 +37,21 @@ def inspect_source(source: str, base: str | None = None, config: str = "") -> di
             "placed": len(placement.placed),
             "total": len(lora.modules),
             "unplaced": placement.unplaced,
+            "error": _placement_error(lora, model),
         }
     return info
+
+
+def _placement_error(lora, model) -> str | None:
+    """What ApplyLoRA would refuse this LoRA for on this base, if anything."""
+    from .errors import LoRAError
+    from .models.recipe import check_placement
+
+    try:
+        check_placement(lora, model)
+    except LoRAError as exc:
+        return str(exc)
+    return None
 
 
 def format_inspection(info: dict[str, Any]) -> str:
@@ -56,16 +70,23 @@ def format_inspection(info: dict[str, Any]) -> str:
         return "\n".join(lines)
     lines = [f"LoRA: {info['path']}", f"  format: {info['format']}", f"  modules: {info['modules']}",
              f"  rank(s): {', '.join(map(str, info['ranks']))}",
+             f"  kinds: {', '.join(info['kinds'])}",
              f"  alpha(s): {', '.join(f'{a:g}' for a in info['alphas'])}",
-             f"  components: {', '.join(info['components'])}"]
+             f"  components: {', '.join(info['components'])}",
+             f"  made for: {family_name(info['architecture']) if info['architecture'] else 'not recorded'}"]
+    if info["trigger_words"]:
+        lines.append(f"  trigger words: {', '.join(info['trigger_words'])}")
+    lines += [f"  {name.replace('_', ' ')}: {value}" for name, value in info["training"].items()]
     if info["metadata"]:
-        lines.append("  metadata:")
+        lines.append("  metadata (--json shows it whole):")
         lines += [f"    {k}: {_short(v)}" for k, v in sorted(info["metadata"].items())]
     placement = info.get("placement")
     if placement:
         lines.append(f"  on {placement['base']} ({placement['architecture']}): "
                      f"{placement['placed']} of {placement['total']} modules placed")
         lines += [f"    not placed: {k} ({why})" for k, why in sorted(placement["unplaced"].items())]
+        if placement["error"]:
+            lines.append(f"  error: {placement['error']}")
     return "\n".join(lines)
 
 

@@ -38,3 +38,28 @@ def test_lora_file_with_base(capsys, write_lora):
 def test_missing_source_is_a_clear_error(capsys):
     assert main(["inspect", "nowhere/model"]) == 2
     assert "no base model at 'nowhere/model'" in capsys.readouterr().err
+
+
+def test_lora_metadata_for_people(capsys, write_lora, tiny_sdxl):
+    tags = '{"10_purple star": {"purple star": 16, "white background": 12}, "5_extra": {"white background": 5, "shape": 1}}'
+    path = write_lora("tagged", metadata={"ss_tag_frequency": tags, "ss_base_model_version": "sd_v1",
+                                          "ss_resolution": "(512, 512)", "ss_network_dim": "4"})
+    info = run_json(capsys, str(path))
+    assert info["trigger_words"] == ["white background", "purple star", "shape"]
+    assert info["architecture"] == "sd1"
+    assert info["training"]["resolution"] == "(512, 512)" and info["training"]["rank"] == "4"
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "trigger words: white background, purple star, shape" in out and "made for: SD1.5" in out
+    info = run_json(capsys, str(path), "--base", "builtin:tiny-sdxl")
+    assert "this LoRA is for SD1.5, the base is SDXL" in info["placement"]["error"]
+
+
+def test_load_lora_outputs_trigger_words(write_lora):
+    from lora_nodes.engine.context import NodeContext
+    from lora_nodes.engine.events import Collector
+    from lora_nodes.nodes.lora import load_lora
+
+    path = write_lora("tw", metadata={"ss_tag_frequency": '{"1_x": {"red circle": 2, "blue": 3}}'})
+    _, words = load_lora.run(NodeContext("l", "LoadLoRA", None, None, Collector()), str(path))
+    assert words == "blue, red circle"

@@ -47,7 +47,7 @@ def test_merging_mixed_namings_needs_the_model(stack):
 def test_svd_merge_at_lower_rank_reports_energy(tiny, stack):
     events = Collector()
     context = NodeContext("m", "MergeLoRAs", None, None, events)
-    lora, report = merge_loras.run(context, stack, "svd", 3, 0.5, 0, ModelRecipe(tiny))
+    lora, _ = merge_loras.run(context, stack, "svd", 3, 0.5, 0, ModelRecipe(tiny))
     assert {m.rank for m in lora.modules.values()} == {3}
     kept = events.of("info")[0]["energy_kept"]
     assert all(0.5 < e < 1.0 for e in kept.values())

@@ -212,6 +212,9 @@ class LoRA:
 
     def describe(self) -> dict[str, Any]:
         """What ``inspect`` shows of a LoRA file."""
+        from .architecture import lora_architecture
+        from .metadata import training_summary, trigger_words
+
         ranked = [m for m in self.modules.values() if m.rank is not None]
         return {
             "path": self.path,
@@ -221,5 +224,8 @@ class LoRA:
             "ranks": sorted({m.rank for m in ranked}),
             "alphas": sorted({m.alpha if m.alpha is not None else float(m.rank) for m in ranked}),
             "components": self.components(),
+            "architecture": lora_architecture(self),
+            "trigger_words": trigger_words(self.metadata),
+            "training": training_summary(self.metadata),
             "metadata": self.metadata,
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..lora.formats import read_lora
+from ..lora.metadata import trigger_words
 from ..lora.model import LoRA
 from ..models.recipe import AppliedLoRA, ModelRecipe, check_placement
 from .spec import BOOLEAN, FLOAT, LORA, LORA_STACK, MODEL, STRING, Input, Output, node
@@ -20,11 +21,18 @@ def strength(name: str, what: str) -> Input:
     display_name="Load LoRA",
     category="lora",
     inputs=[Input("path", STRING, path=True, description="a LoRA file: .safetensors (kohya or diffusers/PEFT keys)")],
-    outputs=[Output("lora", LORA, "the LoRA's weights, not yet applied to anything")],
+    outputs=[
+        Output("lora", LORA, "the LoRA's weights, not yet applied to anything"),
+        Output("trigger_words", STRING, "the words it was trained on, most frequent first, comma-separated"),
+    ],
 )
 def load_lora(ctx, path: str):
-    """Read a LoRA file (kohya/A1111 or diffusers/PEFT naming). Pickle files load only as plain tensors."""
-    return (read_lora(path),)
+    """Read a LoRA file: kohya/A1111, diffusers/PEFT, LyCORIS (LoCon, LoHa, LoKr), DoRA, full diffs.
+
+    Pickle files (.ckpt, .pt, .bin) load only as plain tensors, never running code.
+    """
+    lora = read_lora(path)
+    return lora, ", ".join(trigger_words(lora.metadata))
 
 
 def apply_to(ctx, model: ModelRecipe, applied: list[AppliedLoRA]) -> ModelRecipe:

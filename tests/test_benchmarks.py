@@ -17,3 +17,9 @@ def test_sample_overhead_benchmark_prints_its_table(capsys):
     out = capsys.readouterr().out
     assert "overhead" in out and "4-variant sweep" in out
     assert figures["node_s"] > 0 and figures["direct_s"] > 0 and figures["sweep_mb"] > 0
+
+
+def test_apply_speed_benchmark_prints_its_table(capsys):
+    results = load("apply_speed").main(["--repeats", "1", "--source", "builtin:tiny"])
+    assert "strength switch" in capsys.readouterr().out
+    assert results["builtin:tiny"]["ours_first"] > 0 and results["builtin:tiny"]["diffusers_switch"] > 0

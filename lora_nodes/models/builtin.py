@@ -9,18 +9,18 @@ import torch
 
 from .tokenizer import build_tokenizer
 
-# The SD1.x noise schedule (what SD1.5's scheduler config says).
-SD1_SCHEDULE: dict[str, Any] = {
+# The noise schedule SD1.x and SDXL share (their scheduler configs), and what each adds.
+_SD_SCHEDULE: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
     "steps_offset": 1,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
     "timestep_spacing": "leading",
 }
+SD1_SCHEDULE: dict[str, Any] = {**_SD_SCHEDULE, "clip_sample": False, "set_alpha_to_one": False}
+SDXL_SCHEDULE: dict[str, Any] = {**_SD_SCHEDULE, "interpolation_type": "linear"}
 
 TINY_UNET: dict[str, Any] = {
     "sample_size": 16,
@@ -77,24 +77,8 @@ def build_tiny(seed: int = 0) -> dict[str, Any]:
     }
 
 
-# SDXL's noise schedule (same betas as SD1, "leading" spacing, as its scheduler config says).
-SDXL_SCHEDULE: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-    "interpolation_type": "linear",
-    "timestep_spacing": "leading",
-}
-
 TINY_SDXL_UNET: dict[str, Any] = {
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
+    **{k: TINY_UNET[k] for k in ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block")},
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
     "transformer_layers_per_block": (1, 2),

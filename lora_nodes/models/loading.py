@@ -172,10 +172,15 @@ def _tokenizers_and_scheduler(configs: dict[str, Any], folder: Path | None, sdxl
     from .tokenizer import build_tokenizer
 
     tokenizers = [p for p in pipeline_parts(sdxl) if p.startswith("tokenizer")]
+    embedded = configs.get("tokenizer")
     if folder is not None:
         parts = {name: CLIPTokenizer.from_pretrained(folder / name) for name in tokenizers}
-    elif configs.get("tokenizer") == "builtin":
+    elif embedded == "builtin":
         parts = {name: build_tokenizer() for name in tokenizers}
+    elif isinstance(embedded, dict) and all(name in embedded for name in tokenizers):
+        from .save import tokenizer_from_files  # files SaveModel embedded: {part: {file name: text}}
+
+        parts = {name: tokenizer_from_files(embedded[name]) for name in tokenizers}
     else:
         raise ModelLoadError("the checkpoint's metadata names no tokenizer; pass config: a diffusers folder")
     scheduler_class = getattr(diffusers, configs["scheduler"].get("_class_name", "DDIMScheduler"))

@@ -10,7 +10,7 @@ from .spec import Catalogue
 @lru_cache(maxsize=1)
 def catalogue() -> Catalogue:
     """All node types of lora-nodes, by id."""
-    from . import base, io, lora, merge, sample
+    from . import base, io, lora, merge, sample, save
 
     return Catalogue([
         base.load_base,
@@ -20,6 +20,8 @@ def catalogue() -> Catalogue:
         lora.apply_lora_stack,
         sample.sample,
         io.save_images,
+        save.save_lora,
+        save.save_model,
         merge.merge_loras,
         merge.resize_lora,
         merge.extract_lora,

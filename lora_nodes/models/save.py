@@ -1,0 +1,181 @@
+"""Writing a base model (with whatever LoRAs are merged into it): a diffusers folder or one file.
+
+Nothing here changes the model's weights: callers materialize the recipe first, and a dtype
+other than the model's is written from a cast copy of one component at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..fileio import atomic_write
+from .base import BaseModel
+from .loading import DTYPES, EMBEDDED_CONFIG_KEY, pipeline_parts
+from .text_names import file_state_dict
+
+MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def target_dtype(base: BaseModel, dtype: str) -> torch.dtype:
+    """``same`` is the model's own dtype; otherwise ``float16``, ``bfloat16`` or ``float32``."""
+    return base.dtype if dtype == "same" else DTYPES[dtype]
+
+
+@contextmanager
+def cast(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
+    """``module`` itself when it already has ``dtype``, else a copy in ``dtype`` (freed afterwards)."""
+    if module.dtype == dtype:
+        yield module
+        return
+    copied = copy.deepcopy(module).to(dtype=dtype)
+    try:
+        yield copied
+    finally:
+        del copied
+
+
+def make_pipeline(base: BaseModel):
+    """A diffusers pipeline over the base's own components and scheduler (nothing is copied)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    parts = {name: base.components[name] for name in pipeline_parts(base.architecture == "sdxl")}
+    if base.architecture == "sdxl":
+        return StableDiffusionXLPipeline(**parts)
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def write_diffusers_folder(base: BaseModel, folder: Path, dtype: torch.dtype) -> None:
+    """The pipeline as ``save_pretrained`` lays it out: ``model_index.json`` and one folder per part.
+
+    Each part is saved with its own ``save_pretrained`` (safetensors weights), one at a time, so
+    a dtype change holds at most one component's copy in memory.
+    """
+    make_pipeline(base).save_config(folder)
+    for name in pipeline_parts(base.architecture == "sdxl"):
+        part = base.components[name]
+        if isinstance(part, nn.Module):
+            with cast(part, dtype) as saved:
+                saved.save_pretrained(folder / name)
+        else:
+            part.save_pretrained(folder / name)
+
+
+def atomic_folder(path: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call ``write(tmp_folder)`` beside ``path`` and rename the result to ``path`` when it succeeded.
+
+    An existing ``path`` is replaced only with ``overwrite`` (moved aside first, deleted once the
+    new folder is in place, put back if the rename fails); a failure leaves no temporary folder.
+    """
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = path.parent / f"{tmp.name}.old"
+    try:
+        write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} exists")
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists():
+                os.replace(old, path)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.exists():
+            old.unlink()
+    return path
+
+
+def save_diffusers_folder(base: BaseModel, path: str | Path, dtype: str = "same",
+                          overwrite: bool = False) -> Path:
+    """Write ``base`` (as its weights are now) as a diffusers pipeline folder at ``path``, atomically."""
+    wanted = target_dtype(base, dtype)
+    return atomic_folder(Path(path), lambda tmp: write_diffusers_folder(base, tmp, wanted), overwrite)
+
+
+# --------------------------------------------------------------------------- single file
+
+
+def tokenizer_files(tokenizer) -> dict[str, str]:
+    """The files ``tokenizer.save_pretrained`` writes, as ``{file name: text}``."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def tokenizer_from_files(files: dict[str, str]):
+    """A ``CLIPTokenizer`` from :func:`tokenizer_files`' output (as ``from_pretrained`` reads them)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in files.items():
+            Path(folder, Path(name).name).write_text(text, encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(folder)
+
+
+def _config(part: Any) -> dict[str, Any]:
+    """A component's config as JSON data (diffusers' ``to_json_string`` adds ``_class_name``)."""
+    config = part.config
+    return json.loads(config.to_json_string() if hasattr(config, "to_json_string") else part.to_json_string())
+
+
+def embedded_configs(base: BaseModel) -> dict[str, Any]:
+    """Every component config, the scheduler config, and the tokenizer(s) for a single file.
+
+    ``tokenizer`` is ``"builtin"`` for built-in bases (the loader builds ours); otherwise
+    ``{"tokenizer": {file: text}, "tokenizer_2": ...}``, what ``save_pretrained`` writes.
+    """
+    sdxl = base.architecture == "sdxl"
+    configs = {name: _config(base.components[name]) for name in MODEL_PARTS if name in base.components}
+    configs["scheduler"] = json.loads(base.components["scheduler"].to_json_string())
+    if base.source.startswith("builtin:"):
+        configs["tokenizer"] = "builtin"
+    else:
+        names = [p for p in pipeline_parts(sdxl) if p.startswith("tokenizer")]
+        configs["tokenizer"] = {name: tokenizer_files(base.components[name]) for name in names}
+    return configs
+
+
+def single_file_state_dict(base: BaseModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The base's weights as one LDM/SGM checkpoint state dict, in ``dtype``, on the CPU."""
+    from .ldm import to_ldm_checkpoint
+
+    parts = base.components
+    text_2 = file_state_dict(parts["text_encoder_2"]) if "text_encoder_2" in parts else None
+    state = to_ldm_checkpoint(parts["unet"].state_dict(), parts["vae"].state_dict(),
+                              file_state_dict(parts["text_encoder"]), parts["unet"].config,
+                              parts["vae"].config, text_encoder_2=text_2)
+    return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in state.items()}
+
+
+def save_single_file(base: BaseModel, path: str | Path, dtype: str = "same") -> Path:
+    """Write ``base`` as one ``.safetensors`` checkpoint (A1111 / ComfyUI layout), atomically.
+
+    Its metadata (``EMBEDDED_CONFIG_KEY``) holds every config and the tokenizer, so
+    ``load_base`` reads it back with no config folder.
+    """
+    from safetensors.torch import save_file
+
+    state = single_file_state_dict(base, target_dtype(base, dtype))
+    metadata = {"format": "pt", EMBEDDED_CONFIG_KEY: json.dumps(embedded_configs(base))}
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))

@@ -1,0 +1,116 @@
+"""Nodes that write models: a LoRA file (kohya or diffusers naming) and a merged base model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import NodeError
+from ..fileio import atomic_write
+from ..lora.model import LoRA
+from ..lora.save import ENERGY_WARNING, lora_file
+from ..models.recipe import ModelRecipe, check_placement
+from ..models.save import save_diffusers_folder, save_single_file
+from .spec import BOOLEAN, COMBO, INT, LORA, MODEL, STRING, Input, node
+
+SUFFIX = ".safetensors"
+
+
+def output_path(ctx, path: str, suffix: str = "") -> Path:
+    """Where to write: relative paths under the run's output folder, the sweep variant's suffix added
+    to the name (before ``suffix``, which is appended when missing)."""
+    if not path.strip():
+        raise NodeError("path is empty: give a file or folder name")
+    target = Path(path).expanduser()
+    target = target if target.is_absolute() else ctx.output_dir / target
+    name = target.name
+    stem = name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
+    return target.with_name(f"{stem}{ctx.file_suffix}{suffix}")
+
+
+def refuse_overwrite(target: Path, overwrite: bool) -> None:
+    """Raise when ``target`` exists and ``overwrite`` is off: nothing is replaced silently."""
+    if target.exists() and not overwrite:
+        raise NodeError(f"{target} already exists; set overwrite to true to replace it, "
+                        "or choose another path")
+
+
+def overwrite_input() -> Input:
+    return Input("overwrite", BOOLEAN, False, description="replace an existing file or folder at path")
+
+
+@node(
+    "SaveLoRA",
+    display_name="Save LoRA",
+    category="io",
+    inputs=[
+        Input("lora", LORA),
+        Input("path", STRING, "loras/lora.safetensors",
+              description="file to write; relative paths go under the output folder; .safetensors is added"),
+        Input("format", COMBO, "kohya", choices=("kohya", "diffusers"),
+              description="kohya: lora_unet_*/lora_te*_* keys (A1111, ComfyUI, sd-scripts); "
+                          "diffusers: unet.*.lora_A/lora_B keys (load_lora_weights)"),
+        Input("model", MODEL, optional=True,
+              description="the base the LoRA is for: needed to convert names between namings, and for DoRA"),
+        Input("rank", INT, 0, min=0, max=4096,
+              description="rank for modules that must become plain LoRA (LoHa, LoKr, DoRA, full); 0: exact"),
+        overwrite_input(),
+    ],
+    output_node=True,
+)
+def save_lora(ctx, lora: LoRA, path: str, format: str, model: ModelRecipe | None, rank: int, overwrite: bool):
+    """Write a LoRA as a .safetensors file in kohya or diffusers naming.
+
+    Names are converted through the connected model only (never guessed). kohya files keep
+    LyCORIS modules (LoHa, LoKr, DoRA, LoCon) as they are and carry sd-scripts' ss_* metadata and
+    hashes. diffusers files hold plain LoRA only: other modules are converted by SVD of their
+    change (reported when less than 99.99% of it is kept); DoRA is converted against the model's
+    weights and equals the original at strength 1 only.
+    """
+    target = output_path(ctx, path, SUFFIX)
+    refuse_overwrite(target, overwrite)
+    base = model.base if model is not None else None
+    if base is not None:
+        check_placement(lora, base)
+    built = lora_file(lora, format, base, rank)
+    for name, energy in built.energy.items():
+        if energy < ENERGY_WARNING:
+            ctx.warn(f"module {name} kept {energy:.4%} of its change at rank {rank}",
+                     module=name, energy=energy)
+    from safetensors.torch import save_file
+
+    atomic_write(target, lambda tmp: save_file(built.tensors, str(tmp), metadata=built.metadata))
+    ctx.wrote(target)
+
+
+@node(
+    "SaveModel",
+    display_name="Save Model",
+    category="io",
+    inputs=[
+        Input("model", MODEL),
+        Input("path", STRING, "models/merged",
+              description="folder (diffusers) or file (single_file; .safetensors is added) to write; "
+                          "relative paths go under the output folder"),
+        Input("format", COMBO, "diffusers", choices=("diffusers", "single_file"),
+              description="diffusers: a pipeline folder; single_file: one checkpoint (A1111/ComfyUI layout)"),
+        Input("dtype", COMBO, "same", choices=("same", "float16", "bfloat16", "float32"),
+              description="weight precision of the written model; same keeps the model's"),
+        overwrite_input(),
+    ],
+    output_node=True,
+)
+def save_model(ctx, model: ModelRecipe, path: str, format: str, dtype: str, overwrite: bool):
+    """Write the model with its LoRAs merged in, as a diffusers folder or one .safetensors file.
+
+    Single files carry their configs and tokenizer in the metadata, so Load Base reads them back
+    without a config folder.
+    """
+    single = format == "single_file"
+    target = output_path(ctx, path, SUFFIX if single else "")
+    refuse_overwrite(target, overwrite)
+    base = model.materialize()
+    if single:
+        save_single_file(base, target, dtype)
+    else:
+        save_diffusers_folder(base, target, dtype, overwrite=overwrite)
+    ctx.wrote(target)

@@ -181,3 +181,14 @@ def test_dora_as_comfyui_applies_it(tmp_path, tiny, strength):
     updated = w + (up @ down).double()
     decomposed = updated * magnitude.double() / (updated.norm(dim=0, keepdim=True) + torch.finfo(torch.float32).eps)
     assert rel_err(after[Q], w + strength * (decomposed - w)) < 1e-5
+
+
+def test_two_keys_for_one_module_keep_the_first_and_say_so(tmp_path, tiny, write_lora):
+    tensors = load_file(str(write_lora(seed=6)))
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+        tensors[te.replace("lora_te_", "lora_te1_") + suffix] = tensors[te + suffix].clone()
+    save_file(tensors, str(tmp_path / "dup.safetensors"))
+    placement = check_placement(read_lora(tmp_path / "dup.safetensors"), tiny)
+    assert list(placement.unplaced) == [te.replace("lora_te_", "lora_te1_")]
+    assert "a second module for" in placement.unplaced[te.replace("lora_te_", "lora_te1_")]

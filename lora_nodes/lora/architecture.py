@@ -8,7 +8,7 @@ NAMES = {"sd1": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL"}
 
 # Width of the cross-attention context (what attn2.to_k reads), per family. The built-in tiny
 # models use their own widths so that their LoRAs are told apart the same way.
-CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl", 32: "sd1", 64: "sdxl"}
+CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl", 32: "sd1", 80: "sdxl"}
 
 # kohya's ss_base_model_version values (prefixes) -> family
 METADATA_VERSIONS = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("sd_2", "sd2"), ("sd_1", "sd1"))

@@ -236,6 +236,9 @@ def place(lora: LoRA, base) -> Placement:
         if not module.fits(shape):
             placement.unplaced[key] = f"shape {list(module.delta_shape)} does not fit the module's {list(shape)}"
             continue
+        if target in placement.placed:  # e.g. lora_te_ and lora_te1_ for one module: applying both is wrong
+            placement.unplaced[key] = f"a second module for {target} (the first is '{placement.placed[target].key}')"
+            continue
         placement.placed[target] = module
     return placement
 

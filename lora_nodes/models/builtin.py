@@ -84,10 +84,10 @@ TINY_SDXL_UNET: dict[str, Any] = {
     "transformer_layers_per_block": (1, 2),
     "attention_head_dim": (2, 4),
     "use_linear_projection": True,
-    "cross_attention_dim": 64,  # text_encoder hidden (32) + text_encoder_2 hidden (32), as in SDXL
+    "cross_attention_dim": 80,  # text_encoder hidden (32) + text_encoder_2 hidden (48), as in SDXL
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 80,  # 6 time ids * 8 + text_encoder_2 projection (32)
+    "projection_class_embeddings_input_dim": 96,  # 6 time ids * 8 + text_encoder_2 projection (48)
     "norm_num_groups": 8,
 }
 
@@ -115,7 +115,9 @@ def build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
         unet = UNet2DConditionModel(**TINY_SDXL_UNET)
         vae = AutoencoderKL(**TINY_VAE)
         text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, hidden_act="gelu"))
+        # wider than the first, as SDXL's OpenCLIP encoder is (tools tell the two apart by width)
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(
+            tokenizer, hidden_act="gelu", hidden_size=48, intermediate_size=96, projection_dim=48))
     return {
         "unet": unet,
         "vae": vae,

@@ -90,3 +90,16 @@ def test_extract_recovers_a_lora_from_two_models(tiny, write_lora):
     assert max_rel_err(rebuilt, weights_of(target)) < 1e-5
     with pytest.raises(LoRAError, match="do not differ"):
         extract_lora.run(ctx(), ModelRecipe(tiny), ModelRecipe(tiny), 4, 0, 1e-6)
+
+
+def test_merge_and_extract_on_sdxl(tiny_sdxl, write_lora):
+    a = read_lora(write_lora("xa", base=tiny_sdxl, rank=4, seed=45))
+    b = read_lora(write_lora("xb", base=tiny_sdxl, fmt="peft", rank=2, seed=46))
+    stack = (AppliedLoRA(a, 0.5, 1.0), AppliedLoRA(b, 1.0, -0.5))
+    merged, _ = merge_loras.run(ctx(), stack, "concat", 0, 0.5, 0, ModelRecipe(tiny_sdxl))
+    exact = weights_of(ModelRecipe(tiny_sdxl, stack))
+    assert max_rel_err(weights_of(ModelRecipe(tiny_sdxl, (AppliedLoRA(merged, 1.0, 1.0),))), exact) < 1e-5
+    extracted, _ = extract_lora.run(ctx(), ModelRecipe(tiny_sdxl), ModelRecipe(tiny_sdxl, stack), 6, 0, 1e-6)
+    assert {t.split(".")[0] for t in extracted.modules} == {"unet", "text_encoder", "text_encoder_2"}
+    rebuilt = weights_of(ModelRecipe(tiny_sdxl, (AppliedLoRA(extracted, 1.0, 1.0),)))
+    assert max_rel_err(rebuilt, exact) < 1e-4

@@ -13,9 +13,9 @@ from pathlib import Path
 EXAMPLES = """\
 examples:
   lora-nodes run workflows/quickstart.yaml
-  lora-nodes run workflows/quickstart.yaml --set lora.path=my_style.safetensors
-  lora-nodes run workflows/quickstart.yaml --sweep styled.strength_model=0,0.5,1
-  lora-nodes run outputs/quickstart_00001.png          # re-run the workflow a PNG was made with
+  lora-nodes run workflows/quickstart.yaml --set style.path=my_style.safetensors
+  lora-nodes run workflows/strength_sweep.yaml --sweep styled.strength_model=0,0.5,1
+  lora-nodes run outputs/quickstart/strength_1_00001.png   # re-run the workflow a PNG was made with
   lora-nodes validate workflows/quickstart.yaml --json
   lora-nodes nodes                                     # every node type and its inputs
   lora-nodes inspect builtin:tiny --json               # what a LoRA can target in a base

@@ -37,8 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "Exit codes: 0 done, 1 a node failed, 2 the workflow is invalid.", epilog=EXAMPLES)
     run.add_argument("file", help="workflow file: .yaml, .json (ours or ComfyUI API format) or .png")
     _add_override_args(run)
-    run.add_argument("--sweep", action="append", default=[], metavar="NODE.INPUT=V1,V2,...",
-                     help="run one variant per value (repeat for the cartesian product); shared nodes run once")
+    _add_sweep_arg(run)
     run.add_argument("--output-dir", default="outputs", help="where output files go (default: ./outputs)")
     run.add_argument("--cache-dir", default=None, help="disk cache for expensive results (default: ~/.cache/lora-nodes)")
     run.add_argument("--events", choices=["jsonl"], help="print run events as JSON lines on stdout instead of bars")
@@ -47,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a workflow without running it (exit 0 valid, 2 invalid)")
     validate.add_argument("file")
     _add_override_args(validate)
+    _add_sweep_arg(validate)
     validate.add_argument("--json", action="store_true", help="print the problems as a JSON list")
 
     nodes = sub.add_parser("nodes", help="list node types with their inputs and outputs")
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_override_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                         help="override an input; VALUE is YAML (0.5, true, 'text', [node, output])")
+
+
+def _add_sweep_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sweep", action="append", default=[], metavar="NODE.INPUT=V1,V2,...",
+                        help="one variant per value (repeat for the cartesian product); shared nodes run once")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +104,7 @@ def _load(args: argparse.Namespace):
     workflow = load_workflow(args.file)
     sets = [parse_set(text) for text in args.set]
     workflow = apply_overrides(workflow, sets, catalogue(), Path.cwd())
-    sweeps = [parse_sweep(text) for text in getattr(args, "sweep", [])]
+    sweeps = [parse_sweep(text) for text in args.sweep]
     return workflow, sweep_variants(sweeps)
 
 
@@ -116,12 +121,13 @@ def _print_problems(problems, as_json: bool, stream=None) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .graph import WorkflowError
-    from .graph.validate import check
+    from .graph.overrides import bind_variants
     from .nodes import catalogue
 
+    problems = []
     try:
-        workflow, _ = _load(args)
-        problems, _ = check(workflow, catalogue())
+        workflow, variants = _load(args)
+        bind_variants(workflow, variants, catalogue(), Path.cwd())
     except WorkflowError as exc:
         problems = exc.problems
     if args.json:

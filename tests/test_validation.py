@@ -99,3 +99,26 @@ def test_bad_set_is_reported_not_raised(tmp_path, capsys):
     assert main(["validate", str(good), "--set", "s.steps=0"]) == 2
     assert main(["validate", str(good), "--set", "s.steps"]) == 2
     assert "out_of_range" in capsys.readouterr().err
+
+
+def test_cli_and_readme_examples_are_valid(tmp_path, monkeypatch):
+    """The example commands in `lora-nodes --help` and the README name nodes the workflows have."""
+    import re
+    import shlex
+    import shutil
+
+    from conftest import EXAMPLE_LORA, REPO
+
+    from lora_nodes.cli import EXAMPLES
+
+    (tmp_path / "workflows").symlink_to(REPO / "workflows")
+    shutil.copy(EXAMPLE_LORA, tmp_path / "my_style.safetensors")
+    monkeypatch.chdir(tmp_path)
+    text = (EXAMPLES + (REPO / "README.md").read_text()).replace("\\\n", " ")
+    found = re.findall(r"^\s*(lora-nodes run workflows/.*)$", text, flags=re.MULTILINE)
+    commands = [c for c in found if "/models" not in c]
+    assert len(commands) >= 3
+    for command in commands:
+        args = shlex.split(command.split("#")[0])[2:]
+        args = [a for a in args if a != "--output-dir"]
+        assert main(["validate", *args]) == 0, command

@@ -9,7 +9,7 @@ from typing import Any
 
 import networkx as nx
 
-from ..graph.overrides import Override, apply_overrides
+from ..graph.overrides import Override, bind_variants
 from ..graph.problems import WorkflowError
 from ..graph.validate import BoundNode, bind
 from ..graph.workflow import Workflow
@@ -80,18 +80,8 @@ class Runner:
 
         All variants are validated before any runs, so a bad value in the last one runs nothing.
         """
-        prepared = []
-        problems = []
-        for overrides in variants:
-            variant = apply_overrides(workflow, overrides, self.catalogue, cwd)
-            try:
-                prepared.append((variant, bind(variant, self.catalogue), overrides))
-            except WorkflowError as exc:
-                problems += [p for p in exc.problems if p not in problems]
-        if problems:
-            raise WorkflowError(problems)
         results = []
-        for variant, bound, overrides in prepared:
+        for variant, bound, overrides in bind_variants(workflow, variants, self.catalogue, cwd):
             label = "_".join(o.label for o in overrides)
             results.append(self._run_bound(variant, bound, f"_{label}" if label else "", label))
         return results

@@ -12,7 +12,7 @@ import yaml
 
 from ..nodes.spec import Catalogue
 from .problems import Problem, WorkflowError
-from .validate import resolve_path
+from .validate import BoundNode, bind, resolve_path
 from .workflow import Link, Workflow, is_link
 
 
@@ -85,3 +85,18 @@ def apply_overrides(workflow: Workflow, overrides: list[Override] | tuple[Overri
     if problems:
         raise WorkflowError(problems)
     return result
+
+
+def bind_variants(workflow: Workflow, variants: list[tuple[Override, ...]], catalogue: Catalogue,
+                  cwd: Path | None = None) -> list[tuple[Workflow, dict[str, BoundNode], tuple[Override, ...]]]:
+    """Every variant applied and bound; raises one WorkflowError with the problems of all of them."""
+    prepared, problems = [], []
+    for overrides in variants:
+        try:
+            variant = apply_overrides(workflow, overrides, catalogue, cwd)
+            prepared.append((variant, bind(variant, catalogue), overrides))
+        except WorkflowError as exc:
+            problems += [p for p in exc.problems if p not in problems]
+    if problems:
+        raise WorkflowError(problems)
+    return prepared

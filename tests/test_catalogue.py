@@ -55,3 +55,20 @@ def test_required_means_no_default():
     spec = catalogue()["Sample"]
     assert spec.input("prompt").default is REQUIRED and spec.input("prompt").required
     assert not spec.input("seed").required
+
+
+def test_namespaced_ids_are_accepted_and_never_collide_with_comfyui_core(tmp_path):
+    from conftest import REPO
+
+    from lora_nodes.graph import parse_workflow
+    from lora_nodes.graph.validate import check
+
+    core = set((REPO.parent / "shared" / "comfyui_core_node_ids.txt").read_text().split()) if (
+        REPO.parent / "shared" / "comfyui_core_node_ids.txt").exists() else set()
+    cat = catalogue()
+    assert all(spec.comfy_id.startswith("lora-nodes.") and spec.comfy_id not in core for spec in cat.values())
+    assert cat["lora-nodes.Sample"] is cat["Sample"]
+    workflow = parse_workflow({"1": {"class_type": "lora-nodes.LoadBase", "inputs": {}},
+                               "2": {"class_type": "lora-nodes.Sample", "inputs": {"model": ["1", 0], "prompt": "x"}},
+                               "3": {"class_type": "SaveImages", "inputs": {"images": ["2", 0]}}}, tmp_path)
+    assert check(workflow, cat)[0] == []

@@ -20,6 +20,9 @@ LITERAL_TYPES = frozenset({INT, FLOAT, STRING, BOOLEAN, COMBO})
 MODEL, LORA, LORA_STACK, IMAGE = "LN_MODEL", "LN_LORA", "LN_LORA_STACK", "IMAGE"
 
 CATEGORY_ROOT = "lora-nodes"
+# In ComfyUI our node ids carry this prefix so they never collide with core nodes or other packs
+# (ComfyUI has SaveImage, LoraLoader, SaveLoRA ...). Our files accept both spellings.
+COMFY_PREFIX = "lora-nodes."
 
 
 class _Required:
@@ -76,6 +79,11 @@ class NodeSpec:
     run: Callable[..., Any] = field(compare=False, repr=False)
     version: int = 1
     output_node: bool = False
+
+    @property
+    def comfy_id(self) -> str:
+        """The id this node has inside ComfyUI (namespaced)."""
+        return COMFY_PREFIX + self.id
 
     def input(self, name: str) -> Input | None:
         return next((i for i in self.inputs if i.name == name), None)
@@ -163,7 +171,7 @@ def node(
 
 
 class Catalogue(Mapping[str, NodeSpec]):
-    """The node types a workflow may use, by id."""
+    """The node types a workflow may use, by id (short, or namespaced as in ComfyUI)."""
 
     def __init__(self, specs: list[NodeSpec]):
         self._specs = {s.id: s for s in specs}
@@ -171,7 +179,7 @@ class Catalogue(Mapping[str, NodeSpec]):
             raise ValueError("two node specs share an id")
 
     def __getitem__(self, key: str) -> NodeSpec:
-        return self._specs[key]
+        return self._specs[key.removeprefix(COMFY_PREFIX) if isinstance(key, str) else key]
 
     def __iter__(self):
         return iter(self._specs)

@@ -1,0 +1,19 @@
+"""Procedural datasets: images drawn in code, with their captions (no downloads)."""
+
+from .shapes import (
+    BACKGROUNDS,
+    BASE_COLOURS,
+    BASE_SHAPES,
+    COLOURS,
+    SHAPES,
+    ShapeSpec,
+    caption,
+    classify,
+    make_dataset,
+    render,
+)
+
+__all__ = [
+    "BACKGROUNDS", "BASE_COLOURS", "BASE_SHAPES", "COLOURS", "SHAPES", "ShapeSpec", "caption", "classify",
+    "make_dataset", "render",
+]

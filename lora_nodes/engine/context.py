@@ -23,6 +23,8 @@ class NodeContext:
     emit: EventSink
     file_suffix: str = ""  # keeps the outputs of sweep variants apart
     workflow: dict[str, Any] = field(default_factory=dict)  # the workflow being run, for embedding
+    comfy_prompt: dict[str, Any] | None = None  # inside ComfyUI: its prompt and editor graph, to embed
+    comfy_workflow: dict[str, Any] | None = None
     files: list[str] = field(default_factory=list)
 
     def progress(self, value: int, maximum: int) -> None:

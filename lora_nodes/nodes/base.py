@@ -13,7 +13,7 @@ from .spec import COMBO, MODEL, STRING, Input, Output, node
     display_name="Load Base Model",
     category="models",
     inputs=[
-        Input("source", STRING, "builtin:tiny", path=True, builtins=tuple(BUILTINS),
+        Input("source", STRING, "builtin:tiny", path=True, builtins=tuple(BUILTINS), folder="checkpoints",
               description="builtin:NAME, a diffusers pipeline folder, or a single-file .safetensors checkpoint"),
         Input("dtype", COMBO, "auto", choices=("auto", "float32", "float16", "bfloat16"),
               description="weight precision; auto is float16 on a GPU and float32 on the CPU"),

@@ -20,7 +20,8 @@ def strength(name: str, what: str) -> Input:
     "LoadLoRA",
     display_name="Load LoRA",
     category="lora",
-    inputs=[Input("path", STRING, path=True, description="a LoRA file: .safetensors (kohya or diffusers/PEFT keys)")],
+    inputs=[Input("path", STRING, path=True, folder="loras",
+                  description="a LoRA file: .safetensors (kohya or diffusers/PEFT keys)")],
     outputs=[
         Output("lora", LORA, "the LoRA's weights, not yet applied to anything"),
         Output("trigger_words", STRING, "the words it was trained on, most frequent first, comma-separated"),

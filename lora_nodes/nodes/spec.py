@@ -48,6 +48,7 @@ class Input:
     optional: bool = False  # may be left out entirely (no default is taken)
     path: bool = False  # a file or folder path: resolved, checked and fingerprinted
     builtins: tuple[str, ...] = ()  # ``builtin:`` names this path input also accepts
+    folder: str | None = None  # inside ComfyUI: offer the files of this models folder (loras, checkpoints)
     multiline: bool = False
 
     @property

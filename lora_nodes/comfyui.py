@@ -1,0 +1,161 @@
+"""The ComfyUI custom-node pack: one ComfyUI class per node declaration, generated, not written.
+
+ComfyUI finds ``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS`` in the pack's
+``__init__``. Every class attribute it reads (``INPUT_TYPES``, ``RETURN_TYPES``, ``RETURN_NAMES``,
+``FUNCTION``, ``CATEGORY``, ``DESCRIPTION``, ``OUTPUT_NODE``, ``OUTPUT_TOOLTIPS``) comes from our
+:class:`~lora_nodes.nodes.spec.NodeSpec`. Importing this module imports neither ComfyUI nor any
+model library, and builds nothing: ComfyUI's hooks (``folder_paths``, ``comfy.utils``,
+``comfy.model_management``) are looked up when a node runs or lists its inputs, and are optional.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .engine.context import NodeContext
+from .engine.events import Event
+from .nodes import catalogue
+from .nodes.spec import COMBO, INT, REQUIRED, NodeSpec
+
+log = logging.getLogger("lora_nodes")
+SEED_INPUTS = ("seed", "noise_seed")  # ComfyUI adds its control_after_generate widget after these
+
+
+def _comfy(module: str) -> Any | None:
+    """A ComfyUI module when running inside ComfyUI, else None."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def _file_choices(spec_input) -> list[str] | None:
+    """The files ComfyUI has in the input's models folder, with our built-ins first."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is None or spec_input.folder is None:
+        return None
+    try:
+        files = folder_paths.get_filename_list(spec_input.folder)
+    except Exception:  # noqa: BLE001 - an unknown folder name in an older ComfyUI: plain paths then
+        return None
+    return [*spec_input.builtins, *files]
+
+
+def input_types(spec: NodeSpec) -> dict[str, dict[str, Any]]:
+    """``INPUT_TYPES()`` for a node: our declaration in ComfyUI's shape, file inputs as choices."""
+    info = spec.object_info()["input"]
+    types: dict[str, dict[str, Any]] = {"required": {}, "optional": {}}
+    for decl in spec.inputs:
+        kind, options = info["optional" if decl.optional else "required"][decl.name]
+        options = dict(options)
+        choices = _file_choices(decl) if decl.path else None
+        if choices is not None:
+            kind = choices
+            if decl.default is not REQUIRED and decl.default not in choices:
+                options.pop("default", None)
+        if decl.type == INT and decl.name in SEED_INPUTS:
+            options["control_after_generate"] = True
+        if decl.type == COMBO:
+            kind = list(decl.choices)
+        types["optional" if decl.optional else "required"][decl.name] = (kind, options)
+    if spec.output_node:
+        types["hidden"] = {"comfy_prompt": "PROMPT", "comfy_extra_pnginfo": "EXTRA_PNGINFO"}
+    return types
+
+
+def _resolve_file(spec: NodeSpec, name: str, value: Any) -> Any:
+    """A file input's value as a path: ComfyUI's choice resolved in its models folder."""
+    decl = spec.input(name)
+    folder_paths = _comfy("folder_paths")
+    if not (decl and decl.path and isinstance(value, str) and value) or value.startswith("builtin:"):
+        return value
+    if folder_paths is not None and decl.folder and not Path(value).is_absolute():
+        found = folder_paths.get_full_path(decl.folder, value)
+        if found:
+            return found
+    return str(Path(value).expanduser().resolve())
+
+
+class _ComfyProgress:
+    """Our events, shown in ComfyUI: progress on its bar, interrupts honoured, messages logged."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, ev: Event) -> None:
+        kind = ev["event"]
+        if kind == "progress":
+            self._progress(ev["value"], ev["max"])
+        elif kind in ("warning", "info"):
+            log.log(logging.WARNING if kind == "warning" else logging.INFO,
+                    "lora-nodes %s (%s): %s", ev["node"], ev["type"], ev["message"])
+
+    def _progress(self, value: int, maximum: int) -> None:
+        management = _comfy("comfy.model_management")
+        if management is not None:
+            management.throw_exception_if_processing_interrupted()
+        utils = _comfy("comfy.utils")
+        if utils is None:
+            return
+        if self.bar is None:
+            self.bar = utils.ProgressBar(maximum)
+        self.bar.update_absolute(value, maximum)
+
+
+def _output_dir() -> Path:
+    folder_paths = _comfy("folder_paths")
+    return Path(folder_paths.get_output_directory()) if folder_paths is not None else Path("outputs")
+
+
+def _run(spec: NodeSpec, self: Any, **inputs: Any) -> Any:
+    """What ComfyUI calls (``FUNCTION``): our node function with a context made for ComfyUI."""
+    prompt, extra = inputs.pop("comfy_prompt", None), inputs.pop("comfy_extra_pnginfo", None)
+    values = {d.name: _resolve_file(spec, d.name, inputs.get(d.name)) for d in spec.inputs}
+    output_dir = _output_dir()
+    ctx = NodeContext(spec.comfy_id, spec.id, output_dir, output_dir.parent / "cache" / "lora-nodes",
+                      _ComfyProgress(), comfy_prompt=prompt, comfy_workflow=(extra or {}).get("workflow"))
+    result = spec.run(ctx, **values)
+    outputs = tuple(result) if result is not None else ()
+    if not spec.output_node:
+        return outputs
+    return {"ui": {"images": [_ui_image(Path(f), output_dir) for f in ctx.files if f.endswith(".png")]},
+            "result": outputs}
+
+
+def _ui_image(path: Path, output_dir: Path) -> dict[str, str]:
+    try:
+        subfolder = str(path.parent.relative_to(output_dir))
+    except ValueError:
+        subfolder = ""
+    return {"filename": path.name, "subfolder": "" if subfolder == "." else subfolder, "type": "output"}
+
+
+def comfy_class(spec: NodeSpec) -> type:
+    """A ComfyUI node class for ``spec``, every attribute derived from the declaration."""
+
+    def run(self, **inputs):
+        return _run(spec, self, **inputs)
+
+    return type(spec.id, (), {
+        "INPUT_TYPES": classmethod(lambda cls: input_types(spec)),
+        "RETURN_TYPES": tuple(o.type for o in spec.outputs),
+        "RETURN_NAMES": tuple(o.name for o in spec.outputs),
+        "OUTPUT_TOOLTIPS": tuple(o.description for o in spec.outputs),
+        "FUNCTION": "run",
+        "CATEGORY": spec.category,
+        "DESCRIPTION": spec.description,
+        "OUTPUT_NODE": spec.output_node,
+        "run": run,
+        "__doc__": spec.description,
+        "__module__": __name__,
+    })
+
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {spec.comfy_id: comfy_class(spec) for spec in catalogue().values()}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
+    spec.comfy_id: f"{spec.display_name} (lora-nodes)" for spec in catalogue().values()
+}

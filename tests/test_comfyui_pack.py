@@ -1,0 +1,126 @@
+"""The repository loads as a ComfyUI custom-node pack, the way ComfyUI loads custom_nodes/ folders."""
+
+import importlib.util
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from conftest import EXAMPLE_LORA, REPO
+
+from lora_nodes.nodes import catalogue
+
+
+def load_pack(folder, name):
+    """Import a folder as a package from its path, as ComfyUI's custom-node loader does."""
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def call(mappings, node_id, **inputs):
+    cls = mappings[node_id]
+    types_ = cls.INPUT_TYPES()
+    assert set(inputs) <= set(types_["required"]) | set(types_.get("optional", {})) | set(types_.get("hidden", {}))
+    for name, (kind, options) in types_["required"].items():  # fill widget defaults, as the editor does
+        if name not in inputs and "default" in options:
+            inputs[name] = options["default"]
+    return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return load_pack(REPO, "lora-nodes-pack")
+
+
+def test_pack_registers_every_node_with_namespaced_ids_and_classic_attributes(pack):
+    mappings = pack.NODE_CLASS_MAPPINGS
+    assert set(mappings) == {spec.comfy_id for spec in catalogue().values()}
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(mappings)
+    sample = mappings["lora-nodes.Sample"]
+    assert sample.RETURN_TYPES == ("IMAGE",) and sample.RETURN_NAMES == ("images",)
+    assert sample.FUNCTION == "run" and sample.CATEGORY == "lora-nodes/sampling" and sample.DESCRIPTION
+    assert sample.OUTPUT_TOOLTIPS and sample.OUTPUT_NODE is False
+    assert mappings["lora-nodes.SaveImages"].OUTPUT_NODE is True
+    seed = sample.INPUT_TYPES()["required"]["seed"]
+    assert seed[0] == "INT" and seed[1]["control_after_generate"] is True
+    comfy_types = {"MODEL", "CLIP", "VAE", "LATENT", "CONDITIONING"}
+    for cls in mappings.values():
+        declared = {v[0] for group in cls.INPUT_TYPES().values() for v in group.values() if isinstance(v[0], str)}
+        assert not comfy_types & (declared | set(cls.RETURN_TYPES))
+
+
+def test_graph_runs_through_the_pack(pack):
+    mappings = pack.NODE_CLASS_MAPPINGS
+    (model,) = call(mappings, "lora-nodes.LoadBase", source="builtin:tiny", device="cpu")
+    lora, _ = call(mappings, "lora-nodes.LoadLoRA", path=str(EXAMPLE_LORA))
+    (styled,) = call(mappings, "lora-nodes.ApplyLoRA", model=model, lora=lora, strength_model=0.8)
+    (images,) = call(mappings, "lora-nodes.Sample", model=styled, prompt="a red circle", steps=3, batch_size=2)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == torch.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0
+
+
+def test_importing_the_pack_is_cheap_and_needs_no_comfyui():
+    code = ("import sys, importlib.util; "
+            f"spec = importlib.util.spec_from_file_location('pack', r'{REPO / '__init__.py'}', "
+            f"submodule_search_locations=[r'{REPO}']); m = importlib.util.module_from_spec(spec); "
+            "sys.modules['pack'] = m; spec.loader.exec_module(m); "
+            "print(len(m.NODE_CLASS_MAPPINGS), [x for x in ('comfy', 'folder_paths', 'diffusers', 'transformers') "
+            "if x in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) == len(catalogue()) and out[1] == "[]"
+
+
+def test_linking_the_installed_package_works_too(tmp_path):
+    import lora_nodes
+
+    custom_nodes = tmp_path / "custom_nodes"
+    custom_nodes.mkdir()
+    (custom_nodes / "lora_nodes").symlink_to(REPO / "lora_nodes" if (REPO / "lora_nodes").exists()
+                                              else lora_nodes.__path__[0])
+    module = load_pack(custom_nodes / "lora_nodes", "linked_lora_nodes")
+    assert "lora-nodes.ApplyLoRA" in module.NODE_CLASS_MAPPINGS
+
+
+def test_comfyui_hooks_are_used_when_present(monkeypatch, tmp_path, pack):
+    """folder_paths offers files as choices and resolves them; the progress bar and interrupt are called."""
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    (lora_dir / "style.safetensors").write_bytes(EXAMPLE_LORA.read_bytes())
+    folder_paths = types.SimpleNamespace(
+        get_filename_list=lambda folder: ["style.safetensors"] if folder == "loras" else ["sd15.safetensors"],
+        get_full_path=lambda folder, name: str(lora_dir / name) if folder == "loras" else None,
+        get_output_directory=lambda: str(tmp_path / "output"),
+    )
+    calls = []
+
+    class Bar:
+        def __init__(self, total):
+            calls.append(("bar", total))
+
+        def update_absolute(self, value, total):
+            calls.append(("update", value, total))
+
+    comfy = types.ModuleType("comfy")
+    comfy.utils = types.SimpleNamespace(ProgressBar=Bar)
+    comfy.model_management = types.SimpleNamespace(
+        throw_exception_if_processing_interrupted=lambda: calls.append(("interrupt?",)))
+    for name, module in {"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": comfy.utils,
+                         "comfy.model_management": comfy.model_management}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    mappings = pack.NODE_CLASS_MAPPINGS
+    assert mappings["lora-nodes.LoadLoRA"].INPUT_TYPES()["required"]["path"][0] == ["style.safetensors"]
+    assert mappings["lora-nodes.LoadBase"].INPUT_TYPES()["required"]["source"][0][-1] == "sd15.safetensors"
+    (model,) = call(mappings, "lora-nodes.LoadBase", source="builtin:tiny", device="cpu")
+    lora, _ = call(mappings, "lora-nodes.LoadLoRA", path="style.safetensors")
+    (styled,) = call(mappings, "lora-nodes.ApplyLoRA", model=model, lora=lora)
+    (images,) = call(mappings, "lora-nodes.Sample", model=styled, prompt="x", steps=2)
+    assert ("bar", 2) in calls and ("update", 2, 2) in calls and ("interrupt?",) in calls
+    saved = call(mappings, "lora-nodes.SaveImages", images=images, prefix="pack/test",
+                 comfy_prompt={"1": {}}, comfy_extra_pnginfo={"workflow": {"nodes": []}})
+    assert saved["ui"]["images"] == [{"filename": "test_00001.png", "subfolder": "pack", "type": "output"}]
+    assert (tmp_path / "output" / "pack" / "test_00001.png").exists()

@@ -56,16 +56,25 @@ def test_strength_zero_is_the_base_bitwise_and_restore_is_exact(write_lora, tiny
 
 def test_only_changed_modules_are_repatched_and_nothing_is_copied(write_lora, tiny):
     lora = read_lora(write_lora(seed=2))
-    params_before = {k: v.data_ptr() for k, v in tiny.unet.named_parameters()}
+    ModelRecipe(tiny).materialize()
+    models = [tiny.components[c] for c in ("unet", "text_encoder")]
+    params = [dict(m.named_parameters()) for m in models]
+    storage = [{k: v.data_ptr() for k, v in p.items()} for p in params]
     ModelRecipe(tiny, (AppliedLoRA(lora, 1.0, 1.0),)).materialize()
-    n_unet = sum(t.startswith("unet.") for t in check_placement(lora, tiny).placed)
-    n_text = len(check_placement(lora, tiny).placed) - n_unet
+    placed = check_placement(lora, tiny).placed
+    n_unet = sum(t.startswith("unet.") for t in placed)
+    n_text = len(placed) - n_unet
+    # untouched parameters keep their storage; patched ones point at one buffer each
+    moved = sum(v.data_ptr() != storage[i][k] for i, p in enumerate(params) for k, v in p.items())
+    assert moved == len(placed)
     stats = ModelRecipe(tiny, (AppliedLoRA(lora, 0.5, 1.0),)).materialize().patcher.last
     assert stats.patched == n_unet and stats.unchanged == n_text and stats.restored == 0
     stats = ModelRecipe(tiny, (AppliedLoRA(lora, 0.5, 0.0),)).materialize().patcher.last
     assert stats.patched == 0 and stats.restored == n_text
-    assert {k: v.data_ptr() for k, v in tiny.unet.named_parameters()} == params_before
-    assert tiny.patcher.backed_up <= len(tiny.lora_targets)
+    ModelRecipe(tiny).materialize()
+    # back on the base: the same Parameter objects on the very same (never copied) storage
+    assert [dict(m.named_parameters()) for m in models] == params
+    assert [{k: v.data_ptr() for k, v in p.items()} for p in params] == storage
 
 
 def test_stacked_loras_add_up(write_lora, tiny):

@@ -66,6 +66,11 @@ class Module:
         else:
             weight32.add_(delta, alpha=strength)
 
+    def write_(self, out: Tensor, original: Tensor, strength: float) -> None:
+        """``out = original`` updated to this module's result at ``strength`` (all float32)."""
+        out.copy_(original)
+        self.apply_(out, strength)
+
     def apply_bias_(self, bias32: Tensor, strength: float) -> None:
         if self.bias is not None:
             bias32.add_(self.bias.to(bias32.device, torch.float32), alpha=strength)
@@ -97,11 +102,23 @@ class LoRAModule(Module):
             return locon_delta(self.up.float(), self.down.float(), self.mid.float(), shape)
         return add_lora_(torch.zeros(shape), self.up, self.down, 1.0)
 
+    @property
+    def _plain(self) -> bool:
+        return self.mid is None and self.dora_scale is None
+
     def apply_(self, weight32: Tensor, strength: float) -> None:
-        if self.mid is None and self.dora_scale is None:  # the common case: one fused addmm_
+        if self._plain:  # the common case: one fused addmm_
             add_lora_(weight32, self.up, self.down, strength * self.scale)
         else:
             super().apply_(weight32, strength)
+
+    def write_(self, out: Tensor, original: Tensor, strength: float) -> None:
+        if self._plain:  # out = original + s * up @ down in one pass, no copy first
+            up, down = (t.to(out.device, torch.float32).flatten(1) for t in (self.up, self.down))
+            torch.addmm(original.view(up.shape[0], -1), up, down, alpha=strength * self.scale,
+                        out=out.view(up.shape[0], -1))
+        else:
+            super().write_(out, original, strength)
 
 
 @dataclass(frozen=True, eq=False)

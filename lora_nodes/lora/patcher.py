@@ -1,8 +1,12 @@
 """The patcher: makes a recipe's weights real in the base model, cheaply and exactly.
 
-Each original weight is backed up once, the first time it is patched. Moving to another
-variant re-patches only the modules whose list of (LoRA module, strength) changed, each from
-its backup in float32, so weights never drift and untouched modules are restored bitwise.
+The first time a weight is patched, its original tensor is kept as it is (no copy) and the
+parameter is pointed at a second buffer that receives ``original + sum(strength * delta)``,
+written by the first patch's fused ``addmm`` straight from the original and the others' in-place
+``addmm_``: exactly the work of the bare merge, plus nothing. Restoring points the parameter
+back at the original tensor, bitwise and at no cost. Moving to another variant re-patches only
+the modules whose list of (module, strength) changed, always from the original, so weights never
+drift. Math is float32; half-precision weights are merged in float32 and cast back.
 """
 
 from __future__ import annotations
@@ -33,18 +37,19 @@ class Patcher:
 
     def __init__(self, targets: dict[str, nn.Module]):
         self._targets = targets
-        self._backup: dict[str, Tensor] = {}
+        self._original: dict[str, Tensor] = {}  # parameter name -> its original tensor, once patched
+        self._buffer: dict[str, Tensor] = {}  # parameter name -> the tensor that holds patched values
         self._applied: dict[str, PatchList] = {}
         self.last = PatchStats()
 
     @property
     def backed_up(self) -> int:
-        """How many weights have a backup (each is kept once, for exact restores)."""
-        return len(self._backup)
+        """How many parameters have been patched (each keeps its original tensor, uncopied)."""
+        return len(self._original)
 
     def original(self, target: str) -> Tensor:
-        """The unpatched weight of ``target`` (only modules ever patched keep a copy)."""
-        return self._backup.get(f"{target}.weight", self._targets[target].weight)
+        """The unpatched weight of ``target``."""
+        return self._original.get(f"{target}.weight", self._targets[target].weight)
 
     @torch.no_grad()
     def apply(self, plan: dict[str, PatchList]) -> PatchStats:
@@ -56,10 +61,10 @@ class Patcher:
                 stats.unchanged += bool(wanted)
                 continue
             module = self._targets[target]
-            self._set(f"{target}.weight", module.weight, wanted, lambda m, w, s: m.apply_(w, s))
-            touches_bias = any(m.bias is not None for m, _ in wanted) or f"{target}.bias" in self._backup
+            self._set(f"{target}.weight", module.weight, wanted, "weight")
+            touches_bias = any(m.bias is not None for m, _ in wanted) or f"{target}.bias" in self._original
             if module.bias is not None and touches_bias:
-                self._set(f"{target}.bias", module.bias, wanted, lambda m, b, s: m.apply_bias_(b, s))
+                self._set(f"{target}.bias", module.bias, wanted, "bias")
             if wanted:
                 self._applied[target] = wanted
                 stats.patched += 1
@@ -69,15 +74,34 @@ class Patcher:
         self.last = stats
         return stats
 
-    def _set(self, name: str, param: Tensor, wanted: PatchList, apply) -> None:
-        """Set ``param`` to its original value plus every patch of ``wanted``, computed in float32."""
-        if name not in self._backup:
-            self._backup[name] = param.detach().clone()
-        original = self._backup[name]
+    def _set(self, name: str, param: nn.Parameter, wanted: PatchList, which: str) -> None:
+        """Point ``param`` at its original tensor, or at a buffer holding original + ``wanted``."""
+        if name not in self._original:
+            self._original[name] = param.data
+        original = self._original[name]
         if not wanted:
-            param.copy_(original)
+            param.data = original
             return
-        merged = original.to(torch.float32, copy=True)
-        for module, strength in wanted:
-            apply(module, merged, strength)
-        param.copy_(merged)
+        buffer = self._buffer.get(name)
+        if buffer is None:
+            buffer = self._buffer[name] = torch.empty_like(original)
+        if original.dtype == torch.float32:
+            _merge_into(buffer, original, wanted, which)
+        else:
+            merged = torch.empty_like(original, dtype=torch.float32)
+            _merge_into(merged, original.float(), wanted, which)
+            buffer.copy_(merged)
+        param.data = buffer
+
+
+def _merge_into(out: Tensor, original: Tensor, wanted: PatchList, which: str) -> None:
+    """``out = original`` with every patch of ``wanted`` applied, all float32."""
+    (first, strength), *rest = wanted
+    if which == "weight":
+        first.write_(out, original, strength)
+        for module, s in rest:
+            module.apply_(out, s)
+    else:
+        out.copy_(original)
+        for module, s in wanted:
+            module.apply_bias_(out, s)

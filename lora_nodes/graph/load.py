@@ -8,10 +8,13 @@ from typing import Any
 
 import yaml
 
+from .comfy import from_ui, is_ui_format
 from .problems import Problem, WorkflowError
 from .workflow import FORMAT, Link, NodeCall, Workflow, is_link
 
 PNG_WORKFLOW_KEY = "lora-nodes"  # PNG text chunk that holds our workflow (JSON)
+# Chunks a PNG's workflow is read from, in order: ours, ComfyUI's API-format prompt, its editor graph.
+PNG_CHUNKS = (PNG_WORKFLOW_KEY, "prompt", "workflow")
 
 
 def _fail(code: str, message: str) -> WorkflowError:
@@ -35,27 +38,32 @@ def load_workflow(path: str | Path) -> Workflow:
 
 
 def _read_png_workflow(path: Path) -> Any:
+    """The workflow a PNG embeds: ours if it has one, else ComfyUI's ``prompt``, else its ``workflow``."""
     from PIL import Image
 
     with Image.open(path) as image:
-        text = image.info.get(PNG_WORKFLOW_KEY)
-    if text is None:
-        raise _fail("no_workflow", f"{path} holds no lora-nodes workflow (no '{PNG_WORKFLOW_KEY}' text chunk)")
-    return json.loads(text)
+        info = dict(image.info)
+    for key in PNG_CHUNKS:
+        text = info.get(key)
+        if isinstance(text, str):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise _fail("parse_error", f"{path}: its '{key}' text chunk is not valid JSON: {exc}") from exc
+    names = ", ".join(f"'{k}'" for k in PNG_CHUNKS)
+    raise _fail("no_workflow", f"{path} holds no workflow (none of the text chunks {names})")
 
 
 def parse_workflow(data: Any, base_dir: Path, source: Path | None = None) -> Workflow:
-    """Build a :class:`Workflow` from parsed file contents, in our format or ComfyUI's API format."""
+    """Build a :class:`Workflow` from parsed file contents: our format, or ComfyUI's API or UI format."""
     if not isinstance(data, dict):
         raise _fail("parse_error", "a workflow must be a mapping with a 'nodes' key")
     if isinstance(data.get("nodes"), dict):
         return _parse_ours(data, base_dir, source)
-    if isinstance(data.get("nodes"), list) and "links" in data:
-        raise _fail(
-            "unsupported_format",
-            "this is a ComfyUI editor (UI-format) workflow; export it from ComfyUI with "
-            "'Export (API)' and run that file instead",
-        )
+    if is_ui_format(data):
+        from ..nodes import catalogue
+
+        return from_ui(data, base_dir, catalogue(), source)
     if data and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
         return _parse_comfy_api(data, base_dir, source)
     raise _fail("parse_error", f"not a workflow: expected 'format: {FORMAT}' with a 'nodes' mapping")

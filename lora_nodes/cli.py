@@ -20,6 +20,8 @@ examples:
   lora-nodes nodes                                     # every node type and its inputs
   lora-nodes inspect builtin:tiny --json               # what a LoRA can target in a base
   lora-nodes inspect style.safetensors --base builtin:tiny
+  lora-nodes convert workflows/quickstart.yaml --to comfyui-ui -o quickstart.json   # open in ComfyUI
+  lora-nodes convert comfy_export.json --to yaml -o mine.yaml                     # and back
 """
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_INVALID = 0, 1, 2
@@ -52,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     nodes = sub.add_parser("nodes", help="list node types with their inputs and outputs")
     nodes.add_argument("--json", action="store_true", help="the catalogue in ComfyUI's /object_info shape")
 
+    convert = sub.add_parser("convert", help="convert a workflow between our format and ComfyUI's",
+                             description="Convert between YAML, JSON, ComfyUI API format and ComfyUI editor "
+                             "(UI) format. Node positions travel in our format's optional 'ui:' block.")
+    convert.add_argument("file", help="workflow file: .yaml, .json (ours, ComfyUI API or UI format) or .png")
+    convert.add_argument("--to", required=True, choices=["yaml", "json", "comfyui-api", "comfyui-ui"])
+    convert.add_argument("-o", "--output", help="file to write (default: print to stdout)")
+
     inspect = sub.add_parser("inspect", help="describe a base model or a LoRA file")
     inspect.add_argument("source", help="builtin:NAME, a diffusers folder, a checkpoint or a LoRA file")
     inspect.add_argument("--base", help="with a LoRA: the base to place it on (shows what fits and what not)")
@@ -74,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lora-nodes`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    handler = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "inspect": cmd_inspect}[args.command]
+    handler = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "inspect": cmd_inspect,
+               "convert": cmd_convert}[args.command]
     try:
         return handler(args)
     except BrokenPipeError:  # e.g. piped into `head`: stop quietly, as Unix tools do
@@ -169,6 +179,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_RUN_FAILED
     if display is not None:
         print(display.summary(time.perf_counter() - started))
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .fileio import atomic_write_text
+    from .graph import WorkflowError, load_workflow
+    from .graph.comfy import convert
+    from .graph.validate import rebase_paths
+    from .nodes import catalogue
+
+    try:
+        workflow = load_workflow(args.file)
+        if args.output:
+            workflow = rebase_paths(workflow, catalogue(), Path(args.output).resolve().parent)
+        text = convert(workflow, args.to, catalogue())
+    except WorkflowError as exc:
+        _print_problems(exc.problems, False)
+        return EXIT_INVALID
+    if args.output:
+        atomic_write_text(args.output, text)
+        print(f"wrote {args.output} ({args.to})", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
     return EXIT_OK
 
 

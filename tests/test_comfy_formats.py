@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLE_LORA, WORKFLOWS
+from conftest import EXAMPLE_LORA, REPO, WORKFLOWS
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -321,3 +321,25 @@ def test_fixtures_are_not_changed_by_reading():
     before = copy.deepcopy(data)
     ui_workflow(data)
     assert data == before
+
+
+def test_convert_cli_and_png_chunks_for_comfyui(tmp_path, capsys):
+    """`convert` writes files that run from anywhere; our PNGs carry ComfyUI's prompt and workflow."""
+    from lora_nodes.cli import main
+
+    quickstart = REPO / "workflows" / "quickstart.yaml"
+    ui_file = tmp_path / "elsewhere" / "quick_ui.json"
+    assert main(["convert", str(quickstart), "--to", "comfyui-ui", "-o", str(ui_file)]) == 0
+    assert json.loads(ui_file.read_text())["version"] == 0.4
+    assert main(["convert", str(ui_file), "--to", "comfyui-api", "-o", str(tmp_path / "api.json")]) == 0
+    assert main(["validate", str(tmp_path / "api.json")]) == 0
+    assert main(["convert", str(quickstart), "--to", "yaml"]) == 0
+    assert "format: lora-nodes/1" in capsys.readouterr().out
+    assert main(["run", str(ui_file), "--output-dir", str(tmp_path / "out"), "--set", "5.steps=2",
+                 "--set", "6.steps=2", "--set", "7.steps=2"]) == 0
+    png = next((tmp_path / "out").rglob("*.png"))
+    info = Image.open(png).info
+    assert {"lora-nodes", "prompt", "workflow"} <= set(info)
+    prompt = json.loads(info["prompt"])
+    assert {body["class_type"] for body in prompt.values()} >= {"lora-nodes.LoadBase", "lora-nodes.Sample"}
+    assert json.loads(info["workflow"])["nodes"]

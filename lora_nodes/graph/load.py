@@ -92,6 +92,12 @@ def _parse_ours(data: dict[str, Any], base_dir: Path, source: Path | None) -> Wo
 
 
 def _parse_comfy_api(data: dict[str, Any], base_dir: Path, source: Path | None) -> Workflow:
+    from ..nodes import catalogue
+    from .comfy import unsupported_nodes_error
+
+    unknown = {str(i): body["class_type"] for i, body in data.items() if body["class_type"] not in catalogue()}
+    if unknown:
+        raise unsupported_nodes_error(unknown)
     nodes = {str(i): NodeCall(body["class_type"], _parse_inputs(body.get("inputs") or {})) for i, body in data.items()}
     return Workflow(nodes, base_dir, "", source)
 
@@ -99,15 +105,3 @@ def _parse_comfy_api(data: dict[str, Any], base_dir: Path, source: Path | None) 
 def _parse_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return {str(k): Link(str(v[0]), v[1]) if is_link(v) else v for k, v in inputs.items()}
 
-
-def dump_workflow(workflow: Workflow, path: str | Path) -> None:
-    """Write a workflow in our format; YAML or JSON by the file's suffix."""
-    from ..fileio import atomic_write_text
-
-    path = Path(path)
-    data = workflow.to_dict()
-    if path.suffix.lower() == ".json":
-        text = json.dumps(data, indent=2) + "\n"
-    else:
-        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
-    atomic_write_text(path, text)

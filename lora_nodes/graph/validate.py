@@ -38,6 +38,28 @@ def resolve_path(value: str, base_dir: Path) -> str:
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
 
+def rebase_paths(workflow: Workflow, catalogue: Catalogue, new_dir: Path) -> Workflow:
+    """A copy whose relative file paths still point at the same files from ``new_dir``.
+
+    Paths inside ``new_dir`` stay relative to it (so a shared folder keeps working); others become
+    absolute.
+    """
+    result = workflow.copy()
+    result.base_dir = new_dir.resolve()
+    for call in result.nodes.values():
+        spec = catalogue.get(call.type)
+        for name, value in call.inputs.items():
+            decl = spec.input(name) if spec else None
+            if decl is None or not decl.path or not isinstance(value, str) or not value:
+                continue
+            if value.startswith(BUILTIN_PREFIX) or Path(value).expanduser().is_absolute():
+                continue
+            target = Path(resolve_path(value, workflow.base_dir))
+            call.inputs[name] = (str(target.relative_to(result.base_dir)) if target.is_relative_to(result.base_dir)
+                                 else str(target))
+    return result
+
+
 def check(workflow: Workflow, catalogue: Catalogue) -> tuple[list[Problem], dict[str, BoundNode]]:
     """Every problem in ``workflow``, and the bound nodes (meaningful only when there are none)."""
     problems: list[Problem] = []

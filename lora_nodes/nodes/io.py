@@ -29,6 +29,29 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
+def png_chunks(ctx) -> dict[str, str]:
+    """Text chunks: our workflow, and ComfyUI's ``prompt`` (API) and ``workflow`` (editor) graphs.
+
+    Inside ComfyUI, its own prompt and graph are embedded as its SaveImage would; headless, they
+    are made from our workflow, so a PNG of ours dropped into ComfyUI opens the graph.
+    """
+    from ..graph.comfy import to_api, to_ui
+    from ..graph.load import parse_workflow
+    from . import catalogue
+
+    chunks = {}
+    workflow = parse_workflow(ctx.workflow, ctx.output_dir) if ctx.workflow else None
+    if workflow is not None:
+        chunks[PNG_WORKFLOW_KEY] = json.dumps(ctx.workflow)
+    prompt = ctx.comfy_prompt or (to_api(workflow, catalogue()) if workflow else None)
+    graph = ctx.comfy_workflow or (to_ui(workflow, catalogue()) if workflow else None)
+    if prompt:
+        chunks["prompt"] = json.dumps(prompt)
+    if graph:
+        chunks["workflow"] = json.dumps(graph)
+    return chunks
+
+
 @node(
     "SaveImages",
     display_name="Save Images",
@@ -44,7 +67,8 @@ def save_images(ctx, images: torch.Tensor, prefix: str):
     stem_path = ctx.output_dir / f"{prefix}{ctx.file_suffix}"
     folder, stem = stem_path.parent, stem_path.name
     info = PngInfo()
-    info.add_text(PNG_WORKFLOW_KEY, json.dumps(ctx.workflow))
+    for key, text in png_chunks(ctx).items():
+        info.add_text(key, text)
     start = next_free_index(folder, stem) if folder.exists() else 1
     for offset, image in enumerate(images):
         path = folder / f"{stem}_{start + offset:05d}.png"

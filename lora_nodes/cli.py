@@ -173,7 +173,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.debug:
             traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
         if not jsonl:
-            print(f"error: {exc}", file=sys.stderr)
             print("Files written before the failure were kept." + ("" if args.debug else
                   " Add --debug for the full traceback."), file=sys.stderr)
         return EXIT_RUN_FAILED

@@ -78,7 +78,7 @@ class ProgressDisplay:
 
     def on_error(self, ev: Event) -> None:
         self._close_bar()
-        self._line(f"  x {ev['node']} ({ev['type']}) failed: {ev['message']}")
+        self._line(f"error: node '{ev['node']}' ({ev['type']}) failed: {ev['message']}")
 
     def summary(self, seconds: float) -> str:
         files = f"; wrote {len(self.files)} file{'s' * (len(self.files) != 1)}" if self.files else ""

@@ -16,14 +16,23 @@ def is_lora_file(path: str | Path) -> bool:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         return True  # pickle files are only ever read as LoRAs, weights-only
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return any(key.endswith(suffix) for key in f.keys() for suffix in SUFFIXES)  # noqa: SIM118 - not a dict
+    from .errors import NodeError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(key.endswith(suffix) for key in f.keys() for suffix in SUFFIXES)  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise NodeError(f"{path.name} is not a readable .safetensors file: {exc}") from exc
 
 
 def inspect_source(source: str, base: str | None = None, config: str = "") -> dict[str, Any]:
     """A JSON-ready description of ``source`` (a base or a LoRA file), placed on ``base`` if given."""
+    from .errors import NodeError
+
+    if source not in BUILTINS and not Path(source).exists():
+        raise NodeError(f"file not found: {source}")
     if source in BUILTINS or not Path(source).is_file() or not is_lora_file(source):
         return {"kind": "base", **load_base(source, device="cpu", config=config).describe()}
     lora = read_lora(source)

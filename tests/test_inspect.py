@@ -37,7 +37,7 @@ def test_lora_file_with_base(capsys, write_lora):
 
 def test_missing_source_is_a_clear_error(capsys):
     assert main(["inspect", "nowhere/model"]) == 2
-    assert "no base model at 'nowhere/model'" in capsys.readouterr().err
+    assert "file not found: nowhere/model" in capsys.readouterr().err
 
 
 def test_lora_metadata_for_people(capsys, write_lora, tiny_sdxl):
@@ -63,3 +63,10 @@ def test_load_lora_outputs_trigger_words(write_lora):
     path = write_lora("tw", metadata={"ss_tag_frequency": '{"1_x": {"red circle": 2, "blue": 3}}'})
     _, words = load_lora.run(NodeContext("l", "LoadLoRA", None, None, Collector()), str(path))
     assert words == "blue, red circle"
+
+
+def test_a_corrupt_file_is_a_clear_error(tmp_path, capsys):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 64)
+    assert main(["inspect", str(broken)]) == 2
+    assert "is not a readable .safetensors file" in capsys.readouterr().err

@@ -166,3 +166,36 @@ def test_override_parsing():
     assert parse_set("styled.strength_model=0.25").value == 0.25
     assert [o.value for o in parse_sweep("images.prompt=[a, b c]")] == ["a", "b c"]
     assert [o.value for o in parse_sweep("images.seed=1,2,3")] == [1, 2, 3]
+
+
+def test_run_end_follows_a_failure(tmp_path, capsys):
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
+    path = write_workflow(tmp_path, FAILING)
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--events", "jsonl"]) == 1
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert last["event"] == "run_end" and last["ok"] is False and last["files"]
+
+
+def test_nodes_never_write_outside_the_output_folder(tmp_path, capsys):
+    precious = tmp_path / "out" / "precious.txt"
+    precious.parent.mkdir()
+    precious.write_text("keep me")
+    for bad in ("../escape", str(tmp_path / "abs"), "."):
+        text = WORKFLOW.replace("prefix: run", f"prefix: '{bad}'")
+        path = write_workflow(tmp_path, text)
+        shutil.copy(EXAMPLE_LORA, tmp_path / "style.safetensors")
+        assert main(["run", str(path), "--output-dir", str(tmp_path / "out")]) == 1
+        assert "is outside the output folder" in capsys.readouterr().err
+    model = write_workflow(tmp_path, "nodes:\n  b: {type: LoadBase}\n  s: {type: SaveModel, inputs: {model: [b, model], "
+                           "path: '.', overwrite: true}}\n", "model.yaml")
+    assert main(["run", str(model), "--output-dir", str(tmp_path / "out")]) == 1
+    assert precious.read_text() == "keep me"
+
+
+def test_bad_override_yaml_is_invalid_input_not_a_crash(tmp_path, capsys):
+    path = setup_folder(tmp_path)
+    assert main(["validate", str(path), "--set", "styled.strength_model=["]) == 2
+    assert main(["run", str(path), "--sweep", "styled.strength_model=0,[1"]) == 2
+    assert "bad_override" in capsys.readouterr().err
+    assert main(["validate", str(path), "--set", "images.width=30"]) == 2
+    assert "not a multiple of 8" in capsys.readouterr().err

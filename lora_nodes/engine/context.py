@@ -27,6 +27,21 @@ class NodeContext:
     comfy_workflow: dict[str, Any] | None = None
     files: list[str] = field(default_factory=list)
 
+    def output_path(self, name: str) -> Path:
+        """Where a node writes ``name``: inside the output folder, never outside it.
+
+        Workflow files are shared, so a path that is absolute or climbs out with ``..`` is refused
+        rather than written: choose the folder with ``--output-dir`` instead.
+        """
+        if not name.strip():
+            raise NodeError("the output path is empty: give a file or folder name")
+        root = self.output_dir.resolve()
+        target = (root / Path(name).expanduser()).resolve()
+        if Path(name).expanduser().is_absolute() or not target.is_relative_to(root) or target == root:
+            raise NodeError(f"'{name}' is outside the output folder {root}: give a path relative to it "
+                            "(set the folder itself with --output-dir)")
+        return target
+
     def progress(self, value: int, maximum: int) -> None:
         """Report progress of long work (steps done out of ``maximum``)."""
         self.emit(event("progress", node=self.node_id, value=value, max=maximum))

@@ -94,23 +94,30 @@ class Runner:
         self.emit(event("run_start", nodes=order, variant=variant))
         result = RunResult()
         keys: dict[str, str] = {}
-        for node_id in order:
-            node = bound[node_id]
-            key = keys[node_id] = self._key(node, keys)
-            if key in self._results:
-                self.emit(event("cached", node=node_id, type=node.spec.id, cache="memory", files=self._files[key]))
-                result.cached.append(node_id)
-            else:
-                ctx = NodeContext(node_id, node.spec.id, self.output_dir, self.cache_dir, self.emit,
-                                  file_suffix, embedded)
-                self._execute(node, ctx, key, keys)
-                result.executed.append(node_id)
-            result.outputs[node_id] = self._results[key]
-            result.files += self._files[key]
+        try:
+            for node_id in order:
+                self._run_node(bound[node_id], keys, result, file_suffix, embedded)
+        except RunFailed:
+            self.emit(event("run_end", ok=False, seconds=round(time.perf_counter() - start, 4),
+                            executed=result.executed, cached=result.cached, files=result.files))
+            raise
         result.seconds = time.perf_counter() - start
         self.emit(event("run_end", ok=True, seconds=round(result.seconds, 4), executed=result.executed,
                         cached=result.cached, files=result.files))
         return result
+
+    def _run_node(self, node: BoundNode, keys: dict[str, str], result: RunResult, file_suffix: str,
+                  embedded: dict[str, Any]) -> None:
+        key = keys[node.id] = self._key(node, keys)
+        if key in self._results:
+            self.emit(event("cached", node=node.id, type=node.spec.id, cache="memory", files=self._files[key]))
+            result.cached.append(node.id)
+        else:
+            ctx = NodeContext(node.id, node.spec.id, self.output_dir, self.cache_dir, self.emit, file_suffix, embedded)
+            self._execute(node, ctx, key, keys)
+            result.executed.append(node.id)
+        result.outputs[node.id] = self._results[key]
+        result.files += self._files[key]
 
     def _key(self, node: BoundNode, keys: dict[str, str]) -> str:
         files = {d.name: self._fingerprint(node.literals[d.name]) for d in node.spec.inputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 from dataclasses import dataclass
@@ -15,6 +16,17 @@ from .problems import Problem, WorkflowError
 from .validate import BoundNode, bind, resolve_path
 from .workflow import Link, Workflow, is_link
 
+LABEL_LIMIT = 60  # characters of a sweep value in a file name
+
+
+def _yaml(text: str, flag: str, whole: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem", None) or "not valid YAML"
+        raise WorkflowError([Problem("bad_override", f"{flag} {whole!r}: the value {text!r} is {mark}; quote "
+                                     "text that has YAML characters, e.g. 'node.prompt=\"a: b\"'")]) from exc
+
 
 @dataclass(frozen=True)
 class Override:
@@ -26,8 +38,15 @@ class Override:
 
     @property
     def label(self) -> str:
-        shown = self.value if not isinstance(self.value, str) else Path(self.value).stem or self.value
-        return re.sub(r"[^A-Za-z0-9._=+-]+", "-", f"{self.node}.{self.input}={shown}").strip("-")
+        """A file-name-safe name for this value (long values cut, with a hash to keep them apart)."""
+        shown = str(self.value)
+        if isinstance(self.value, str) and ("/" in shown or shown.endswith(".safetensors")):
+            shown = Path(shown).stem or shown  # a path: its file name says enough
+        label = re.sub(r"[^A-Za-z0-9._=+-]+", "-", f"{self.node}.{self.input}={shown}").strip("-")
+        if len(label) > LABEL_LIMIT:
+            digest = hashlib.blake2b(label.encode(), digest_size=4).hexdigest()
+            label = f"{label[:LABEL_LIMIT - 9]}-{digest}"
+        return label
 
 
 def _split(text: str, flag: str) -> tuple[str, str, str]:
@@ -41,14 +60,14 @@ def _split(text: str, flag: str) -> tuple[str, str, str]:
 def parse_set(text: str) -> Override:
     """``NODE.INPUT=VALUE``; the value is read as YAML (``0.5`` is a number, ``[a, 0]`` a link)."""
     node, name, value = _split(text, "--set")
-    return Override(node, name, yaml.safe_load(value) if value != "" else "")
+    return Override(node, name, _yaml(value, "--set", text) if value != "" else "")
 
 
 def parse_sweep(text: str) -> list[Override]:
     """``NODE.INPUT=V1,V2,...`` (or a YAML list ``[V1, V2]`` when values hold commas)."""
     node, name, value = _split(text, "--sweep")
-    parsed = yaml.safe_load(value) if value.strip().startswith("[") else None
-    items = parsed if isinstance(parsed, list) else [yaml.safe_load(v) for v in value.split(",")]
+    parsed = _yaml(value, "--sweep", text) if value.strip().startswith("[") else None
+    items = parsed if isinstance(parsed, list) else [_yaml(v, "--sweep", text) if v else "" for v in value.split(",")]
     if not items:
         raise WorkflowError([Problem("bad_override", f"--sweep {text!r} has no values")])
     return [Override(node, name, item) for item in items]

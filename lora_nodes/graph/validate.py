@@ -156,6 +156,8 @@ def _check_literal(decl: Input, value: Any, base_dir: Path) -> list[tuple[str, s
         COMBO: isinstance(value, str),
     }[decl.type]
     if not kind_ok:
+        if isinstance(value, float) and not math.isfinite(value):
+            return [("invalid_value", f"expects a finite number, got {value!r}")]
         return [("invalid_value", f"expects {decl.type.lower()}, got {type(value).__name__} {value!r}")]
     if decl.type == COMBO and value not in decl.choices:
         return [("invalid_choice", f"{value!r} is not one of: {', '.join(decl.choices)}")]
@@ -163,6 +165,8 @@ def _check_literal(decl: Input, value: Any, base_dir: Path) -> list[tuple[str, s
     above = decl.max is not None and value > decl.max
     if decl.type in (INT, FLOAT) and (below or above):
         return [("out_of_range", f"{value} is outside {decl.min}..{decl.max}")]
+    if decl.type == INT and decl.step and value % decl.step:
+        return [("out_of_range", f"{value} is not a multiple of {decl.step}")]
     if decl.path:
         return _check_path(decl, value, base_dir)
     return []

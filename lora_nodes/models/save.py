@@ -80,6 +80,8 @@ def atomic_folder(path: Path, write: Callable[[Path], None], overwrite: bool = F
     """
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists")
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise FileExistsError(f"{path} exists and is not a diffusers model folder: it is never replaced")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     old = path.parent / f"{tmp.name}.old"

@@ -64,7 +64,7 @@ def png_chunks(ctx) -> dict[str, str]:
 )
 def save_images(ctx, images: torch.Tensor, prefix: str):
     """Write each image as a PNG under the output folder, with the workflow embedded to re-run it."""
-    stem_path = ctx.output_dir / f"{prefix}{ctx.file_suffix}"
+    stem_path = ctx.output_path(f"{prefix}{ctx.file_suffix}")
     folder, stem = stem_path.parent, stem_path.name
     info = PngInfo()
     for key, text in png_chunks(ctx).items():

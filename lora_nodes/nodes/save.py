@@ -16,12 +16,9 @@ SUFFIX = ".safetensors"
 
 
 def output_path(ctx, path: str, suffix: str = "") -> Path:
-    """Where to write: relative paths under the run's output folder, the sweep variant's suffix added
-    to the name (before ``suffix``, which is appended when missing)."""
-    if not path.strip():
-        raise NodeError("path is empty: give a file or folder name")
-    target = Path(path).expanduser()
-    target = target if target.is_absolute() else ctx.output_dir / target
+    """Where to write: inside the run's output folder, the sweep variant's suffix added to the name
+    (before ``suffix``, which is appended when missing)."""
+    target = ctx.output_path(path)
     name = target.name
     stem = name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
     return target.with_name(f"{stem}{ctx.file_suffix}{suffix}")

@@ -23,3 +23,10 @@ def test_apply_speed_benchmark_prints_its_table(capsys):
     results = load("apply_speed").main(["--repeats", "1", "--source", "builtin:tiny"])
     assert "strength switch" in capsys.readouterr().out
     assert results["builtin:tiny"]["ours_first"] > 0 and results["builtin:tiny"]["diffusers_switch"] > 0
+
+
+def test_apply_lora_benchmark_prints_its_table(capsys):
+    figures = load("apply_lora").main(["--tiny", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "one strength changed" in out and "vs floor" in out
+    assert all(value > 0 for value in figures.values())

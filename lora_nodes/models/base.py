@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -91,6 +92,15 @@ class BaseModel:
             if component == "unet" and path in sgm:
                 index["lora_unet_" + sgm[path].replace(".", "_")] = target
         return index
+
+    def placement(self, lora):
+        """Where ``lora``'s modules go in this model, worked out once per LoRA and kept while it lives."""
+        from ..lora.formats import place
+
+        cache = self.__dict__.setdefault("_placements", weakref.WeakKeyDictionary())
+        if lora not in cache:
+            cache[lora] = place(lora, self)
+        return cache[lora]
 
     @cached_property
     def patcher(self):

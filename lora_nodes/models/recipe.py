@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..lora.formats import Placement, component_of, place
+from ..lora.formats import Placement, component_of
 from ..lora.model import LoRA
 from ..lora.patcher import PatchList
 from .base import TEXT_COMPONENTS, BaseModel
@@ -39,7 +39,7 @@ class ModelRecipe:
         """For every targeted module, the (LoRA module, strength) pairs to add, in order."""
         plan: dict[str, list] = {}
         for applied in self.loras:
-            for target, module in place(applied.lora, self.base).placed.items():
+            for target, module in self.base.placement(applied.lora).placed.items():
                 strength = applied.strength_for(target)
                 if strength != 0.0:
                     plan.setdefault(target, []).append((module, strength))
@@ -69,7 +69,7 @@ def check_placement(lora: LoRA, base: BaseModel) -> Placement:
         raise LoRAError(f"this LoRA is for {family_name(family)}, the base is {family_name(base.architecture)} "
                         f"(LoRA '{lora.name}' on {base.source}). Use a base of the LoRA's family, or a LoRA "
                         "trained for this base.")
-    placement = place(lora, base)
+    placement = base.placement(lora)
     if not placement.placed:
         components = sorted({component_of(k) for k in lora.modules})
         first = min(placement.unplaced)

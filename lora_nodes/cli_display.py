@@ -18,7 +18,6 @@ class ProgressDisplay:
         self.bar: tqdm | None = None
         self.executed = self.cached = 0
         self.files: list[str] = []
-        self.warnings = 0
         self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def __call__(self, ev: Event) -> None:
@@ -60,7 +59,6 @@ class ProgressDisplay:
         self.bar.refresh()
 
     def on_warning(self, ev: Event) -> None:
-        self.warnings += 1
         self._line(f"  ! {ev['node']} ({ev['type']}): {ev['message']}")
         for key, reason in list((ev.get("unplaced") or {}).items())[:20]:
             self._line(f"      not placed: {key} ({reason})")

@@ -16,11 +16,11 @@ from typing import Any
 
 from .engine.context import NodeContext
 from .engine.events import Event
+from .graph.comfy import SEED_NAMES
 from .nodes import catalogue
 from .nodes.spec import COMBO, INT, REQUIRED, NodeSpec
 
 log = logging.getLogger("lora_nodes")
-SEED_INPUTS = ("seed", "noise_seed")  # ComfyUI adds its control_after_generate widget after these
 
 
 def _comfy(module: str) -> Any | None:
@@ -57,7 +57,7 @@ def input_types(spec: NodeSpec) -> dict[str, dict[str, Any]]:
             kind = choices
             if decl.default is not REQUIRED and decl.default not in choices:
                 options.pop("default", None)
-        if decl.type == INT and decl.name in SEED_INPUTS:
+        if decl.type == INT and decl.name in SEED_NAMES:
             options["control_after_generate"] = True
         if decl.type == COMBO:
             kind = list(decl.choices)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NodeError
-from .events import Event, EventSink, event
+from .events import EventSink, event
 
 __all__ = ["NodeContext", "NodeError"]
 
@@ -30,14 +30,14 @@ class NodeContext:
     def output_path(self, name: str) -> Path:
         """Where a node writes ``name``: inside the output folder, never outside it.
 
-        Workflow files are shared, so a path that is absolute or climbs out with ``..`` is refused
-        rather than written: choose the folder with ``--output-dir`` instead.
+        Workflow files are shared, so a path that leads outside it (absolute, or climbing out with
+        ``..``) is refused rather than written: choose the folder with ``--output-dir`` instead.
         """
         if not name.strip():
             raise NodeError("the output path is empty: give a file or folder name")
         root = self.output_dir.resolve()
         target = (root / Path(name).expanduser()).resolve()
-        if Path(name).expanduser().is_absolute() or not target.is_relative_to(root) or target == root:
+        if not target.is_relative_to(root) or target == root:
             raise NodeError(f"'{name}' is outside the output folder {root}: give a path relative to it "
                             "(set the folder itself with --output-dir)")
         return target
@@ -57,6 +57,3 @@ class NodeContext:
     def wrote(self, path: str | Path) -> None:
         """Record a file this node wrote (reported in its ``executed`` event)."""
         self.files.append(str(path))
-
-    def on_event(self, ev: Event) -> None:
-        self.emit(ev)

@@ -55,10 +55,3 @@ class JsonLines:
         self.stream.write(json.dumps(ev, default=str) + "\n")
         self.stream.flush()
 
-
-def fan_out(*sinks: EventSink) -> EventSink:
-    def emit(ev: Event) -> None:
-        for sink in sinks:
-            sink(ev)
-
-    return emit

@@ -10,7 +10,9 @@ NAMES = {"sd1": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL"}
 # models use their own widths so that their LoRAs are told apart the same way.
 CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl", 32: "sd1", 80: "sdxl"}
 
-# kohya's ss_base_model_version values (prefixes) -> family
+# family -> kohya sd-scripts' ss_base_model_version (model_util.get_model_version_str_for_sd1_sd2 and
+# sdxl_model_util); reading, a version is recognised by these prefixes (sd_v2_v, sdxl_base_v0-9, ...).
+KOHYA_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 METADATA_VERSIONS = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("sd_2", "sd2"), ("sd_1", "sd1"))
 
 

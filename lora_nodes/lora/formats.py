@@ -53,15 +53,15 @@ SUFFIXES: dict[str, tuple[str, str | None]] = {
 }
 _SUFFIXES_LONGEST_FIRST = sorted(SUFFIXES, key=len, reverse=True)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# kohya's name prefix per component; SDXL files call the first text encoder te1 instead of te.
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+KOHYA_SDXL_TE1 = "lora_te1_"
 COMPONENT_PREFIXES = {
-    "lora_unet_": "unet",
-    "unet.": "unet",
-    "lora_te_": "text_encoder",
-    "lora_te1_": "text_encoder",
-    "text_encoder.": "text_encoder",
-    "lora_te2_": "text_encoder_2",
-    "text_encoder_2.": "text_encoder_2",
+    **{prefix: component for component, prefix in KOHYA_PREFIXES.items()},
+    KOHYA_SDXL_TE1: "text_encoder",
+    **{f"{component}.": component for component in KOHYA_PREFIXES},
 }
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # where diffusers writes a PEFT file's LoraConfig
 
 
 def component_of(key: str) -> str:
@@ -190,7 +190,7 @@ def peft_alphas(metadata: dict[str, str]) -> Callable[[str], float | None]:
     import json
 
     try:
-        data = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+        data = json.loads(metadata.get(ADAPTER_METADATA_KEY) or "{}")
     except json.JSONDecodeError:
         data = {}
 
@@ -249,7 +249,7 @@ def kohya_module_names(base) -> dict[str, str]:
 
     sdxl = base.architecture == "sdxl"
     sgm = unet_module_map(base.unet.config) if sdxl else {}
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    prefixes = {**KOHYA_PREFIXES, "text_encoder": KOHYA_SDXL_TE1} if sdxl else KOHYA_PREFIXES
     names = {}
     for target in base.lora_targets:
         component, path = target.split(".", 1)

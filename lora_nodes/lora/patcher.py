@@ -62,9 +62,9 @@ class Patcher:
                 continue
             module = self._targets[target]
             self._set(f"{target}.weight", module.weight, wanted, "weight")
-            touches_bias = any(m.bias is not None for m, _ in wanted) or f"{target}.bias" in self._original
-            if module.bias is not None and touches_bias:
-                self._set(f"{target}.bias", module.bias, wanted, "bias")
+            bias_wanted = wanted if any(m.bias is not None for m, _ in wanted) else ()
+            if module.bias is not None and (bias_wanted or f"{target}.bias" in self._original):
+                self._set(f"{target}.bias", module.bias, bias_wanted, "bias")
             if wanted:
                 self._applied[target] = wanted
                 stats.patched += 1

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ..errors import LoRAError
-from .architecture import lora_architecture
-from .formats import COMPONENT_PREFIXES, component_of, kohya_module_names, place
+from .architecture import KOHYA_VERSIONS, lora_architecture
+from .formats import ADAPTER_METADATA_KEY, COMPONENT_PREFIXES, component_of, kohya_module_names, place
 from .model import FullModule, LoHaModule, LoKrModule, LoRA, LoRAModule, Module
 from .ops import svd_lowrank
 
@@ -36,8 +36,6 @@ COMMON_PARTS = {"dora_scale": ".dora_scale", "bias": ".diff_b"}
 
 # kohya sd-scripts' ss_base_model_version values (model_util.get_model_version_str_for_sd1_sd2 and
 # sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0).
-KOHYA_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 ENERGY_WARNING = 0.9999
 
 

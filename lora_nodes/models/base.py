@@ -14,7 +14,6 @@ from .text_names import to_file_name
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 LORA_COMPONENTS = ("unet", *TEXT_COMPONENTS)
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
 
 def architecture_of(unet_config: Any) -> str:
@@ -24,7 +23,6 @@ def architecture_of(unet_config: Any) -> str:
     return "sd2" if unet_config.get("cross_attention_dim") == 1024 else "sd1"
 
 
-ARCHITECTURE_NAMES = {"sd1": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL"}
 
 
 @dataclass(eq=False)
@@ -79,6 +77,7 @@ class BaseModel:
         SDXL LoRAs use (``lora_unet_input_blocks_4_1_...``); text encoders as ``lora_te_``,
         ``lora_te1_`` and ``lora_te2_``.
         """
+        from ..lora.formats import KOHYA_PREFIXES, KOHYA_SDXL_TE1
         from .ldm import unet_module_map
 
         sgm = unet_module_map(self.unet.config)
@@ -88,7 +87,7 @@ class BaseModel:
             index[target] = target
             index[KOHYA_PREFIXES[component] + path.replace(".", "_")] = target
             if component == "text_encoder":  # kohya names the first text encoder te1 in SDXL files
-                index["lora_te1_" + path.replace(".", "_")] = target
+                index[KOHYA_SDXL_TE1 + path.replace(".", "_")] = target
             if component == "unet" and path in sgm:
                 index["lora_unet_" + sgm[path].replace(".", "_")] = target
         return index

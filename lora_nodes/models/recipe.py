@@ -21,8 +21,9 @@ class AppliedLoRA:
     strength_model: float = 1.0
     strength_text: float = 1.0
 
-    def strength_for(self, target: str) -> float:
-        return self.strength_text if target.split(".", 1)[0] in TEXT_COMPONENTS else self.strength_model
+    def strength_for(self, key: str) -> float:
+        """The strength for a module, by its component (a target or any file key spelling)."""
+        return self.strength_text if component_of(key) in TEXT_COMPONENTS else self.strength_model
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,7 +63,6 @@ def check_placement(lora: LoRA, base: BaseModel) -> Placement:
     """Place ``lora`` on ``base``; a LoRA for another model family, or that places nothing, is an error."""
     from ..errors import LoRAError
     from ..lora.architecture import family_name, lora_architecture
-    from .base import ARCHITECTURE_NAMES
 
     family = lora_architecture(lora)
     if family is not None and family != base.architecture:
@@ -76,7 +76,7 @@ def check_placement(lora: LoRA, base: BaseModel) -> Placement:
         examples = ", ".join(sorted(placement.unplaced)[:3])
         raise LoRAError(
             f"LoRA '{lora.name}' matches nothing in the base {base.source} "
-            f"({ARCHITECTURE_NAMES.get(base.architecture, base.architecture)}): none of its {len(lora.modules)} "
+            f"({family_name(base.architecture)}): none of its {len(lora.modules)} "
             f"modules ({', '.join(components)}) has a place, e.g. {examples} "
             f"({placement.unplaced[first]}). "
             f"Is it for another model? 'lora-nodes inspect LORA --base SOURCE' lists what fits."

@@ -22,6 +22,7 @@ from torch import nn
 from ..fileio import atomic_write
 from .base import BaseModel
 from .loading import DTYPES, EMBEDDED_CONFIG_KEY, pipeline_parts
+from .pipeline import pipeline_for
 from .text_names import file_state_dict
 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -45,24 +46,13 @@ def cast(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
         del copied
 
 
-def make_pipeline(base: BaseModel):
-    """A diffusers pipeline over the base's own components and scheduler (nothing is copied)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    parts = {name: base.components[name] for name in pipeline_parts(base.architecture == "sdxl")}
-    if base.architecture == "sdxl":
-        return StableDiffusionXLPipeline(**parts)
-    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
 def write_diffusers_folder(base: BaseModel, folder: Path, dtype: torch.dtype) -> None:
     """The pipeline as ``save_pretrained`` lays it out: ``model_index.json`` and one folder per part.
 
     Each part is saved with its own ``save_pretrained`` (safetensors weights), one at a time, so
     a dtype change holds at most one component's copy in memory.
     """
-    make_pipeline(base).save_config(folder)
+    pipeline_for(base).save_config(folder)
     for name in pipeline_parts(base.architecture == "sdxl"):
         part = base.components[name]
         if isinstance(part, nn.Module):

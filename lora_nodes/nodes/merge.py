@@ -6,9 +6,9 @@ import statistics
 
 from ..errors import LoRAError
 from ..lora import ops
-from ..lora.formats import component_of, place
+from ..lora.formats import place
 from ..lora.model import LoRA, LoRAModule, Module
-from ..models.base import TEXT_COMPONENTS
+from ..lora.save import to_plain
 from ..models.recipe import AppliedLoRA, ModelRecipe
 from .spec import COMBO, FLOAT, INT, LORA, LORA_STACK, MODEL, STRING, Input, Output, node
 
@@ -16,16 +16,14 @@ MERGE_METHODS = ("concat", "svd", "ties", "dare_linear", "dare_ties")
 
 
 def to_lowrank(module: Module) -> ops.LowRank:
-    """A module as a plain low-rank pair: exact (other formats by SVD at their full rank)."""
+    """A module as a plain low-rank pair: exact (other formats by SVD at their numerical rank)."""
     if module.dora_scale is not None:
         raise LoRAError(f"module '{module.key}' is DoRA: its effect depends on the base weight, so it cannot be "
                         "merged or resized on its own; apply it to a model and use ExtractLoRA instead")
-    if isinstance(module, LoRAModule) and module.mid is None:
-        return ops.LowRank(module.up.float(), module.down.float(), module.alpha if module.alpha is not None
-                           else float(module.rank))
-    delta = module.delta(module.delta_shape)
-    lowrank, _ = ops.svd_lowrank(delta, rank=min(delta.shape[0], delta[0].numel()))
-    return lowrank
+    if not (isinstance(module, LoRAModule) and module.mid is None):
+        module, _ = to_plain(module, None, None, 0)
+    return ops.LowRank(module.up.float(), module.down.float(),
+                       module.alpha if module.alpha is not None else float(module.rank))
 
 
 def from_lowrank(key: str, lowrank: ops.LowRank) -> LoRAModule:
@@ -37,10 +35,6 @@ def _keyed_modules(applied: AppliedLoRA, model: ModelRecipe | None) -> dict[str,
     if model is None:
         return applied.lora.modules
     return place(applied.lora, model.base).placed
-
-
-def _weight(applied: AppliedLoRA, key: str) -> float:
-    return applied.strength_text if component_of(key) in TEXT_COMPONENTS else applied.strength_model
 
 
 def _summary(name: str, energies: list[float], ranks: list[int]) -> str:
@@ -75,7 +69,7 @@ def merge_loras(ctx, stack, method: str, rank: int, density: float, seed: int, m
     keys = list(dict.fromkeys(k for modules, _ in keyed for k in modules))
     merged, energies, ranks = {}, [], []
     for key in keys:
-        parts = [(modules[key], _weight(applied, key)) for modules, applied in keyed if key in modules]
+        parts = [(modules[key], applied.strength_for(key)) for modules, applied in keyed if key in modules]
         module, energy = _merge_module(key, parts, method, rank, density, seed)
         merged[key] = module
         energies.append(energy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NodeError
+from ..models.pipeline import pipeline_for
 from ..models.recipe import ModelRecipe
 from .spec import COMBO, FLOAT, IMAGE, INT, MODEL, STRING, Input, Output, node
 
@@ -28,15 +29,7 @@ def make_scheduler(sampler: str, base_scheduler):
 
 def make_pipeline(base, sampler: str):
     """A diffusers pipeline over the base's components (no copy) with the sampler's scheduler."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    parts = {k: v for k, v in base.components.items() if k != "scheduler"}
-    scheduler = make_scheduler(sampler, base.components["scheduler"])
-    if base.architecture == "sdxl":
-        pipe = StableDiffusionXLPipeline(**parts, scheduler=scheduler)
-    else:
-        pipe = StableDiffusionPipeline(**parts, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    pipe = pipeline_for(base, make_scheduler(sampler, base.components["scheduler"]))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

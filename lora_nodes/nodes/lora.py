@@ -21,7 +21,7 @@ def strength(name: str, what: str) -> Input:
     display_name="Load LoRA",
     category="lora",
     inputs=[Input("path", STRING, path=True, folder="loras",
-                  description="a LoRA file: .safetensors (kohya or diffusers/PEFT keys)")],
+                  description="a LoRA file (.safetensors): kohya, diffusers/PEFT, LyCORIS, DoRA or full diffs")],
     outputs=[
         Output("lora", LORA, "the LoRA's weights, not yet applied to anything"),
         Output("trigger_words", STRING, "the words it was trained on, most frequent first, comma-separated"),

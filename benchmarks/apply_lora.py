@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import re
 import statistics
 import tempfile
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # its "no text-encoder keys" note, once per LoRA
 
 SD15_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,

@@ -138,14 +138,14 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
 
 
 def classify(image: np.ndarray, background: str = "white", colours: Sequence[str] = tuple(COLOURS),
-             threshold: float = 0.3, min_pixels: int = 16) -> tuple[str, str, float]:
+             threshold: float = 0.4, min_pixels: int = 16, shapes: Sequence[str] = SHAPES) -> tuple[str, str, float]:
     """Read an image back: (colour, shape, fill ratio). ``none`` when nothing is drawn.
 
     ``image`` is ``[height, width, 3]``, floats in 0..1 or uint8. Pixels farther than
     ``threshold`` (RGB distance, 0..1 scale) from the background colour are the shape; its
     colour is the palette colour nearest their mean; its shape comes from how much of its
     bounding box its largest connected region fills (circle ~0.79, square 1, triangle 0.5,
-    star ~0.38).
+    star ~0.38). Leave ``star`` out of ``shapes`` to read anything below a triangle's fill as a triangle.
     """
     pixels = np.asarray(image, dtype=np.float32)
     if pixels.max() > 1.5:
@@ -162,9 +162,9 @@ def classify(image: np.ndarray, background: str = "white", colours: Sequence[str
     fill = float(blob.sum() / box)
     if fill > 0.9:
         shape = "square"
-    elif fill > 0.64:
+    elif fill > 0.68:
         shape = "circle"
-    elif fill > 0.465:
+    elif fill > 0.465 or "star" not in shapes:
         shape = "triangle"
     else:
         shape = "star"

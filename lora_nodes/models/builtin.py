@@ -129,4 +129,14 @@ def build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
     }
 
 
-BUILTINS: dict[str, Callable[[], dict[str, Any]]] = {"builtin:tiny": build_tiny, "builtin:tiny-sdxl": build_tiny_sdxl}
+def _build_shapes() -> dict[str, Any]:
+    from .shapes import build_shapes
+
+    return build_shapes()
+
+
+BUILTINS: dict[str, Callable[[], dict[str, Any]]] = {
+    "builtin:tiny": build_tiny,
+    "builtin:tiny-sdxl": build_tiny_sdxl,
+    "builtin:shapes": _build_shapes,  # trained, shipped weights (see docs/shapes.md)
+}

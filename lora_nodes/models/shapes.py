@@ -36,12 +36,12 @@ SHAPES_UNET: dict[str, Any] = {
 SHAPES_VAE: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
-    "block_out_channels": (32, 64, 64),  # three blocks: downsampling factor 4
+    "block_out_channels": (16, 32, 64),  # three blocks: downsampling factor 4
     "down_block_types": ("DownEncoderBlock2D",) * 3,
     "up_block_types": ("UpDecoderBlock2D",) * 3,
     "layers_per_block": 1,
     "latent_channels": 4,
-    "norm_num_groups": 16,
+    "norm_num_groups": 4,  # groups of 4+ channels (see scripts/train_shapes.py: the VAE's exact start)
     "sample_size": 64,
 }
 SHAPES_TEXT: dict[str, Any] = {

@@ -30,3 +30,10 @@ def test_apply_lora_benchmark_prints_its_table(capsys):
     out = capsys.readouterr().out
     assert "one strength changed" in out and "vs floor" in out
     assert all(value > 0 for value in figures.values())
+
+
+def test_shapes_quality_benchmark_prints_its_tables(capsys):
+    figures = load("shapes_quality").main(["--seeds", "1", "--steps", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "colour" in out and "shape" in out
+    assert figures

@@ -17,9 +17,10 @@ from lora_nodes.lora.synthetic import synthetic_lora
 from lora_nodes.models.loading import load_base
 
 LORAS = Path(__file__).resolve().parent.parent / "workflows" / "loras"
-EXAMPLES = {  # base -> (file, kohya's ss_base_model_version)
-    "builtin:tiny": ("tiny_style.safetensors", "sd_v1"),
-    "builtin:tiny-sdxl": ("tiny_sdxl_style.safetensors", "sdxl_base_v1-0"),
+EXAMPLES = {  # base -> (file, kohya's ss_base_model_version, how far up-weights spread)
+    "builtin:tiny": ("tiny_style.safetensors", "sd_v1", 0.5),
+    "builtin:tiny-sdxl": ("tiny_sdxl_style.safetensors", "sdxl_base_v1-0", 0.5),
+    "builtin:shapes": ("shapes_style.safetensors", "sd_v1", 0.15),  # gentle: the base draws real shapes
 }
 
 
@@ -29,9 +30,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
-    for source, (name, version) in EXAMPLES.items():
+    for source, (name, version, up_std) in EXAMPLES.items():
         base = load_base(source, device="cpu")
-        tensors = synthetic_lora(base, rank=args.rank, alpha=args.rank / 2, seed=args.seed)
+        tensors = synthetic_lora(base, rank=args.rank, alpha=args.rank / 2, seed=args.seed, up_std=up_std)
         metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(args.rank),
                     "ss_network_alpha": str(args.rank / 2), "ss_base_model_version": version,
                     "ss_tag_frequency": '{"1_example": {"tiny style": 1}}',

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=100, help="autoencoder steps (default: %(default)s)")
     parser.add_argument("--vae-batch", type=int, default=16, help="autoencoder batch size (default: %(default)s)")
     parser.add_argument("--vae-lr", type=float, default=5e-4, help="autoencoder learning rate (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=1000, help="UNet + text encoder steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=64, help="UNet batch size (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate "
                         "(linear warmup, then cosine down to a tenth; default: %(default)s)")
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: %(default)s)")
     parser.add_argument("--checkpoint-every", type=int, default=100,
                         help="save a resumable checkpoint every N steps (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=int, default=2,
                         help="torch CPU threads; on shared cores more than 1 can be many times slower, as "
                         "OpenMP threads wait on each other (default: %(default)s)")
     parser.add_argument("--stop-at", type=int, default=0,

@@ -4,6 +4,9 @@ ComfyUI imports this folder as a package and reads the two mappings below; the n
 live in the ``lora_nodes`` package beside this file.
 """
 
-from .lora_nodes.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:  # imported as a package, as ComfyUI does
+    from .lora_nodes.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:  # imported as a plain module (e.g. by a test runner from a folder whose name is not a package name)
+    from lora_nodes.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

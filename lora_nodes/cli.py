@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -151,17 +152,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .cli_display import ProgressDisplay
-    from .engine.events import JsonLines, event
+    from .engine.events import JsonLines, event, ignore
     from .engine.scheduler import RunFailed, Runner
     from .graph import WorkflowError
 
     jsonl = args.events == "jsonl"
     display = None if jsonl else ProgressDisplay()
     emit = JsonLines(sys.stdout) if jsonl else display
+    output_dir, main_process = args.output_dir, int(os.environ.get("RANK", "0")) == 0
+    if not main_process:  # under `accelerate launch`: one process writes files and reports, the others train
+        output_dir, emit, display = tempfile.mkdtemp(prefix="lora-nodes-rank"), ignore, None
     started = time.perf_counter()
     try:
         workflow, variants = _load(args)
-        runner = Runner(output_dir=args.output_dir, cache_dir=args.cache_dir, emit=emit)
+        runner = Runner(output_dir=output_dir, cache_dir=args.cache_dir, emit=emit, main_process=main_process)
         runner.run_variants(workflow, variants, cwd=Path.cwd())
     except WorkflowError as exc:
         if jsonl:

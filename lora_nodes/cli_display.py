@@ -42,7 +42,8 @@ class ProgressDisplay:
 
     def on_cached(self, ev: Event) -> None:
         self.cached += 1
-        self._line(f"  = {ev['node']} ({ev['type']}): cached")
+        where = " on disk, not run again" if ev.get("cache") == "disk" else ""
+        self._line(f"  = {ev['node']} ({ev['type']}): cached{where}")
 
     def on_executing(self, ev: Event) -> None:
         self._close_bar()
@@ -51,12 +52,21 @@ class ProgressDisplay:
 
     def on_progress(self, ev: Event) -> None:
         if self.bar is None or self.bar.disable:
+            self._progress_line(ev)
             return
         if self.bar.total != ev["max"]:
             self.bar.reset(total=ev["max"])
-            self.bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}]"
+            self.bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}{postfix}]"
         self.bar.n = ev["value"]
+        if "loss" in ev:
+            self.bar.set_postfix_str(f"loss {ev['loss']:.4f}", refresh=False)
         self.bar.refresh()
+
+    def _progress_line(self, ev: Event) -> None:
+        """Without a terminal, long work with a loss (training) still reports every tenth of the way."""
+        if "loss" not in ev or ev["value"] % max(1, ev["max"] // 10) and ev["value"] != ev["max"]:
+            return
+        self._line(f"    {ev['node']}: step {ev['value']}/{ev['max']} loss {ev['loss']:.4f}")
 
     def on_warning(self, ev: Event) -> None:
         self._line(f"  ! {ev['node']} ({ev['type']}): {ev['message']}")

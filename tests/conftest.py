@@ -56,3 +56,22 @@ def write_workflow(folder: Path, text: str, name: str = "workflow.yaml") -> Path
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One disk cache for the session: a workflow that trains does so once, whichever test runs it first."""
+    return tmp_path_factory.mktemp("lora-nodes-cache")
+
+
+@pytest.fixture(scope="session")
+def trained_star(tmp_path_factory, cache_dir):
+    """workflows/train_lora.yaml run once: a rank-8 purple-star LoRA on builtin:shapes, and its events."""
+    from lora_nodes.engine.events import Collector
+    from lora_nodes.engine.scheduler import Runner
+    from lora_nodes.graph import load_workflow
+
+    events = Collector()
+    runner = Runner(output_dir=tmp_path_factory.mktemp("train-lora-out"), cache_dir=cache_dir, emit=events)
+    result = runner.run(load_workflow(WORKFLOWS / "train_lora.yaml"))
+    return result, events

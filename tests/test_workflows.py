@@ -14,9 +14,9 @@ EXAMPLES = sorted(WORKFLOWS.glob("*.yaml")) + sorted(WORKFLOWS.glob("*.json"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_example_workflow_runs(path, tmp_path):
+def test_example_workflow_runs(path, tmp_path, cache_dir):
     events = Collector()
-    result = Runner(output_dir=tmp_path, emit=events).run(load_workflow(path))
+    result = Runner(output_dir=tmp_path, cache_dir=cache_dir, emit=events).run(load_workflow(path))
     assert result.files and all(Path(f).exists() for f in result.files)
     assert not events.of("warning"), events.of("warning")
 

@@ -26,6 +26,15 @@ class NodeContext:
     comfy_prompt: dict[str, Any] | None = None  # inside ComfyUI: its prompt and editor graph, to embed
     comfy_workflow: dict[str, Any] | None = None
     files: list[str] = field(default_factory=list)
+    cache_key: str = ""  # this node's cache key: names its work folders under cache_dir
+
+    def work_dir(self, kind: str) -> Path | None:
+        """A folder under the cache dir that belongs to this node's exact inputs (e.g. checkpoints).
+
+        None where the node has no cache key (inside ComfyUI, which caches by its own rules): work
+        that cannot be told apart from other work is not kept.
+        """
+        return self.cache_dir / kind / self.node_type / self.cache_key if self.cache_key else None
 
     def output_path(self, name: str) -> Path:
         """Where a node writes ``name``: inside the output folder, never outside it.
@@ -42,9 +51,9 @@ class NodeContext:
                             "(set the folder itself with --output-dir)")
         return target
 
-    def progress(self, value: int, maximum: int) -> None:
-        """Report progress of long work (steps done out of ``maximum``)."""
-        self.emit(event("progress", node=self.node_id, value=value, max=maximum))
+    def progress(self, value: int, maximum: int, **details: Any) -> None:
+        """Report progress of long work (steps done out of ``maximum``; ``details`` such as the loss)."""
+        self.emit(event("progress", node=self.node_id, value=value, max=maximum, **details))
 
     def warn(self, message: str, **details: Any) -> None:
         """Tell the user something went partly wrong, without stopping the run."""

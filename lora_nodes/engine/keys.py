@@ -41,6 +41,16 @@ class Fingerprints:
         return fp
 
 
+def content_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint without where or when: the same files copied elsewhere key the same.
+
+    Files too big to hash by content keep their size only.
+    """
+    if "files" in fingerprint:
+        return {"files": [content_fingerprint(f) | {"path": f["path"]} for f in fingerprint["files"]]}
+    return {k: v for k, v in fingerprint.items() if k in ("size", "blake2b")}
+
+
 def content_hash(path: str | Path) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:

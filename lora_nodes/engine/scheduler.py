@@ -17,7 +17,7 @@ from ..nodes import catalogue as default_catalogue
 from ..nodes.spec import Catalogue
 from .context import NodeContext, NodeError
 from .events import EventSink, event, ignore
-from .keys import Fingerprints, node_key
+from .keys import Fingerprints, content_fingerprint, node_key
 
 
 class RunFailed(Exception):
@@ -61,11 +61,12 @@ class Runner:
     """
 
     def __init__(self, catalogue: Catalogue | None = None, output_dir: str | Path = "outputs",
-                 cache_dir: str | Path | None = None, emit: EventSink = ignore):
+                 cache_dir: str | Path | None = None, emit: EventSink = ignore, main_process: bool = True):
         self.catalogue = catalogue or default_catalogue()
         self.output_dir = Path(output_dir)
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "lora-nodes"
         self.emit = emit
+        self.main_process = main_process  # in data-parallel training only the main process keeps results on disk
         self._results: dict[str, tuple[Any, ...]] = {}
         self._files: dict[str, list[str]] = {}
         self._fingerprint = Fingerprints()
@@ -112,18 +113,56 @@ class Runner:
         if key in self._results:
             self.emit(event("cached", node=node.id, type=node.spec.id, cache="memory", files=self._files[key]))
             result.cached.append(node.id)
+        elif self._load_from_disk(node, key, keys):
+            self.emit(event("cached", node=node.id, type=node.spec.id, cache="disk", files=[],
+                            folder=str(self._disk_folder(node, key))))
+            result.cached.append(node.id)
         else:
-            ctx = NodeContext(node.id, node.spec.id, self.output_dir, self.cache_dir, self.emit, file_suffix, embedded)
+            ctx = NodeContext(node.id, node.spec.id, self.output_dir, self.cache_dir, self.emit, file_suffix,
+                              embedded, cache_key=key)
             self._execute(node, ctx, key, keys)
             result.executed.append(node.id)
         result.outputs[node.id] = self._results[key]
         result.files += self._files[key]
 
     def _key(self, node: BoundNode, keys: dict[str, str]) -> str:
-        files = {d.name: self._fingerprint(node.literals[d.name]) for d in node.spec.inputs
-                 if d.path and node.literals.get(d.name) and Path(node.literals[d.name]).exists()}
+        files = {}
+        for decl in node.spec.inputs:
+            value = node.literals.get(decl.name)
+            if decl.path and value and Path(value).exists():
+                fingerprint = self._fingerprint(value)
+                files[decl.name] = content_fingerprint(fingerprint) if decl.content_key else fingerprint
+        keyed = {d.name for d in node.spec.inputs if d.in_key and not d.content_key}
+        literals = {name: value for name, value in node.literals.items() if name in keyed}
         upstream = {name: (keys[up], index) for name, (up, index) in node.links.items()}
-        return node_key(node.spec.id, node.spec.version, node.literals, upstream, files)
+        return node_key(node.spec.id, node.spec.version, literals, upstream, files)
+
+    def _disk_folder(self, node: BoundNode, key: str) -> Path:
+        return self.cache_dir / "results" / node.spec.id / key
+
+    def _load_from_disk(self, node: BoundNode, key: str, keys: dict[str, str]) -> bool:
+        """Take a result an earlier process kept on disk; False when there is none (or it is unreadable)."""
+        cache = node.spec.disk_cache
+        folder = self._disk_folder(node, key)
+        if cache is None or not folder.is_dir():
+            return False
+        inputs = {name: self._results[keys[up]][index] for name, (up, index) in node.links.items()}
+        try:
+            outputs = tuple(cache.load(folder, inputs))
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is redone, not fatal
+            self.emit(event("warning", node=node.id, type=node.spec.id,
+                            message=f"ignoring the unreadable disk cache entry {folder}: {exc}"))
+            return False
+        self._results[key], self._files[key] = outputs, []
+        return True
+
+    def _save_to_disk(self, node: BoundNode, key: str, outputs: tuple[Any, ...]) -> None:
+        folder = self._disk_folder(node, key)
+        try:
+            node.spec.disk_cache.save(outputs, folder)
+        except OSError as exc:  # the result is still good for this process
+            self.emit(event("warning", node=node.id, type=node.spec.id,
+                            message=f"could not keep the result on disk in {folder}: {exc}"))
 
     def _execute(self, node: BoundNode, ctx: NodeContext, key: str, keys: dict[str, str]) -> None:
         inputs: dict[str, Any] = {decl.name: None for decl in node.spec.inputs}
@@ -143,6 +182,8 @@ class Runner:
             raise RuntimeError(f"{node.spec.id} returned {len(outputs)} values for {len(node.spec.outputs)} outputs")
         self._results[key] = outputs
         self._files[key] = list(ctx.files)
+        if node.spec.disk_cache is not None and self.main_process:
+            self._save_to_disk(node, key, outputs)
         self.emit(event("executed", node=node.id, type=node.spec.id, files=list(ctx.files),
                         seconds=round(time.perf_counter() - started, 4)))
 

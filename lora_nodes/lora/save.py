@@ -212,6 +212,11 @@ def base_model_version(lora: LoRA, base=None) -> str | None:
     """
     if base is None:
         return lora.metadata.get("ss_base_model_version") or KOHYA_VERSIONS.get(lora_architecture(lora) or "")
+    return kohya_version(base)
+
+
+def kohya_version(base) -> str:
+    """``ss_base_model_version`` of a loaded base: ``sd_v1``, ``sd_v2`` (``_v``), ``sdxl_base_v1-0``."""
     version = KOHYA_VERSIONS[base.architecture]
     scheduler = base.components.get("scheduler")
     prediction = getattr(scheduler, "config", {}).get("prediction_type")

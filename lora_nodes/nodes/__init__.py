@@ -10,7 +10,7 @@ from .spec import Catalogue
 @lru_cache(maxsize=1)
 def catalogue() -> Catalogue:
     """All node types of lora-nodes, by id."""
-    from . import base, io, lora, merge, sample, save
+    from . import base, dataset, io, lora, merge, sample, save, train
 
     return Catalogue([
         base.load_base,
@@ -25,4 +25,6 @@ def catalogue() -> Catalogue:
         merge.merge_loras,
         merge.resize_lora,
         merge.extract_lora,
+        dataset.load_dataset,
+        train.train_lora_node,
     ])

@@ -18,6 +18,7 @@ LITERAL_TYPES = frozenset({INT, FLOAT, STRING, BOOLEAN, COMBO})
 # Value types passed between nodes. Ours carry our own names so that they never connect to
 # ComfyUI's MODEL or CLIP by mistake; IMAGE is ComfyUI's ([batch, height, width, 3] float32 in 0..1).
 MODEL, LORA, LORA_STACK, IMAGE = "LN_MODEL", "LN_LORA", "LN_LORA_STACK", "IMAGE"
+DATASET = "LN_DATASET"
 
 CATEGORY_ROOT = "lora-nodes"
 # In ComfyUI our node ids carry this prefix so they never collide with core nodes or other packs
@@ -50,6 +51,8 @@ class Input:
     builtins: tuple[str, ...] = ()  # ``builtin:`` names this path input also accepts
     folder: str | None = None  # inside ComfyUI: offer the files of this models folder (loras, checkpoints)
     multiline: bool = False
+    in_key: bool = True  # False: changes how the work is done, not its result (left out of the cache key)
+    content_key: bool = False  # a path keyed by its files' names, sizes and contents only (not where or when)
 
     @property
     def is_link(self) -> bool:
@@ -80,6 +83,7 @@ class NodeSpec:
     run: Callable[..., Any] = field(compare=False, repr=False)
     version: int = 1
     output_node: bool = False
+    disk_cache: Any = None  # a DiskCache: results also kept on disk, so a new process need not redo them
 
     @property
     def comfy_id(self) -> str:
@@ -143,6 +147,7 @@ def node(
     outputs: tuple[Output, ...] | list[Output] = (),
     version: int = 1,
     output_node: bool = False,
+    disk_cache: Any = None,
 ) -> Callable[[Callable[..., Any]], NodeSpec]:
     """Declare a node: decorates its run function (``fn(ctx, **inputs)``) and returns the spec.
 
@@ -166,6 +171,7 @@ def node(
             run=fn,
             version=version,
             output_node=output_node,
+            disk_cache=disk_cache,
         )
 
     return declare

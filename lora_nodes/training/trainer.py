@@ -1,0 +1,356 @@
+"""The LoRA training loop: encode, add noise, predict, MSE, step; resumable and data parallel.
+
+Every batch's randomness (which images, flips, caption shuffles, noise, timesteps) comes from a
+generator seeded by (seed, batch number), so a run resumed from a checkpoint draws exactly what
+the uninterrupted run would have drawn. Under ``accelerate launch`` each process trains on its
+own batches and gradients are averaged before every optimizer step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import NodeError
+from ..models.pipeline import pipeline_for
+from .checkpoint import load_latest, save_checkpoint
+from .config import TrainConfig
+from .network import LoRANetwork, select_targets
+
+TRAINER_VERSION = 1  # part of the cache key: a change to what training computes must bump it
+
+
+@dataclass
+class TrainCallbacks:
+    """How the trainer reports to its node: progress, messages, previews."""
+
+    progress: Callable[[int, int, float], None] = lambda step, steps, loss: None
+    info: Callable[[str], None] = lambda message: None
+    preview: Callable[[int], None] | None = None  # called inside the attached LoRA, without grad
+
+
+@dataclass
+class TrainResult:
+    network: LoRANetwork
+    losses: list[float]
+    resumed_from: int = 0
+    seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def process_group() -> tuple[int, int]:
+    """``(rank, world size)``: under ``accelerate launch`` (or torchrun) accelerate sets up the group."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
+
+
+def batch_generator(seed: int, batch_number: int) -> torch.Generator:
+    """The generator for one batch: a function of the seed and the batch's number only."""
+    data = hashlib.blake2b(f"{seed}:{batch_number}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(data, "little") & (2**63 - 1))
+
+
+class Trainer:
+    """One training run of a LoRA on a frozen base (see :func:`train_lora`)."""
+
+    def __init__(self, base, dataset, config: TrainConfig, checkpoint_dir: Path | None,
+                 callbacks: TrainCallbacks, initial_lora=None):
+        self.base, self.dataset, self.config, self.callbacks = base, dataset, config, callbacks
+        self.checkpoint_dir = checkpoint_dir
+        self.device = base.device
+        self.sdxl = base.architecture == "sdxl"
+        self.rank, self.world = process_group()
+        self.autocast_dtype = config.autocast_dtype(self.device)
+        self.pipe = pipeline_for(base)
+        self.examples = dataset.examples(dataset.resolution or base.native_size)
+        self._check_sizes()
+        targets = select_targets(base, config.target, config.train_text_encoder)
+        if not targets:
+            raise NodeError(f"target '{config.target}' matches no layer of this model")
+        with torch.random.fork_rng(devices=[]):  # the same start on every process, the global RNG untouched
+            torch.manual_seed(config.seed)
+            self.network = LoRANetwork(targets, config.rank, config.alpha)
+        if initial_lora is not None:
+            self.network.load_lora(initial_lora, base)
+        self.network.to(self.device)
+        self.optimizer = self._optimizer()
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        from diffusers import DDPMScheduler
+
+        schedule = base.components["scheduler"].config
+        # the noise levels the model was trained with, whatever its sampler: DDPM's over the same betas
+        self.alphas_cumprod = DDPMScheduler.from_config(schedule).alphas_cumprod.float().to(self.device)
+        self.v_prediction = schedule.get("prediction_type", "epsilon") == "v_prediction"
+        self.latent_cache: dict[tuple[int, bool], Tensor] = {}
+        self.text_cache: dict[str, tuple[Tensor, Tensor | None]] = {}
+        self._epoch_batches: tuple[int, list[list[int]]] | None = None
+        self.batches_per_epoch = len(self._batches(0))
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_sizes(self) -> None:
+        unet = self.base.unet
+        multiple = self.base.vae_scale_factor * 2 ** (len(unet.config.down_block_types) - 1)
+        bad = sorted({tuple(e.pixels.shape[1:]) for e in self.examples if e.pixels.shape[1] % multiple
+                      or e.pixels.shape[2] % multiple})
+        if bad:
+            raise NodeError(f"training images of {bad[0][1]}x{bad[0][0]} pixels do not fit this model: sides must "
+                            f"be multiples of {multiple}; set LoadDataset's resolution to a multiple of {multiple}")
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        config = self.config
+        groups = [{"params": params, "lr": config.learning_rate if component == "unet" else config.text_lr()}
+                  for component, params in self.network.parameter_groups().items()]
+        for group in groups:
+            group["initial_lr"] = group["lr"]
+        if config.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=config.learning_rate, momentum=0.9)
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=1e-2, **fused)
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
+            batches = self.dataset.epoch_batches(self.examples, self.config.batch_size, epoch, self.config.seed)
+            self._epoch_batches = (epoch, batches)
+        return self._epoch_batches[1]
+
+    # ------------------------------------------------------------------ one batch
+
+    def _latents(self, indices: list[int], flips: list[bool]) -> Tensor:
+        """Each image's latents: the mean of the VAE's posterior, scaled (cached or encoded now).
+
+        The mean, not a sample: the built-in models were trained on means, and Stable Diffusion's
+        VAE has a posterior std small next to the latents' spread, so a sample adds little but noise.
+        """
+        missing = [(i, f) for i, f in zip(indices, flips, strict=True) if (i, f) not in self.latent_cache]
+        encoded = self._encode_images(missing)
+        means = [encoded.get(item) if item in encoded else self.latent_cache[item]
+                 for item in zip(indices, flips, strict=True)]
+        return torch.stack(means) * self.base.components["vae"].config.scaling_factor
+
+    @torch.no_grad()
+    def _encode_images(self, wanted: list[tuple[int, bool]]) -> dict[tuple[int, bool], Tensor]:
+        """The VAE's posterior mean of each (image, flipped) wanted, in one batch."""
+        if not wanted:
+            return {}
+        vae = self.base.components["vae"]
+        pixels = torch.stack([self.examples[i].pixels.flip(-1) if flip else self.examples[i].pixels
+                              for i, flip in wanted])
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        mean = dist.mean.float()
+        if not torch.isfinite(mean).all():
+            raise NodeError(f"the VAE gave NaN in {vae.dtype} for images of this dataset: load the base with "
+                            "dtype float32 (or bfloat16)")
+        found = {item: mean[n] for n, item in enumerate(wanted)}
+        if self.config.cache_latents:
+            self.latent_cache.update(found)
+        return found
+
+    def _text(self, captions: list[str]) -> tuple[Tensor, Tensor | None]:
+        if self.config.train_text_encoder or not self.config.cache_text_embeddings:
+            return self._encode_text(captions)
+        for caption in dict.fromkeys(captions):
+            if caption not in self.text_cache:
+                with torch.no_grad():
+                    embeds, pooled = self._encode_text([caption])
+                self.text_cache[caption] = (embeds[0], None if pooled is None else pooled[0])
+        embeds = torch.stack([self.text_cache[c][0] for c in captions])
+        pooled = None if not self.sdxl else torch.stack([self.text_cache[c][1] for c in captions])
+        return embeds, pooled
+
+    def _encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor | None]:
+        if self.sdxl:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=captions, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+            return embeds, pooled
+        embeds, _ = self.pipe.encode_prompt(captions, self.device, 1, False)
+        return embeds, None
+
+    def _time_ids(self, indices: list[int], dtype: torch.dtype) -> Tensor:
+        rows = []
+        for index in indices:
+            example = self.examples[index]
+            rows.append([*example.original_size, *example.crop_top_left, *example.pixels.shape[1:]])
+        return torch.tensor(rows, dtype=dtype, device=self.device)
+
+    def batch_loss(self, batch_number: int) -> Tensor:
+        """The loss of one batch (a function of the batch number and the LoRA's weights only)."""
+        config = self.config
+        epoch, position = divmod(batch_number, self.batches_per_epoch)
+        indices = self._batches(epoch)[position]
+        generator = batch_generator(config.seed, batch_number)
+        flips = (torch.rand(len(indices), generator=generator) < 0.5).tolist() if self.dataset.flip \
+            else [False] * len(indices)
+        captions = [self.dataset.caption(self.examples[i], generator) for i in indices]
+        latents = self._latents(indices, flips)
+        noise = torch.randn(latents.shape, generator=generator)
+        if config.noise_offset:
+            noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+        noise = noise.to(self.device)
+        timesteps = torch.randint(0, len(self.alphas_cumprod), (len(indices),), generator=generator).to(self.device)
+        alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+        target = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents if self.v_prediction else noise
+        with self._autocast():
+            embeds, pooled = self._text(captions)
+            extra = {}
+            if self.sdxl:
+                extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self._time_ids(indices, embeds.dtype)}
+            unet = self.base.unet
+            prediction = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=embeds.to(unet.dtype),
+                              **extra).sample
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if config.min_snr_gamma:
+            snr = alpha.view(-1) / (1 - alpha.view(-1))
+            weight = snr.clamp(max=config.min_snr_gamma) / (snr + 1 if self.v_prediction else snr)
+            loss = loss * weight
+        return loss.mean()
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        config, start = self.config, time.perf_counter()
+        step, losses = self._resume()
+        resumed_from = step
+        with self._frozen_base(), self.network.attached():
+            while step < config.steps:
+                loss = self._optimizer_step(step)
+                losses.append(loss)
+                step += 1
+                self.callbacks.progress(step, config.steps, loss)
+                if self.checkpoint_dir and config.save_every_n_steps and step % config.save_every_n_steps == 0 \
+                        and step < config.steps and self.rank == 0:
+                    save_checkpoint(self.checkpoint_dir, step, self._state(step, losses))
+                if self.callbacks.preview and config.sample_every_n_steps and \
+                        step % config.sample_every_n_steps == 0 and self.rank == 0:
+                    with torch.no_grad():
+                        self.callbacks.preview(step)
+        return TrainResult(self.network, losses, resumed_from, time.perf_counter() - start)
+
+    def _optimizer_step(self, step: int) -> float:
+        config = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * config.lr_factor(step)
+        total = 0.0
+        for micro in range(config.gradient_accumulation):
+            batch_number = (step * config.gradient_accumulation + micro) * self.world + self.rank
+            loss = self.batch_loss(batch_number) / config.gradient_accumulation
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        total = self._average_gradients(params, total)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _average_gradients(self, params: list[Tensor], loss: float) -> float:
+        """Average gradients (and the loss, for the plot) over processes; a no-op in one process."""
+        if self.world == 1:
+            return loss
+        import torch.distributed as dist
+
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad)
+            param.grad /= self.world
+        total = torch.tensor([loss], device=self.device)
+        dist.all_reduce(total)
+        return total.item() / self.world
+
+    @contextmanager
+    def _frozen_base(self):
+        """No gradients for the base's own weights; gradient checkpointing only while training."""
+        models = [m for m in self.base.components.values() if isinstance(m, torch.nn.Module)]
+        flags = [(p, p.requires_grad) for m in models for p in m.parameters()]
+        modes = [(m, m.training) for m in models]
+        for param, _ in flags:
+            param.requires_grad_(False)
+        checkpointing = self.config.gradient_checkpointing
+        if checkpointing:
+            self.base.unet.enable_gradient_checkpointing()
+            if self.config.train_text_encoder:
+                for name in ("text_encoder", "text_encoder_2"):
+                    encoder = self.base.components.get(name)
+                    if encoder is not None:
+                        encoder.gradient_checkpointing_enable()
+                        encoder.train()  # transformers checkpoints only in training mode (CLIP has no dropout)
+        try:
+            yield
+        finally:
+            if checkpointing:
+                self.base.unet.disable_gradient_checkpointing()
+                for name in ("text_encoder", "text_encoder_2"):
+                    encoder = self.base.components.get(name)
+                    if encoder is not None and getattr(encoder, "is_gradient_checkpointing", False):
+                        encoder.gradient_checkpointing_disable()
+            for module, mode in modes:
+                module.train(mode)
+            for param, flag in flags:
+                param.requires_grad_(flag)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _state(self, step: int, losses: list[float]) -> dict[str, Any]:
+        state = {
+            "step": step,
+            "network": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "alphas": {name: layer.alpha for name, layer in self.network.layers.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "losses": torch.tensor(losses, dtype=torch.float64),
+            "rng": {"torch": torch.get_rng_state()},
+        }
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def _resume(self) -> tuple[int, list[float]]:
+        if not (self.config.resume and self.checkpoint_dir):
+            return 0, []
+        found = load_latest(self.checkpoint_dir)
+        if found is None:
+            return 0, []
+        step, state = found
+        self.network.load_state_dict(state["network"])  # in place: the optimizer keeps its parameters
+        for name, layer in self.network.layers.items():
+            layer.alpha = state["alphas"][name]
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.callbacks.info(f"resumed from the checkpoint at step {step} of {self.config.steps}")
+        return step, state["losses"].tolist()
+
+
+def train_lora(base, dataset, config: TrainConfig, checkpoint_dir: Path | None = None,
+               callbacks: TrainCallbacks | None = None, initial_lora=None) -> TrainResult:
+    """Train a LoRA for ``base`` on ``dataset``; the base's weights are bitwise the same afterwards."""
+    return Trainer(base, dataset, config, checkpoint_dir, callbacks or TrainCallbacks(), initial_lora).train()

@@ -28,12 +28,13 @@ STARS = WORKFLOWS / "datasets" / "purple_star"
 PURPLE = np.array([140, 40, 180]) / 255
 
 
-def tiny_workflow(folder: Path, steps: int = 6, extra: str = "", base: str = "builtin:tiny") -> Path:
+def tiny_workflow(folder: Path, steps: int = 6, extra: str = "", batch_size: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     return write_workflow(folder, f"""
 nodes:
-  base:  {{type: LoadBase, inputs: {{source: "{base}", device: cpu}}}}
+  base:  {{type: LoadBase, inputs: {{source: "builtin:tiny", device: cpu}}}}
   data:  {{type: LoadDataset, inputs: {{path: {STARS}}}}}
-  train: {{type: TrainLoRA, inputs: {{model: [base, model], dataset: [data, dataset], steps: {steps}, batch_size: 2,
+  train: {{type: TrainLoRA, inputs: {{model: [base, model], dataset: [data, dataset], steps: {steps}, batch_size: {batch_size},
           rank: 4, alpha: 4, learning_rate: 0.001, save_every_n_steps: 5, {extra}}}}}
   save:  {{type: SaveLoRA, inputs: {{lora: [train, lora], path: trained.safetensors}}}}
 """)
@@ -264,14 +265,60 @@ def test_a_killed_training_resumes_from_its_checkpoint_and_ends_with_the_same_lo
 
 
 def test_training_under_accelerate_launch_single_process(tmp_path):
-    pytest.importorskip("accelerate")
     workflow = tiny_workflow(tmp_path)
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_nodes.cli")
-    launched = run_cli(workflow, tmp_path / "out", tmp_path / "cache", *launcher)
+    accelerate = (sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_nodes.cli")
+    launched = run_cli(workflow, tmp_path / "out", tmp_path / "cache", *accelerate)
     stdout, stderr = launched.communicate(timeout=180)
     assert launched.returncode == 0, stderr
     assert any(e["event"] == "executed" and e["node"] == "train" for e in events_of(stdout))
     Runner(output_dir=tmp_path / "ref", cache_dir=tmp_path / "ref-cache").run(load_workflow(workflow))
+    assert_close_loras(lora_tensors(tmp_path / "out" / "trained.safetensors"),
+                       lora_tensors(tmp_path / "ref" / "trained.safetensors"), atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+@pytest.mark.parametrize("base_name", ["tiny", "tiny_sdxl"])
+def test_diffusers_loads_a_trained_lora_saved_in_either_format(request, tmp_path, fmt, base_name):
+    from safetensors.torch import save_file
+    from test_diffusers_parity import assert_same_weights, diffusers_pipeline
+
+    from lora_nodes.lora.save import lora_file
+    from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe
+
+    base = request.getfixturevalue(base_name)
+    dataset = read_folder(STARS)
+    result = train_lora(base, dataset, TrainConfig(steps=2, rank=4, alpha=2, learning_rate=5e-2, seed=1,
+                                                   train_text_encoder=True, save_every_n_steps=0))
+    lora = result.network.to_lora(base, "trained", {})
+    assert all(m.up.abs().max() > 0 for m in lora.modules.values())  # every module learned something
+    written = lora_file(lora, fmt, base)
+    path = tmp_path / f"trained_{fmt}.safetensors"
+    save_file(written.tensors, str(path), written.metadata)
+    pipe = diffusers_pipeline(base)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    ModelRecipe(base, (AppliedLoRA(lora, 1.0, 1.0),)).materialize()
+    try:
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            if name in base.components:
+                assert_same_weights(base.components[name], getattr(pipe, name))
+    finally:
+        ModelRecipe(base).materialize()
+
+
+def test_two_processes_average_gradients_like_accumulating_their_two_batches(tmp_path):
+    """Data parallel on the CPU (torchrun, gloo): 2 processes x batch 1 make the same steps as 1 process
+    accumulating 2 batches of 1, because process r trains batch number 2 * step + r."""
+    parallel = tiny_workflow(tmp_path / "parallel", batch_size=1)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lora_nodes.cli")
+    launched = run_cli(parallel, tmp_path / "out", tmp_path / "cache", *torchrun)
+    stdout, stderr = launched.communicate(timeout=180)
+    assert launched.returncode == 0, stderr
+    infos = [e for e in events_of(stdout) if e["event"] == "info" and e["node"] == "train" and "processes" in e]
+    assert infos and infos[0]["processes"] == 2
+    single = tiny_workflow(tmp_path / "single", batch_size=1, extra="gradient_accumulation: 2")
+    Runner(output_dir=tmp_path / "ref", cache_dir=tmp_path / "ref-cache").run(load_workflow(single))
     assert_close_loras(lora_tensors(tmp_path / "out" / "trained.safetensors"),
                        lora_tensors(tmp_path / "ref" / "trained.safetensors"), atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,14 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt")  # or one tokenizer.json (what tr
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` is CUDA when there is a GPU, else Apple's MPS, else the CPU."""
+    """``auto`` is CUDA when there is a GPU, else Apple's MPS, else the CPU.
+
+    Under ``accelerate launch`` / torchrun each process takes its own GPU (``LOCAL_RANK``).
+    """
     if device != "auto":
         return torch.device(device)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")

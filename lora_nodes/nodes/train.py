@@ -147,9 +147,11 @@ def train_lora_node(ctx, model: ModelRecipe, dataset, rank: int, alpha: float, t
     if checkpoints is not None:
         remove_checkpoints(checkpoints)
     first, last = _mean(result.losses[:10]), _mean(result.losses[-10:])
-    ctx.info(f"trained {len(lora.modules)} modules for {steps} steps in {result.seconds:.1f} s; "
+    where = f" on {result.processes} processes" if result.processes > 1 else ""
+    ctx.info(f"trained {len(lora.modules)} modules for {steps} steps in {result.seconds:.1f} s{where}; "
              f"loss {first:.4f} -> {last:.4f} (mean of the first and last 10 steps)",
-             loss_first=first, loss_last=last, seconds=round(result.seconds, 3), resumed_from=result.resumed_from)
+             loss_first=first, loss_last=last, seconds=round(result.seconds, 3), resumed_from=result.resumed_from,
+             processes=result.processes)
     return lora, loss_plot(result.losses, title=f"{name}: loss per step")
 
 

@@ -3,12 +3,14 @@
 Every batch's randomness (which images, flips, caption shuffles, noise, timesteps) comes from a
 generator seeded by (seed, batch number), so a run resumed from a checkpoint draws exactly what
 the uninterrupted run would have drawn. Under ``accelerate launch`` each process trains on its
-own batches and gradients are averaged before every optimizer step.
+own batches (process r the batches numbered r modulo the process count) and gradients are
+averaged before every optimizer step.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -44,15 +46,20 @@ class TrainResult:
     losses: list[float]
     resumed_from: int = 0
     seconds: float = 0.0
+    processes: int = 1
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def process_group() -> tuple[int, int]:
-    """``(rank, world size)``: under ``accelerate launch`` (or torchrun) accelerate sets up the group."""
-    from accelerate import PartialState
+def process_group(device: torch.device) -> tuple[int, int]:
+    """``(rank, world size)``. Under ``accelerate launch`` or torchrun (``WORLD_SIZE`` > 1) joins the
+    launcher's process group: NCCL for a model on a GPU, gloo on the CPU."""
+    import torch.distributed as dist
 
-    state = PartialState()
-    return state.process_index, state.num_processes
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def batch_generator(seed: int, batch_number: int) -> torch.Generator:
@@ -70,7 +77,7 @@ class Trainer:
         self.checkpoint_dir = checkpoint_dir
         self.device = base.device
         self.sdxl = base.architecture == "sdxl"
-        self.rank, self.world = process_group()
+        self.rank, self.world = process_group(self.device)
         self.autocast_dtype = config.autocast_dtype(self.device)
         self.pipe = pipeline_for(base)
         self.examples = dataset.examples(dataset.resolution or base.native_size)
@@ -241,7 +248,7 @@ class Trainer:
                         step % config.sample_every_n_steps == 0 and self.rank == 0:
                     with torch.no_grad():
                         self.callbacks.preview(step)
-        return TrainResult(self.network, losses, resumed_from, time.perf_counter() - start)
+        return TrainResult(self.network, losses, resumed_from, time.perf_counter() - start, self.world)
 
     def _optimizer_step(self, step: int) -> float:
         config = self.config

@@ -322,3 +322,59 @@ def test_two_processes_average_gradients_like_accumulating_their_two_batches(tmp
     Runner(output_dir=tmp_path / "ref", cache_dir=tmp_path / "ref-cache").run(load_workflow(single))
     assert_close_loras(lora_tensors(tmp_path / "out" / "trained.safetensors"),
                        lora_tensors(tmp_path / "ref" / "trained.safetensors"), atol=1e-5)
+
+
+def test_the_dataset_key_is_its_contents_not_its_timestamps(tmp_path):
+    import shutil
+    import time
+
+    data = tmp_path / "data"
+    shutil.copytree(STARS, data)
+    workflow = write_workflow(tmp_path, f"""
+nodes:
+  base:  {{type: LoadBase, inputs: {{source: "builtin:tiny", device: cpu}}}}
+  data:  {{type: LoadDataset, inputs: {{path: {data}}}}}
+  train: {{type: TrainLoRA, inputs: {{model: [base, model], dataset: [data, dataset], steps: 1, rank: 2}}}}
+  save:  {{type: SaveLoRA, inputs: {{lora: [train, lora], path: t.safetensors, overwrite: true}}}}
+""")
+
+    def trained(cache: Path) -> bool:
+        events = Collector()
+        Runner(output_dir=tmp_path / "out", cache_dir=cache, emit=events).run(load_workflow(workflow))
+        return any(e["node"] == "train" for e in events.of("executing"))
+
+    assert trained(tmp_path / "cache")
+    caption = data / "star_01.txt"
+    os.utime(caption, (time.time() + 60, time.time() + 60))  # touched, same contents
+    assert not trained(tmp_path / "cache")
+    caption.write_text("a violet star on a white background")
+    assert trained(tmp_path / "cache")
+
+
+def test_starting_over_clears_an_old_runs_checkpoints(tmp_path, tiny):
+    from lora_nodes.training.checkpoint import checkpoints
+
+    dataset = read_folder(STARS)
+    config = TrainConfig(steps=7, rank=2, save_every_n_steps=3)
+    train_lora(tiny, dataset, config, checkpoint_dir=tmp_path)
+    assert [s for s, _ in checkpoints(tmp_path)] == [3, 6]
+    train_lora(tiny, dataset, TrainConfig(steps=4, rank=2, save_every_n_steps=3, resume=False),
+               checkpoint_dir=tmp_path)
+    assert [s for s, _ in checkpoints(tmp_path)] == [3]
+
+
+def test_the_progress_bar_shows_step_loss_and_time_left():
+    import io
+
+    from lora_nodes.cli_display import ProgressDisplay
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    display = ProgressDisplay(stream)
+    display({"event": "executing", "node": "train", "type": "TrainLoRA"})
+    display({"event": "progress", "node": "train", "value": 3, "max": 300, "loss": 0.1234})
+    shown = stream.getvalue()
+    assert "3/300" in shown and "loss 0.1234" in shown and "<" in shown  # tqdm's elapsed<remaining

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import NodeError
 from ..models.pipeline import pipeline_for
-from .checkpoint import load_latest, save_checkpoint
+from .checkpoint import load_latest, remove_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .network import LoRANetwork, select_targets
 
@@ -338,7 +338,10 @@ class Trainer:
         return state
 
     def _resume(self) -> tuple[int, list[float]]:
-        if not (self.config.resume and self.checkpoint_dir):
+        if self.checkpoint_dir is None:
+            return 0, []
+        if not self.config.resume:  # starting over: an old run's later checkpoints must not win next time
+            remove_checkpoints(self.checkpoint_dir)
             return 0, []
         found = load_latest(self.checkpoint_dir)
         if found is None:

@@ -378,3 +378,9 @@ def test_the_progress_bar_shows_step_loss_and_time_left():
     display({"event": "progress", "node": "train", "value": 3, "max": 300, "loss": 0.1234})
     shown = stream.getvalue()
     assert "3/300" in shown and "loss 0.1234" in shown and "<" in shown  # tqdm's elapsed<remaining
+
+
+def test_a_diverging_run_stops_with_advice(tiny):
+    with pytest.raises(Exception, match="training diverged; lower learning_rate"):
+        train_lora(tiny, read_folder(STARS), TrainConfig(steps=5, rank=2, learning_rate=1e30, max_grad_norm=0,
+                                                          save_every_n_steps=0))

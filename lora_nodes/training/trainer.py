@@ -10,6 +10,7 @@ averaged before every optimizer step.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Callable
@@ -239,6 +240,7 @@ class Trainer:
             while step < config.steps:
                 loss = self._optimizer_step(step)
                 losses.append(loss)
+                self._check_finite(losses, step)
                 step += 1
                 self.callbacks.progress(step, config.steps, loss)
                 if self.checkpoint_dir and config.save_every_n_steps and step % config.save_every_n_steps == 0 \
@@ -249,6 +251,15 @@ class Trainer:
                     with torch.no_grad():
                         self.callbacks.preview(step)
         return TrainResult(self.network, losses, resumed_from, time.perf_counter() - start, self.world)
+
+    def _check_finite(self, losses: list[float], step: int) -> None:
+        """Stop on a diverged run. With fp16's gradient scaler a few overflowing steps are normal
+        (they are skipped), so only a long run of them counts."""
+        patience = 20 if self.scaler else 1
+        recent = losses[-patience:]
+        if len(recent) == patience and not any(math.isfinite(v) for v in recent):
+            raise NodeError(f"the loss is {recent[-1]} at step {step + 1}: training diverged; lower learning_rate "
+                            "(or use mixed_precision bf16/no instead of fp16)")
 
     def _optimizer_step(self, step: int) -> float:
         config = self.config

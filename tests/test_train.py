@@ -384,3 +384,10 @@ def test_a_diverging_run_stops_with_advice(tiny):
     with pytest.raises(Exception, match="training diverged; lower learning_rate"):
         train_lora(tiny, read_folder(STARS), TrainConfig(steps=5, rank=2, learning_rate=1e30, max_grad_norm=0,
                                                           save_every_n_steps=0))
+
+
+def test_training_works_whatever_the_callers_grad_mode(tiny):
+    with torch.no_grad():
+        result = train_lora(tiny, read_folder(STARS), TrainConfig(steps=1, rank=2, learning_rate=1e-2,
+                                                                   save_every_n_steps=0))
+    assert any(layer.up.abs().sum() > 0 for layer in result.network.layers.values())

@@ -236,7 +236,8 @@ class Trainer:
         config, start = self.config, time.perf_counter()
         step, losses = self._resume()
         resumed_from = step
-        with self._frozen_base(), self.network.attached():
+        # whatever the caller's grad mode (ComfyUI runs nodes in inference mode)
+        with torch.inference_mode(False), torch.enable_grad(), self._frozen_base(), self.network.attached():
             while step < config.steps:
                 loss = self._optimizer_step(step)
                 losses.append(loss)

@@ -70,7 +70,7 @@ class Dataset:
     keep_tokens: int
     flip: bool  # random horizontal flips: applied by the trainer
     # examples() per resolution. A memo only: the same inputs always give the same examples.
-    _examples: dict[int, tuple[Example, ...]] = field(
+    _examples: dict[tuple[int, int], tuple[Example, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -87,17 +87,19 @@ class Dataset:
             raise NodeError(f"training resolution {size} is not a multiple of 8 (the VAE needs multiples of 8)")
         return size
 
-    def examples(self, resolution: int) -> list[Example]:
+    def examples(self, resolution: int, multiple: int = 8) -> list[Example]:
         """One example per image (not expanded by repeats), in ``items`` order.
 
         ``resolution`` is used only when the dataset's own is 0 (the model's native size is given
-        here by the trainer). Computed once per resolution; the pixels are shared, never modify them.
+        here by the trainer); bucket sides are multiples of ``multiple`` too (what the model's
+        UNet needs). Computed once per size; the pixels are shared, never modify them.
         """
         size = self.training_size(resolution)
-        cached = self._examples.get(size)
+        step = _lcm(bucket_step(size), multiple)
+        cached = self._examples.get((size, step))
         if cached is None:
-            cached = tuple(_example(item, size, self.crop) for item in self.items)
-            self._examples[size] = cached
+            cached = tuple(_example(item, size, self.crop, step) for item in self.items)
+            self._examples[(size, step)] = cached
         return list(cached)
 
     def epoch_batches(self, examples: list[Example], batch_size: int, epoch: int, seed: int) -> list[list[int]]:
@@ -324,14 +326,15 @@ def bucket_step(resolution: int) -> int:
     return 64 if resolution >= 256 else 8
 
 
-def bucket_sizes(resolution: int) -> tuple[tuple[int, int], ...]:
+def bucket_sizes(resolution: int, step: int = 0) -> tuple[tuple[int, int], ...]:
     """The (width, height) buckets for a training resolution, kohya's way.
 
     The square bucket, and for each width from resolution/2 to resolution*2 (in steps of
     :func:`bucket_step`) the largest height that keeps width*height <= resolution**2, both
-    orientations. At 512 that is kohya's default 256..1024 in steps of 64.
+    orientations. At 512 that is kohya's default 256..1024 in steps of 64. ``step`` 0 is
+    :func:`bucket_step`'s.
     """
-    step = bucket_step(resolution)
+    step = step or bucket_step(resolution)
     area = resolution * resolution
     sizes = {(resolution // step * step,) * 2}
     smallest = max(step, resolution // 2 // step * step)
@@ -343,7 +346,7 @@ def bucket_sizes(resolution: int) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(sizes))
 
 
-def target_size(height: int, width: int, resolution: int, crop: str) -> tuple[int, int]:
+def target_size(height: int, width: int, resolution: int, crop: str, step: int = 0) -> tuple[int, int]:
     """The (width, height) an image of this size is cropped to.
 
     ``center``: resolution x resolution. ``buckets``: the bucket whose aspect ratio is nearest
@@ -353,13 +356,17 @@ def target_size(height: int, width: int, resolution: int, crop: str) -> tuple[in
     if crop == "center":
         return resolution, resolution
     aspect = math.log(width / height)
-    return min(bucket_sizes(resolution), key=lambda wh: (abs(math.log(wh[0] / wh[1]) - aspect), -wh[0] * wh[1]))
+    return min(bucket_sizes(resolution, step), key=lambda wh: (abs(math.log(wh[0] / wh[1]) - aspect), -wh[0] * wh[1]))
 
 
-def _example(item: DatasetItem, resolution: int, crop: str) -> Example:
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
+
+
+def _example(item: DatasetItem, resolution: int, crop: str, step: int = 0) -> Example:
     """Resize ``item`` to cover its target size (keeping its aspect ratio), then crop the middle."""
     height, width = item.image.shape[:2]
-    target_width, target_height = target_size(height, width, resolution, crop)
+    target_width, target_height = target_size(height, width, resolution, crop, step)
     scale = max(target_width / width, target_height / height)
     resized_width = max(target_width, round(width * scale))
     resized_height = max(target_height, round(height * scale))

@@ -81,8 +81,9 @@ class Trainer:
         self.rank, self.world = process_group(self.device)
         self.autocast_dtype = config.autocast_dtype(self.device)
         self.pipe = pipeline_for(base)
-        self.examples = dataset.examples(dataset.resolution or base.native_size)
-        self._check_sizes()
+        multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.down_block_types) - 1)
+        self.examples = dataset.examples(dataset.resolution or base.native_size, multiple)
+        self._check_sizes(multiple)
         targets = select_targets(base, config.target, config.train_text_encoder)
         if not targets:
             raise NodeError(f"target '{config.target}' matches no layer of this model")
@@ -107,9 +108,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _check_sizes(self) -> None:
-        unet = self.base.unet
-        multiple = self.base.vae_scale_factor * 2 ** (len(unet.config.down_block_types) - 1)
+    def _check_sizes(self, multiple: int) -> None:
+        """Every image's sides must divide down through the UNet's levels."""
         bad = sorted({tuple(e.pixels.shape[1:]) for e in self.examples if e.pixels.shape[1] % multiple
                       or e.pixels.shape[2] % multiple})
         if bad:

@@ -37,3 +37,12 @@ def test_shapes_quality_benchmark_prints_its_tables(capsys):
     out = capsys.readouterr().out
     assert "colour" in out and "shape" in out
     assert figures
+
+
+def test_train_speed_benchmark_prints_its_table(capsys):
+    figures = load("train_speed").main(["--tiny"])
+    out = capsys.readouterr().out
+    for row in ("PEFT + diffusers loop", "TrainLoRA, no caches", "TrainLoRA, cached"):
+        assert row in out
+    assert "steps/s" in out and "peak MB" in out
+    assert all(f["steps_per_s"] > 0 and f["peak_mb"] > 0 for f in figures.values())

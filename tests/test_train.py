@@ -410,3 +410,15 @@ def test_buckets_fit_the_models_unet(tmp_path):
     sizes = {tuple(e.pixels.shape[1:]) for e in dataset.examples(64, 16)}
     assert (64, 64) in sizes and all(h % 16 == 0 and w % 16 == 0 for h, w in sizes) and len(sizes) == 2
     assert len(result.losses) == 2
+
+
+def test_training_encodes_captions_as_sampling_does(tiny):
+    from lora_nodes.models.pipeline import pipeline_for
+    from lora_nodes.training.trainer import TrainCallbacks, Trainer
+
+    trainer = Trainer(tiny, read_folder(STARS), TrainConfig(steps=1), None, TrainCallbacks())
+    captions = ["a purple star on a white background", "a red circle"]
+    with torch.no_grad():
+        ours = trainer._encode_text(captions)[0]
+        sampling = pipeline_for(tiny).encode_prompt(captions, tiny.device, 1, False)[0]
+    assert torch.equal(ours, sampling)

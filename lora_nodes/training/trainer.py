@@ -124,8 +124,10 @@ class Trainer:
             group["initial_lr"] = group["lr"]
         if config.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=config.learning_rate, momentum=0.9)
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=1e-2, **fused)
+        try:  # one fused kernel per step (on the CPU from torch 2.4); else the multi-tensor path
+            return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=1e-2, fused=True)
+        except (RuntimeError, TypeError):
+            return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=1e-2)
 
     def _batches(self, epoch: int) -> list[list[int]]:
         if self._epoch_batches is None or self._epoch_batches[0] != epoch:
@@ -182,8 +184,14 @@ class Trainer:
             embeds, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=captions, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
             return embeds, pooled
-        embeds, _ = self.pipe.encode_prompt(captions, self.device, 1, False)
-        return embeds, None
+        # SD 1/2: what the pipeline's encode_prompt does when sampling, without its per-call checks
+        tokenizer, encoder = self.base.components["tokenizer"], self.base.components["text_encoder"]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(self.device)
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = (ids != tokenizer.pad_token_id).long()
+        return encoder(ids, attention_mask=mask)[0], None
 
     def _time_ids(self, indices: list[int], dtype: torch.dtype) -> Tensor:
         rows = []
@@ -215,9 +223,9 @@ class Trainer:
             extra = {}
             if self.sdxl:
                 extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self._time_ids(indices, embeds.dtype)}
-            unet = self.base.unet
-            prediction = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=embeds.to(unet.dtype),
-                              **extra).sample
+            dtype = self.base.dtype  # not unet.dtype, which walks every module on each call
+            prediction = self.base.unet(noisy.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype),
+                                        **extra).sample
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if config.min_snr_gamma:
             snr = alpha.view(-1) / (1 - alpha.view(-1))

@@ -152,7 +152,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--tiny", action="store_true", help="builtin:tiny's UNet and rank 4 (a quick check)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # not set_grad_enabled(False): the tests run this in their own process
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict[str, float]:
     if args.tiny:
         from lora_nodes.models.builtin import TINY_UNET
 

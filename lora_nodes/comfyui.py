@@ -118,7 +118,12 @@ def _run(spec: NodeSpec, self: Any, **inputs: Any) -> Any:
     output_dir = _output_dir()
     ctx = NodeContext(spec.comfy_id, spec.id, output_dir, output_dir.parent / "cache" / "lora-nodes",
                       _ComfyProgress(), comfy_prompt=prompt, comfy_workflow=(extra or {}).get("workflow"))
-    result = spec.run(ctx, **values)
+    import torch
+
+    # ComfyUI runs nodes in inference mode; tensors made there can never take part in training, so
+    # ours run in plain no-grad mode (TrainLoRA turns gradients on for itself)
+    with torch.inference_mode(False), torch.no_grad():
+        result = spec.run(ctx, **values)
     outputs = tuple(result) if result is not None else ()
     if not spec.output_node:
         return outputs

@@ -124,3 +124,16 @@ def test_comfyui_hooks_are_used_when_present(monkeypatch, tmp_path, pack):
                  comfy_prompt={"1": {}}, comfy_extra_pnginfo={"workflow": {"nodes": []}})
     assert saved["ui"]["images"] == [{"filename": "test_00001.png", "subfolder": "pack", "type": "output"}]
     assert (tmp_path / "output" / "pack" / "test_00001.png").exists()
+
+
+def test_a_lora_trains_through_the_pack_inside_comfyuis_inference_mode(pack):
+    """ComfyUI executes nodes under torch.inference_mode(); a base loaded there must still train."""
+    from conftest import WORKFLOWS
+
+    mappings = pack.NODE_CLASS_MAPPINGS
+    with torch.inference_mode():
+        (model,) = call(mappings, "lora-nodes.LoadBase", source="builtin:tiny", device="cpu")
+        (dataset,) = call(mappings, "lora-nodes.LoadDataset", path=str(WORKFLOWS / "datasets" / "purple_star"))
+        lora, loss = call(mappings, "lora-nodes.TrainLoRA", model=model, dataset=dataset, steps=2, rank=2)
+    assert loss.shape[0] == 1 and loss.shape[-1] == 3
+    assert any(m.up.abs().sum() > 0 for m in lora.modules.values())

@@ -422,3 +422,13 @@ def test_training_encodes_captions_as_sampling_does(tiny):
         ours = trainer._encode_text(captions)[0]
         sampling = pipeline_for(tiny).encode_prompt(captions, tiny.device, 1, False)[0]
     assert torch.equal(ours, sampling)
+
+
+def test_a_base_loaded_in_inference_mode_is_refused_with_a_reason():
+    from lora_nodes.errors import NodeError
+    from lora_nodes.models.loading import load_base
+
+    with torch.inference_mode():
+        base = load_base("builtin:tiny", device="cpu")
+    with pytest.raises(NodeError, match="inference_mode"):
+        train_lora(base, read_folder(STARS), TrainConfig(steps=1, rank=2, save_every_n_steps=0))

@@ -78,6 +78,9 @@ class Trainer:
         self.checkpoint_dir = checkpoint_dir
         self.device = base.device
         self.sdxl = base.architecture == "sdxl"
+        if next(base.unet.parameters()).is_inference():
+            raise NodeError("the base's weights were loaded under torch.inference_mode() and cannot take part in "
+                            "training: load the base outside inference mode (torch.no_grad() is fine)")
         self.rank, self.world = process_group(self.device)
         self.autocast_dtype = config.autocast_dtype(self.device)
         self.pipe = pipeline_for(base)

@@ -113,7 +113,7 @@ class Runner:
         if key in self._results:
             self.emit(event("cached", node=node.id, type=node.spec.id, cache="memory", files=self._files[key]))
             result.cached.append(node.id)
-        elif self._load_from_disk(node, key, keys):
+        elif self._load_from_disk(node, key):
             self.emit(event("cached", node=node.id, type=node.spec.id, cache="disk", files=[],
                             folder=str(self._disk_folder(node, key))))
             result.cached.append(node.id)
@@ -140,15 +140,14 @@ class Runner:
     def _disk_folder(self, node: BoundNode, key: str) -> Path:
         return self.cache_dir / "results" / node.spec.id / key
 
-    def _load_from_disk(self, node: BoundNode, key: str, keys: dict[str, str]) -> bool:
+    def _load_from_disk(self, node: BoundNode, key: str) -> bool:
         """Take a result an earlier process kept on disk; False when there is none (or it is unreadable)."""
         cache = node.spec.disk_cache
         folder = self._disk_folder(node, key)
         if cache is None or not folder.is_dir():
             return False
-        inputs = {name: self._results[keys[up]][index] for name, (up, index) in node.links.items()}
         try:
-            outputs = tuple(cache.load(folder, inputs))
+            outputs = tuple(cache.load(folder))
         except Exception as exc:  # noqa: BLE001 - a damaged entry is redone, not fatal
             self.emit(event("warning", node=node.id, type=node.spec.id,
                             message=f"ignoring the unreadable disk cache entry {folder}: {exc}"))

@@ -83,7 +83,9 @@ class NodeSpec:
     run: Callable[..., Any] = field(compare=False, repr=False)
     version: int = 1
     output_node: bool = False
-    disk_cache: Any = None  # a DiskCache: results also kept on disk, so a new process need not redo them
+    # results also kept on disk, so a new process need not redo them: an object with
+    # ``save(outputs, folder)`` and ``load(folder) -> outputs``
+    disk_cache: Any = None
 
     @property
     def comfy_id(self) -> str:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..fileio import atomic_write
-from ..lora.formats import parse_lora
+from ..lora.formats import parse_lora, read_state_dict
 from ..lora.model import LoRA
 from ..lora.save import kohya_tensors
 from ..models.recipe import ModelRecipe
@@ -47,13 +47,9 @@ class TrainedLoRACache:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def load(self, folder: Path, inputs: dict) -> tuple[LoRA, torch.Tensor]:
-        from safetensors import safe_open
-
+    def load(self, folder: Path) -> tuple[LoRA, torch.Tensor]:
         entry = json.loads((folder / "entry.json").read_text())
-        with safe_open(folder / "lora.safetensors", "pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(folder / "lora.safetensors")
+        tensors, metadata = read_state_dict(folder / "lora.safetensors")
         return parse_lora(tensors, metadata, name=entry["name"]), load_file(folder / "loss.safetensors")["loss"]
 
 

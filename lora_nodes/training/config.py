@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -76,6 +75,3 @@ class TrainConfig:
 
     def text_lr(self) -> float:
         return self.text_encoder_lr or self.learning_rate
-
-    def metadata(self) -> dict[str, Any]:
-        return asdict(self)

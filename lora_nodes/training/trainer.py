@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ class TrainResult:
     resumed_from: int = 0
     seconds: float = 0.0
     processes: int = 1
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def process_group(device: torch.device) -> tuple[int, int]:
@@ -83,7 +82,7 @@ class Trainer:
                             "training: load the base outside inference mode (torch.no_grad() is fine)")
         self.rank, self.world = process_group(self.device)
         self.autocast_dtype = config.autocast_dtype(self.device)
-        self.pipe = pipeline_for(base)
+        self.pipe = pipeline_for(base) if self.sdxl else None  # SDXL's two encoders are encoded by the pipeline
         multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.down_block_types) - 1)
         self.examples = dataset.examples(dataset.resolution or base.native_size, multiple)
         self._check_sizes(multiple)
@@ -349,7 +348,6 @@ class Trainer:
         state = {
             "step": step,
             "network": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
-            "alphas": {name: layer.alpha for name, layer in self.network.layers.items()},
             "optimizer": self.optimizer.state_dict(),
             "losses": torch.tensor(losses, dtype=torch.float64),
             "rng": {"torch": torch.get_rng_state()},
@@ -370,9 +368,8 @@ class Trainer:
         if found is None:
             return 0, []
         step, state = found
-        self.network.load_state_dict(state["network"])  # in place: the optimizer keeps its parameters
-        for name, layer in self.network.layers.items():
-            layer.alpha = state["alphas"][name]
+        # in place, so the optimizer keeps its parameters; alphas were set again by __init__ as the first time
+        self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():

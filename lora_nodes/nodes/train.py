@@ -164,9 +164,9 @@ def _previewer(ctx, base, dataset, config: TrainConfig):
     prompts = [p.strip() for p in config.sample_prompts.splitlines() if p.strip()]
     if not prompts:
         prompts = [next((item.caption for item in dataset.items if item.caption), "")]
+    pipe = make_pipeline(base, "euler")  # over the base's own modules, so it draws with the hooked LoRA
 
     def preview(step: int) -> None:
-        pipe = make_pipeline(base, "euler")
         for number, prompt in enumerate(prompts):
             generator = torch.Generator("cpu").manual_seed(config.seed)
             images = pipe(prompt, num_inference_steps=PREVIEW_STEPS, guidance_scale=PREVIEW_CFG,

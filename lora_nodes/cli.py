@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", default=None, help="disk cache for expensive results (default: ~/.cache/lora-nodes)")
     run.add_argument("--events", choices=["jsonl"], help="print run events as JSON lines on stdout instead of bars")
     run.add_argument("--debug", action="store_true", help="show the full traceback when a node fails")
+    run.add_argument("--no-memory-check", action="store_true",
+                     help="run Sample and TrainLoRA even when their memory estimate exceeds what is free")
 
     validate = sub.add_parser("validate", help="check a workflow without running it (exit 0 valid, 2 invalid)")
     validate.add_argument("file")
@@ -165,7 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         workflow, variants = _load(args)
-        runner = Runner(output_dir=output_dir, cache_dir=args.cache_dir, emit=emit, main_process=main_process)
+        runner = Runner(output_dir=output_dir, cache_dir=args.cache_dir, emit=emit, main_process=main_process,
+                        check_memory=not args.no_memory_check)
         runner.run_variants(workflow, variants, cwd=Path.cwd())
     except WorkflowError as exc:
         if jsonl:

@@ -27,6 +27,7 @@ class NodeContext:
     comfy_workflow: dict[str, Any] | None = None
     files: list[str] = field(default_factory=list)
     cache_key: str = ""  # this node's cache key: names its work folders under cache_dir
+    check_memory: bool = True  # refuse work estimated not to fit in memory (off: --no-memory-check)
 
     def work_dir(self, kind: str) -> Path | None:
         """A folder under the cache dir that belongs to this node's exact inputs (e.g. checkpoints).

@@ -61,12 +61,14 @@ class Runner:
     """
 
     def __init__(self, catalogue: Catalogue | None = None, output_dir: str | Path = "outputs",
-                 cache_dir: str | Path | None = None, emit: EventSink = ignore, main_process: bool = True):
+                 cache_dir: str | Path | None = None, emit: EventSink = ignore, main_process: bool = True,
+                 check_memory: bool = True):
         self.catalogue = catalogue or default_catalogue()
         self.output_dir = Path(output_dir)
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "lora-nodes"
         self.emit = emit
         self.main_process = main_process  # in data-parallel training only the main process keeps results on disk
+        self.check_memory = check_memory  # nodes refuse work estimated not to fit in memory
         self._results: dict[str, tuple[Any, ...]] = {}
         self._files: dict[str, list[str]] = {}
         self._fingerprint = Fingerprints()
@@ -119,7 +121,7 @@ class Runner:
             result.cached.append(node.id)
         else:
             ctx = NodeContext(node.id, node.spec.id, self.output_dir, self.cache_dir, self.emit, file_suffix,
-                              embedded, cache_key=key)
+                              embedded, cache_key=key, check_memory=self.check_memory)
             self._execute(node, ctx, key, keys)
             result.executed.append(node.id)
         result.outputs[node.id] = self._results[key]

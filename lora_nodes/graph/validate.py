@@ -72,7 +72,10 @@ def check(workflow: Workflow, catalogue: Catalogue) -> tuple[list[Problem], dict
         node_problems, literals, links = _check_node(node_id, spec, call.inputs, workflow, catalogue)
         problems += node_problems
         bound[node_id] = BoundNode(node_id, spec, literals, links)
-    problems += _cycles(workflow)
+    cycles = _cycles(workflow)
+    problems += cycles
+    if not cycles:
+        problems += _preflight(bound)
     if not any(catalogue[c.type].output_node for c in workflow.nodes.values() if c.type in catalogue):
         problems.append(Problem("no_outputs", "the workflow has no output node (SaveImages, ...): nothing would run"))
     return problems, bound
@@ -184,6 +187,29 @@ def _check_path(decl: Input, value: str, base_dir: Path) -> list[tuple[str, str]
     if not resolved.exists():
         return [("file_not_found", f"file not found: {value} (looked for {resolved})")]
     return []
+
+
+def _preflight(bound: dict[str, BoundNode]) -> list[Problem]:
+    """Run each node's preflight in link order, passing facts downstream (see :class:`Preflight`)."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(bound)
+    for node in bound.values():
+        graph.add_edges_from((upstream, node.id) for upstream, _ in node.links.values() if upstream in bound)
+    facts: dict[str, dict[str, Any]] = {}
+    problems: list[Problem] = []
+    for node_id in nx.lexicographical_topological_sort(graph):
+        node = bound[node_id]
+        facts[node_id] = {}
+        if node.spec.preflight is None:
+            continue
+        upstream = {name: facts.get(up, {}) for name, (up, _) in node.links.items()}
+        try:
+            result = node.spec.preflight(node.literals, upstream)
+        except Exception:  # noqa: BLE001, S112 - a check that cannot decide says nothing; the node reports it at run time
+            continue
+        facts[node_id] = result.facts
+        problems += [Problem(code, message, node_id, name, node.spec.id) for code, name, message in result.problems]
+    return problems
 
 
 def _cycles(workflow: Workflow) -> list[Problem]:

@@ -19,7 +19,7 @@ from .spec import COMBO, MODEL, STRING, Input, Output, node
               description="weight precision; auto is float16 on a GPU and float32 on the CPU"),
         Input("device", COMBO, "auto", choices=("auto", "cpu", "cuda", "mps"),
               description="where the model runs; auto picks a GPU when there is one"),
-        Input("config", STRING, "", path=True, optional=True,
+        Input("config", STRING, "", path=True, path_kind="folder", optional=True,
               description="for a single-file checkpoint: a diffusers folder with its configs and tokenizer"),
     ],
     outputs=[Output("model", MODEL, "the base model, ready for LoRAs")],

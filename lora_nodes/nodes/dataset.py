@@ -11,7 +11,7 @@ from .spec import BOOLEAN, COMBO, DATASET, INT, STRING, Input, Output, node
     display_name="Load Dataset",
     category="training",
     inputs=[
-        Input("path", STRING, path=True, content_key=True,
+        Input("path", STRING, path=True, path_kind="folder", content_key=True,
               description=f"a folder of images ({' '.join(IMAGE_EXTENSIONS)}) with same-named caption files; "
                           "kohya-style '<repeats>_<name>' subfolders (e.g. '10_purple star') repeat their images "
                           "and caption them with <name> when they have no caption file"),

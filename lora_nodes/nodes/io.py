@@ -58,7 +58,7 @@ def png_chunks(ctx) -> dict[str, str]:
     category="io",
     inputs=[
         Input("images", IMAGE),
-        Input("prefix", STRING, "lora-nodes", description="file name start; may include sub-folders"),
+        Input("prefix", STRING, "lora-nodes", writes=True, description="file name start; may include sub-folders"),
     ],
     output_node=True,
 )

@@ -20,7 +20,7 @@ def strength(name: str, what: str) -> Input:
     "LoadLoRA",
     display_name="Load LoRA",
     category="lora",
-    inputs=[Input("path", STRING, path=True, folder="loras",
+    inputs=[Input("path", STRING, path=True, path_kind="file", folder="loras",
                   description="a LoRA file (.safetensors): kohya, diffusers/PEFT, LyCORIS, DoRA or full diffs")],
     outputs=[
         Output("lora", LORA, "the LoRA's weights, not yet applied to anything"),

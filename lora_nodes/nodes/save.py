@@ -41,7 +41,7 @@ def overwrite_input() -> Input:
     category="io",
     inputs=[
         Input("lora", LORA),
-        Input("path", STRING, "loras/lora.safetensors",
+        Input("path", STRING, "loras/lora.safetensors", writes=True,
               description="file to write; relative paths go under the output folder; .safetensors is added"),
         Input("format", COMBO, "kohya", choices=("kohya", "diffusers"),
               description="kohya: lora_unet_*/lora_te*_* keys (A1111, ComfyUI, sd-scripts); "
@@ -85,7 +85,7 @@ def save_lora(ctx, lora: LoRA, path: str, format: str, model: ModelRecipe | None
     category="io",
     inputs=[
         Input("model", MODEL),
-        Input("path", STRING, "models/merged",
+        Input("path", STRING, "models/merged", writes=True,
               description="folder (diffusers) or file (single_file; .safetensors is added) to write; "
                           "relative paths go under the output folder"),
         Input("format", COMBO, "diffusers", choices=("diffusers", "single_file"),

@@ -48,6 +48,8 @@ class Input:
     choices: tuple[str, ...] = ()
     optional: bool = False  # may be left out entirely (no default is taken)
     path: bool = False  # a file or folder path: resolved, checked and fingerprinted
+    path_kind: str = "any"  # with path: "file", "folder" or "any" (either); nothing else is accepted
+    writes: bool = False  # a path the node writes under the output folder: checked before anything runs
     builtins: tuple[str, ...] = ()  # ``builtin:`` names this path input also accepts
     folder: str | None = None  # inside ComfyUI: offer the files of this models folder (loras, checkpoints)
     multiline: bool = False
@@ -70,6 +72,24 @@ class Output:
     description: str = ""
 
 
+@dataclass
+class Preflight:
+    """What a node can tell before anything runs, from its literal inputs and its inputs' facts.
+
+    ``facts`` describe the node's outputs to the nodes downstream (e.g. ``{"family": ...}`` of a
+    model or a LoRA); ``problems`` are ``(code, input name or None, message)``. A preflight reads
+    at most a file's header: it must be cheap, and it never raises for bad input (it reports it).
+    """
+
+    facts: dict[str, Any] = field(default_factory=dict)
+    problems: list[tuple[str, str | None, str]] = field(default_factory=list)
+
+
+# preflight(literals, upstream) -> Preflight, where upstream maps each linked input name to the
+# facts of the node it links to (an empty dict when that node told nothing).
+PreflightCheck = Callable[[dict[str, Any], dict[str, dict[str, Any]]], Preflight]
+
+
 @dataclass(frozen=True)
 class NodeSpec:
     """Everything there is to know about a node type, and the function that runs it."""
@@ -86,6 +106,7 @@ class NodeSpec:
     # results also kept on disk, so a new process need not redo them: an object with
     # ``save(outputs, folder)`` and ``load(folder) -> outputs``
     disk_cache: Any = None
+    preflight: PreflightCheck | None = field(default=None, compare=False, repr=False)
 
     @property
     def comfy_id(self) -> str:
@@ -150,6 +171,7 @@ def node(
     version: int = 1,
     output_node: bool = False,
     disk_cache: Any = None,
+    preflight: PreflightCheck | None = None,
 ) -> Callable[[Callable[..., Any]], NodeSpec]:
     """Declare a node: decorates its run function (``fn(ctx, **inputs)``) and returns the spec.
 
@@ -174,6 +196,7 @@ def node(
             version=version,
             output_node=output_node,
             disk_cache=disk_cache,
+            preflight=preflight,
         )
 
     return declare

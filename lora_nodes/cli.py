@@ -204,7 +204,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _print_problems(exc.problems, False)
         return EXIT_INVALID
     if args.output:
-        atomic_write_text(args.output, text)
+        try:
+            atomic_write_text(args.output, text)
+        except OSError as exc:  # the workflow was fine; where it was to go is not
+            print(f"error: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_RUN_FAILED
         print(f"wrote {args.output} ({args.to})", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -9,6 +9,7 @@ from .lora.architecture import family_name
 from .lora.formats import SUFFIXES, place, read_lora
 from .models.builtin import BUILTINS
 from .models.loading import load_base
+from .paths import input_path_problem
 
 
 def is_lora_file(path: str | Path) -> bool:
@@ -22,17 +23,22 @@ def is_lora_file(path: str | Path) -> bool:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return any(key.endswith(suffix) for key in f.keys() for suffix in SUFFIXES)  # noqa: SIM118 - not a dict
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise NodeError(f"{path.name} is not a readable .safetensors file: {exc}") from exc
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise NodeError(f"{path.name} is not a readable .safetensors file (damaged or truncated?): {exc}") from exc
+    if not keys:
+        raise NodeError(f"{path.name} holds no tensors: it is neither a LoRA nor a model")
+    return any(key.endswith(suffix) for key in keys for suffix in SUFFIXES)
 
 
 def inspect_source(source: str, base: str | None = None, config: str = "") -> dict[str, Any]:
     """A JSON-ready description of ``source`` (a base or a LoRA file), placed on ``base`` if given."""
     from .errors import NodeError
 
-    if source not in BUILTINS and not Path(source).exists():
-        raise NodeError(f"file not found: {source}")
+    for given in (source, base or "", config):
+        problem = input_path_problem(given, Path.cwd(), "any") if given and given not in BUILTINS else None
+        if problem is not None:  # a FIFO, a device or a huge folder is refused before anything reads it
+            raise NodeError(problem[1])
     if source in BUILTINS or not Path(source).is_file() or not is_lora_file(source):
         return {"kind": "base", **load_base(source, device="cpu", config=config).describe()}
     lora = read_lora(source)
@@ -86,6 +92,7 @@ def format_inspection(info: dict[str, Any]) -> str:
     if info["trigger_words"]:
         lines.append(f"  trigger words: {', '.join(info['trigger_words'])}")
     lines += [f"  {name.replace('_', ' ')}: {value}" for name, value in info["training"].items()]
+    lines += [f"  warning: {warning}" for warning in info.get("warnings", [])]
     if info["metadata"]:
         lines.append("  metadata (--json shows it whole):")
         lines += [f"    {k}: {_short(v)}" for k, v in sorted(info["metadata"].items())]

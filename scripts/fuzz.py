@@ -223,17 +223,20 @@ VALID_OURS = {
 def our_workflows(draw) -> Case:
     if draw(st.booleans()):  # start from a valid file and change a few things
         data = json.loads(json.dumps(VALID_OURS))
-        for _ in range(draw(st.integers(1, 4))):
-            node = draw(st.sampled_from(sorted(data["nodes"])))
+        for _ in range(draw(st.integers(0, 4))):
+            if not isinstance(data.get("nodes"), dict) or not data["nodes"]:
+                break  # a change at the top replaced the nodes: nothing more to change in them
+            node = draw(st.sampled_from(sorted(data["nodes"], key=str)))
             body = data["nodes"][node]
             what = draw(st.sampled_from(["input", "input", "type", "body", "inputs", "drop", "top"]))
-            if what == "input":
+            intact = isinstance(body, dict) and isinstance(body.get("inputs"), dict)
+            if what == "input" and intact:
                 body["inputs"][draw(st.sampled_from(INPUT_NAMES))] = draw(input_values(list(data["nodes"])))
-            elif what == "type":
+            elif what == "type" and intact:
                 body["type"] = draw(node_types())
             elif what == "body":
                 data["nodes"][node] = draw(values())
-            elif what == "inputs":
+            elif what == "inputs" and intact:
                 body["inputs"] = draw(values())
             elif what == "drop":
                 del data["nodes"][node]

@@ -144,6 +144,7 @@ def test_load_base_node_failure_names_the_node(tmp_path, capsys):
     path = write_workflow(tmp_path, "nodes:\n  base: {type: LoadBase, inputs: {source: empty_model}}\n"
                           "  s: {type: Sample, inputs: {model: [base, model], prompt: x, steps: 1}}\n"
                           "  o: {type: SaveImages, inputs: {images: [s, images]}}\n")
-    assert main(["run", str(path), "--output-dir", str(tmp_path / "out")]) == 1
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out")]) == 2  # found before anything runs
     err = capsys.readouterr().err
-    assert "node 'base' (LoadBase) failed" in err and "missing model_index.json" in err
+    assert "node 'base' (LoadBase), input 'source'" in err and "[bad_model]" in err
+    assert "missing model_index.json" in err and not (tmp_path / "out").exists()

@@ -114,8 +114,17 @@ nodes:
 """
 
 
+def write_nan_lora(folder):
+    """A LoRA whose header is sound (so validation passes) and whose weights are NaN: it fails at load."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(EXAMPLE_LORA))
+    tensors = {k: v.fill_(float("nan")) if k.endswith("lora_up.weight") else v for k, v in tensors.items()}
+    save_file(tensors, str(folder / "broken.safetensors"))
+
+
 def test_a_failing_node_exits_1_names_itself_and_keeps_written_files(tmp_path, capsys):
-    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
+    write_nan_lora(tmp_path)
     path = write_workflow(tmp_path, FAILING)
     out = tmp_path / "out"
     assert main(["run", str(path), "--output-dir", str(out), "--events", "jsonl"]) == 1
@@ -169,7 +178,7 @@ def test_override_parsing():
 
 
 def test_run_end_follows_a_failure(tmp_path, capsys):
-    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
+    write_nan_lora(tmp_path)
     path = write_workflow(tmp_path, FAILING)
     assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--events", "jsonl"]) == 1
     last = json.loads(capsys.readouterr().out.splitlines()[-1])
@@ -180,16 +189,28 @@ def test_nodes_never_write_outside_the_output_folder(tmp_path, capsys):
     precious = tmp_path / "out" / "precious.txt"
     precious.parent.mkdir()
     precious.write_text("keep me")
-    for bad in ("../escape", str(tmp_path / "abs"), "."):
+    for bad in ("../escape", str(tmp_path / "abs"), str(tmp_path / "out" / "abs"), "."):
         text = WORKFLOW.replace("prefix: run", f"prefix: '{bad}'")
         path = write_workflow(tmp_path, text)
         shutil.copy(EXAMPLE_LORA, tmp_path / "style.safetensors")
-        assert main(["run", str(path), "--output-dir", str(tmp_path / "out")]) == 1
-        assert "is outside the output folder" in capsys.readouterr().err
+        assert main(["run", str(path), "--output-dir", str(tmp_path / "out")]) == 2  # found before anything runs
+        err = capsys.readouterr().err
+        assert "is outside the output folder" in err or "names the output folder itself" in err
     model = write_workflow(tmp_path, "nodes:\n  b: {type: LoadBase}\n  s: {type: SaveModel, inputs: {model: [b, model], "
                            "path: '.', overwrite: true}}\n", "model.yaml")
-    assert main(["run", str(model), "--output-dir", str(tmp_path / "out")]) == 1
-    assert precious.read_text() == "keep me"
+    assert main(["run", str(model), "--output-dir", str(tmp_path / "out")]) == 2
+    assert precious.read_text() == "keep me" and sorted(p.name for p in precious.parent.iterdir()) == ["precious.txt"]
+
+
+def test_a_symlink_inside_the_output_folder_cannot_lead_out(tmp_path, capsys):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "link").symlink_to(outside, target_is_directory=True)
+    path = write_workflow(tmp_path, WORKFLOW.replace("prefix: run", "prefix: link/x"))
+    shutil.copy(EXAMPLE_LORA, tmp_path / "style.safetensors")
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out")]) == 1  # only the resolved path tells
+    assert "outside the output folder" in capsys.readouterr().err and not any(outside.iterdir())
 
 
 def test_bad_override_yaml_is_invalid_input_not_a_crash(tmp_path, capsys):

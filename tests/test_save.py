@@ -202,7 +202,9 @@ def test_save_lora_kohya_round_trip_metadata_and_hash(ctx, tiny, write_lora):
     assert_bitwise(merged(tiny, lora, STRENGTH), merged(tiny, read_lora(path), STRENGTH))
     with pytest.raises(NodeError, match="already exists"):
         save_lora.run(ctx, lora, "copy.safetensors", "kohya", None, 0, False)
-    save_lora.run(ctx, lora, str(path), "kohya", ModelRecipe(tiny), 0, True)
+    save_lora.run(ctx, lora, "copy", "kohya", ModelRecipe(tiny), 0, True)
+    with pytest.raises(NodeError, match="outside the output folder"):  # output names are relative to it
+        save_lora.run(ctx, lora, str(path), "kohya", ModelRecipe(tiny), 0, True)
 
 
 def test_addnet_hashes_match_an_independent_computation():

@@ -28,14 +28,14 @@ STARS = WORKFLOWS / "datasets" / "purple_star"
 PURPLE = np.array([140, 40, 180]) / 255
 
 
-def tiny_workflow(folder: Path, steps: int = 6, extra: str = "", batch_size: int = 2) -> Path:
+def tiny_workflow(folder: Path, steps: int = 6, extra: str = "", batch_size: int = 2, save_every: int = 5) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return write_workflow(folder, f"""
 nodes:
   base:  {{type: LoadBase, inputs: {{source: "builtin:tiny", device: cpu}}}}
   data:  {{type: LoadDataset, inputs: {{path: {STARS}}}}}
   train: {{type: TrainLoRA, inputs: {{model: [base, model], dataset: [data, dataset], steps: {steps}, batch_size: {batch_size},
-          rank: 4, alpha: 4, learning_rate: 0.001, save_every_n_steps: 5, {extra}}}}}
+          rank: 4, alpha: 4, learning_rate: 0.001, save_every_n_steps: {save_every}, {extra}}}}}
   save:  {{type: SaveLoRA, inputs: {{lora: [train, lora], path: trained.safetensors}}}}
 """)
 
@@ -226,7 +226,7 @@ def test_progress_reports_the_loss_and_previews_are_written(tmp_path):
 
 
 def test_a_new_process_takes_the_trained_lora_from_the_disk_cache(tmp_path):
-    workflow = tiny_workflow(tmp_path, extra="save_every_n_steps: 0")  # a change of checkpointing: same key
+    workflow = tiny_workflow(tmp_path, save_every=0)  # a change of checkpointing: same key
     first = run_cli(workflow, tmp_path / "out1", tmp_path / "cache")
     assert first.wait(timeout=120) == 0, first.stderr.read()
     second = run_cli(tiny_workflow(tmp_path), tmp_path / "out2", tmp_path / "cache")

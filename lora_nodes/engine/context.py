@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NodeError
+from ..paths import output_name_problem
 from .events import EventSink, event
 
 __all__ = ["NodeContext", "NodeError"]
@@ -40,16 +41,20 @@ class NodeContext:
     def output_path(self, name: str) -> Path:
         """Where a node writes ``name``: inside the output folder, never outside it.
 
-        Workflow files are shared, so a path that leads outside it (absolute, or climbing out with
-        ``..``) is refused rather than written: choose the folder with ``--output-dir`` instead.
+        Workflow files are shared, so a path that leads outside it (absolute, starting with ``~``,
+        climbing out with ``..``) is refused rather than written: choose the folder with
+        ``--output-dir`` instead. The text is checked by the rule validation applies to every
+        output input (:func:`lora_nodes.paths.output_name_problem`); here the resolved path is
+        checked too, so a symlink inside the output folder cannot lead out of it either.
         """
-        if not name.strip():
-            raise NodeError("the output path is empty: give a file or folder name")
+        reason = output_name_problem(name)
+        if reason is not None:
+            raise NodeError(reason)
         root = self.output_dir.resolve()
-        target = (root / Path(name).expanduser()).resolve()
+        target = (root / name).resolve()
         if not target.is_relative_to(root) or target == root:
-            raise NodeError(f"'{name}' is outside the output folder {root}: give a path relative to it "
-                            "(set the folder itself with --output-dir)")
+            raise NodeError(f"'{name}' is outside the output folder {root} (through a symlink): give a path "
+                            "relative to it (set the folder itself with --output-dir)")
         return target
 
     def progress(self, value: int, maximum: int, **details: Any) -> None:

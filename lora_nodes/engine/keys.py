@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
+
+from ..paths import scan_tree
 
 CONTENT_HASH_LIMIT = 64 * 2**20  # files up to this size are hashed by content; larger by size and mtime
 
@@ -25,16 +29,20 @@ class Fingerprints:
     def __call__(self, path: str | Path) -> dict[str, Any]:
         """What identifies a file's version: path, size, mtime, and its content hash where cheap.
 
-        A folder is fingerprinted by every file under it.
+        A folder is fingerprinted by every regular file under it (symlinked folders are not
+        entered). Anything else (a FIFO, a device) is never read: reading it could block or never end.
         """
         path = Path(path)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
+        status = os.stat(path)
+        if stat.S_ISDIR(status.st_mode):
+            files = sorted(path / relative for relative, mode in scan_tree(path)
+                           if mode is not None and stat.S_ISREG(mode))
             return {"path": str(path), "files": [self(p) | {"path": str(p.relative_to(path))} for p in files]}
-        stat = path.stat()
-        fp: dict[str, Any] = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        if stat.st_size <= CONTENT_HASH_LIMIT:
-            version = (str(path), stat.st_size, stat.st_mtime_ns)
+        fp: dict[str, Any] = {"path": str(path), "size": status.st_size, "mtime_ns": status.st_mtime_ns}
+        if not stat.S_ISREG(status.st_mode):
+            return fp | {"mode": stat.S_IFMT(status.st_mode)}
+        if status.st_size <= CONTENT_HASH_LIMIT:
+            version = (str(path), status.st_size, status.st_mtime_ns)
             if version not in self._hashes:
                 self._hashes[version] = content_hash(path)
             fp["blake2b"] = self._hashes[version]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 
+from ..fileio import describe_any_failure, exclusive_lock
 from ..graph.overrides import Override, bind_variants
 from ..graph.problems import WorkflowError
 from ..graph.validate import BoundNode, bind
@@ -115,17 +119,45 @@ class Runner:
         if key in self._results:
             self.emit(event("cached", node=node.id, type=node.spec.id, cache="memory", files=self._files[key]))
             result.cached.append(node.id)
-        elif self._load_from_disk(node, key):
-            self.emit(event("cached", node=node.id, type=node.spec.id, cache="disk", files=[],
-                            folder=str(self._disk_folder(node, key))))
-            result.cached.append(node.id)
         else:
-            ctx = NodeContext(node.id, node.spec.id, self.output_dir, self.cache_dir, self.emit, file_suffix,
-                              embedded, cache_key=key, check_memory=self.check_memory)
-            self._execute(node, ctx, key, keys)
-            result.executed.append(node.id)
+            with self._one_process_at_a_time(node, key):
+                if self._load_from_disk(node, key):
+                    self.emit(event("cached", node=node.id, type=node.spec.id, cache="disk", files=[],
+                                    folder=str(self._disk_folder(node, key))))
+                    result.cached.append(node.id)
+                else:
+                    ctx = NodeContext(node.id, node.spec.id, self.output_dir, self.cache_dir, self.emit,
+                                      file_suffix, embedded, cache_key=key, check_memory=self.check_memory)
+                    self._execute(node, ctx, key, keys)
+                    result.executed.append(node.id)
         result.outputs[node.id] = self._results[key]
         result.files += self._files[key]
+
+    @contextmanager
+    def _one_process_at_a_time(self, node: BoundNode, key: str) -> Iterator[None]:
+        """For a node kept on disk: hold its key's lock while looking in the disk cache, running and
+        storing, so a second process with the same work waits and then takes the first one's result
+        instead of doing it again.
+
+        Not under a multi-process launch (WORLD_SIZE > 1): there every process runs the node
+        together, and one waiting for another would leave the rest waiting for it.
+        """
+        if node.spec.disk_cache is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            yield
+            return
+        lock = self.cache_dir / "locks" / node.spec.id / f"{key}.lock"
+
+        def waiting() -> None:
+            self.emit(event("info", node=node.id, type=node.spec.id, lock=str(lock),
+                            message=f"another process is running {node.spec.id} with these same inputs; waiting "
+                                    f"for it to finish, to take its result from the disk cache ({lock})"))
+
+        with exclusive_lock(lock, on_wait=waiting) as previous:
+            if previous:
+                self.emit(event("info", node=node.id, type=node.spec.id, lock=str(lock),
+                                message=f"taking over from {previous}, which stopped while running "
+                                        f"{node.spec.id} with these same inputs (its lock was freed when it ended)"))
+            yield
 
     def _key(self, node: BoundNode, keys: dict[str, str]) -> str:
         files = {}
@@ -161,9 +193,11 @@ class Runner:
         folder = self._disk_folder(node, key)
         try:
             node.spec.disk_cache.save(outputs, folder)
-        except OSError as exc:  # the result is still good for this process
-            self.emit(event("warning", node=node.id, type=node.spec.id,
-                            message=f"could not keep the result on disk in {folder}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - any writer's failure: the result is still good for this run
+            self.emit(event("warning", node=node.id, type=node.spec.id, folder=str(folder),
+                            message=f"could not write the disk cache in {folder}: {describe_any_failure(exc, folder)}; "
+                                    "the result is used from memory in this run, but a new process will "
+                                    "run the node again"))
 
     def _execute(self, node: BoundNode, ctx: NodeContext, key: str, keys: dict[str, str]) -> None:
         inputs: dict[str, Any] = {decl.name: None for decl in node.spec.inputs}

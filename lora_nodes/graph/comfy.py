@@ -11,6 +11,7 @@ value present, and a left-to-right layout when the workflow carries no positions
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import networkx as nx
 import yaml
 
 from ..nodes.spec import BOOLEAN, COMBO, FLOAT, INT, REQUIRED, STRING, Catalogue, Input, NodeSpec
-from .problems import Problem, WorkflowError
+from .problems import Problem, WorkflowError, cut, listing, shown
 from .workflow import Link, NodeCall, Workflow
 
 FORMATS = ("yaml", "json", "comfyui-api", "comfyui-ui")
@@ -78,7 +79,8 @@ def unsupported_nodes_error(types_by_id: dict[str, str]) -> WorkflowError:
     by_type: dict[str, list[str]] = {}
     for node_id, node_type in types_by_id.items():
         by_type.setdefault(node_type, []).append(node_id)
-    listed = "; ".join(f"{t} (node{'s' * (len(ids) > 1)} {', '.join(ids)})" for t, ids in sorted(by_type.items()))
+    groups = [f"{cut(t, 80)} (node{'s' * (len(ids) > 1)} {listing(ids, 5)})" for t, ids in sorted(by_type.items())]
+    listed = "; ".join(groups[:12]) + (f"; ... ({len(groups) - 12} more types)" if len(groups) > 12 else "")
     message = (f"this workflow uses node types that lora-nodes does not implement: {listed}. "
                "They run inside ComfyUI; build the graph from lora-nodes nodes ('lora-nodes nodes' lists them) "
                "to run it here")
@@ -131,11 +133,22 @@ class _UiGraph:
 
     def __init__(self, data: dict[str, Any]):
         self.nodes: dict[str, dict[str, Any]] = {}
+        problems: list[Problem] = []
         for node in data.get("nodes") or []:
-            if not isinstance(node, dict) or "id" not in node or not isinstance(node.get("type"), str):
-                raise _fail("parse_error", "each node of a ComfyUI workflow needs an 'id' and a 'type'")
-            self.nodes[str(node["id"])] = node
-        self.links = {link.id: link for link in (_parse_link(item) for item in data.get("links") or []) if link}
+            node_id, problem = _ui_node_problem(node)
+            if problem is None and node_id in self.nodes:
+                problem = Problem("parse_error", "two nodes of the ComfyUI workflow have this id", node_id)
+            if problem is not None:
+                problems.append(problem)
+                continue
+            self.nodes[node_id] = node
+        if problems:
+            raise WorkflowError(problems[:20])
+        links = data.get("links")
+        parsed = (_parse_link(item) for item in (links if isinstance(links, list) else []))
+        self.links = {link.id: link for link in parsed if link}
+        self._answers: dict[tuple[Any, str], _Resolved] = {}  # (link id, target type) -> where it leads
+        self._walking: set[Any] = set()  # the links of the walk under way (a second visit is a loop)
 
     def mode(self, node_id: str) -> int:
         return self.nodes[node_id].get("mode") or 0
@@ -144,40 +157,101 @@ class _UiGraph:
         """A node that runs: not muted, not bypassed, not a reroute, primitive or note."""
         return self.mode(node_id) not in (MODE_MUTED, MODE_BYPASSED) and self.nodes[node_id]["type"] not in VIRTUAL_TYPES
 
-    def resolve(self, link_id: Any, target_type: str, depth: int = 0) -> _Resolved:
-        """Follow link ``link_id`` upstream to the node output (or primitive value) that feeds it."""
-        link = self.links.get(link_id)
-        if link is None or link.origin not in self.nodes or depth > len(self.nodes):
-            return _Resolved()
-        origin = self.nodes[link.origin]
+    def resolve(self, link_id: Any, target_type: str) -> _Resolved:
+        """Follow link ``link_id`` upstream to the node output (or primitive value) that feeds it.
+
+        A loop, not a recursion: a chain of hundreds of reroutes is an ordinary graph. A link
+        followed twice means the chain loops; it ends like a link that leads nowhere. Each link's
+        answer is remembered, so many inputs fed through one long chain cost the chain once.
+        """
+        walked: list[Any] = []  # the links followed, each through a reroute or bypassed node
+        passed: str | None = None  # the last of those nodes: where a dead end is reported
+        while True:
+            known = self._answers.get((link_id, target_type)) if _is_link_id(link_id) else None
+            if known is not None and not _is_dead_end(known):
+                return self._remember(walked, target_type, known)
+            link = self.links.get(link_id) if _is_link_id(link_id) else None
+            origin = self.nodes.get(link.origin) if link is not None else None
+            looped = link is not None and link_id in self._walking
+            if known is not None or origin is None or looped or _is_empty_primitive(origin):
+                if origin is not None and not looped:  # a dead end right here, from its own point of view
+                    self._answers[(link_id, target_type)] = _Resolved()
+                return self._remember(walked, target_type, _Resolved(dropped_at=passed))
+            answer, index = self._step(origin, link, target_type)
+            if answer is None:
+                inputs = origin.get("inputs") or []
+                upstream = inputs[index].get("link") if index is not None and index < len(inputs) else None
+                if upstream is not None:
+                    walked.append(link_id)
+                    self._walking.add(link_id)
+                    passed, link_id = link.origin, upstream
+                    continue
+                answer = _Resolved(dropped_at=link.origin)
+            return self._remember([*walked, link_id], target_type, answer)
+
+    def _step(self, origin: dict[str, Any], link: _UiLink, target_type: str) -> tuple[_Resolved | None, int | None]:
+        """What one link's origin gives: an answer, or (None, the input to follow through it)."""
         if origin["type"] == PRIMITIVE:
-            values = origin.get("widgets_values")
-            return _Resolved(value=values[0], is_value=True) if isinstance(values, list) and values else _Resolved()
+            return _Resolved(value=origin["widgets_values"][0], is_value=True), None
         mode = self.mode(link.origin)
         if mode == MODE_MUTED or origin["type"] in IGNORED_TYPES:
-            return _Resolved(dropped_at=link.origin)
+            return _Resolved(dropped_at=link.origin), None
         if mode == MODE_BYPASSED:
-            return self._through_bypass(origin, link, target_type, depth)
+            return None, self._bypass_index(origin, link, target_type)
         if origin["type"] == REROUTE:
-            return self._through_input(origin, link.origin_slot, target_type, depth, link.origin)
-        return _Resolved(link=Link(link.origin, link.origin_slot))
+            return None, link.origin_slot
+        return _Resolved(link=Link(link.origin, link.origin_slot)), None
 
-    def _through_bypass(self, origin: dict[str, Any], link: _UiLink, target_type: str, depth: int) -> _Resolved:
+    def _remember(self, walked: list[Any], target_type: str, answer: _Resolved) -> _Resolved:
+        """Keep ``answer`` as the answer of every link followed, and return it.
+
+        It is theirs too: a dead end reached through pass-through nodes is reported at the last of
+        them, which is the same node wherever upstream of it a walk starts.
+        """
+        for link_id in walked:
+            self._answers[(link_id, target_type)] = answer
+        self._walking.clear()
+        return answer
+
+    @staticmethod
+    def _bypass_index(origin: dict[str, Any], link: _UiLink, target_type: str) -> int | None:
+        """The input a bypassed node passes on in place of the output ``link`` leaves from."""
         outputs = origin.get("outputs") or []
         output_type = outputs[link.origin_slot].get("type", link.type) if link.origin_slot < len(outputs) else link.type
-        index = bypass_input_index(origin.get("inputs") or [], link.origin_slot, str(output_type), target_type)
-        if index is None:
-            return _Resolved(dropped_at=link.origin)
-        return self._through_input(origin, index, target_type, depth, link.origin)
+        return bypass_input_index(origin.get("inputs") or [], link.origin_slot, str(output_type), target_type)
 
-    def _through_input(self, origin: dict[str, Any], index: int, target_type: str, depth: int,
-                       origin_id: str) -> _Resolved:
-        inputs = origin.get("inputs") or []
-        upstream = inputs[index].get("link") if index < len(inputs) else None
-        if upstream is None:
-            return _Resolved(dropped_at=origin_id)
-        resolved = self.resolve(upstream, target_type, depth + 1)
-        return resolved if not resolved.dropped or resolved.dropped_at else _Resolved(dropped_at=origin_id)
+
+def _is_empty_primitive(node: dict[str, Any]) -> bool:
+    """A PrimitiveNode with no value: a link from it leads nowhere."""
+    values = node.get("widgets_values")
+    return node["type"] == PRIMITIVE and not (isinstance(values, list) and values)
+
+
+def _is_dead_end(answer: _Resolved) -> bool:
+    """An answer that leads nowhere and names no node: the walk that meets it names the node it passed."""
+    return answer.dropped and answer.dropped_at is None
+
+
+def _is_link_id(value: Any) -> bool:
+    """Link ids are numbers (or text); anything else in a file is a malformed link, not a crash."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _ui_node_problem(node: Any) -> tuple[str, Problem | None]:
+    """A UI node's id as text, and what is wrong with its shape (None when nothing is)."""
+    if not isinstance(node, dict) or not _is_link_id(node.get("id")):
+        found = f"a node with id {shown(node.get('id'))}" if isinstance(node, dict) else shown(node)
+        return "", Problem("parse_error", f"each node of a ComfyUI workflow needs an 'id' (a number); found {found}")
+    if not isinstance(node.get("type"), str):
+        return str(node["id"]), Problem("parse_error", f"the node's 'type' must be text, not {shown(node.get('type'))}",
+                                        str(node["id"]))
+    node_id = str(node["id"])
+    for key in ("inputs", "outputs"):
+        slots = node.get(key)
+        if slots is not None and (not isinstance(slots, list) or not all(isinstance(x, dict) for x in slots)):
+            return node_id, Problem("parse_error", f"'{key}' must be a list of slots (mappings)", node_id,
+                                    type=cut(node["type"], 100))
+    return node_id, None
 
 
 def _parse_link(item: Any) -> _UiLink | None:
@@ -187,10 +261,13 @@ def _parse_link(item: Any) -> _UiLink | None:
     if not isinstance(item, (list, tuple)) or len(item) < 5:
         return None
     link_type = item[5] if len(item) > 5 else ""
-    try:
-        return _UiLink(item[0], str(item[1]), int(item[2]), str(item[3]), str(link_type))
-    except (TypeError, ValueError):
+    if not _is_link_id(item[0]) or not all(_is_link_id(i) for i in (item[1], item[3])):
         return None  # a malformed link: what it fed is reported as unset
+    try:
+        slot = int(item[2])
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return _UiLink(item[0], str(item[1]), slot, str(item[3]), cut(str(link_type), 200)) if slot >= 0 else None
 
 
 def _compatible(slot_type: Any, wanted: Any) -> bool:
@@ -243,9 +320,13 @@ def _positional_widgets(raw: list[Any], widgets: list[Input]) -> dict[str, Any]:
             break
         found[decl.name] = raw[index]
         index += 1
-        if has_control_widget(decl) and extra and index < len(raw) and raw[index] in CONTROL_VALUES:
+        if has_control_widget(decl) and extra and index < len(raw) and _is_control(raw[index]):
             index += 1
     return found
+
+
+def _is_control(value: Any) -> bool:
+    return isinstance(value, str) and value in CONTROL_VALUES
 
 
 def _coerce(decl: Input, value: Any) -> Any:
@@ -284,9 +365,12 @@ def _build_node(graph: _UiGraph, node_id: str, catalogue: Catalogue) -> _Built:
     for slot in node.get("inputs") or []:
         if slot.get("link") is None:
             continue
-        name = str((slot.get("widget") or {}).get("name") or slot.get("name"))
+        widget = slot.get("widget")
+        name = (widget.get("name") if isinstance(widget, dict) else None) or slot.get("name")
+        if not isinstance(name, str):
+            continue  # a slot without a name feeds nothing we could name
         decl = spec.input(name)
-        target_type = str(slot.get("type") or (decl.type if decl else "*"))
+        target_type = cut(str(slot.get("type") or (decl.type if decl else "*")), 200)
         _set_linked_input(built, name, decl, graph.resolve(slot["link"], target_type), widgets)
     inputs = built.call.inputs
     declared = {d.name: inputs[d.name] for d in spec.inputs if d.name in inputs}
@@ -324,17 +408,24 @@ def _leave_out_unfed(graph: _UiGraph, built: dict[str, _Built]) -> None:
     Raises when an output node is among them: it cannot run, and the user should know why.
     """
     reasons: dict[str, tuple[str, str]] = {}  # left-out node -> (input, upstream node)
+    order = {node_id: n for n, node_id in enumerate(built)}
+    users: dict[str, list[str]] = {}  # node -> the nodes that link to it
+    for node_id, node in built.items():
+        for value in node.call.inputs.values():
+            if isinstance(value, Link):
+                users.setdefault(value.node, []).append(node_id)
+    # a work list, not passes until nothing changes: a long chain in reverse file order stays linear
+    pending = list(reversed(order))
     outputs: list[str] = []
-    changed = True
-    while changed:
-        changed = False
-        for node_id, node in list(built.items()):
-            missing = _missing_input(node, built)
-            if missing is not None:
-                reasons[node_id] = missing
-                outputs += [node_id] if node.spec.output_node else []
-                del built[node_id]
-                changed = True
+    while pending:
+        node = built.get(node_id := pending.pop())
+        missing = _missing_input(node, built) if node is not None else None
+        if node is not None and missing is not None:
+            reasons[node_id] = missing
+            outputs += [node_id] if node.spec.output_node else []
+            del built[node_id]
+            pending += users.get(node_id, [])
+    outputs.sort(key=order.__getitem__)
     if outputs:
         raise WorkflowError([_unfed_problem(graph, node_id, reasons) for node_id in outputs])
 
@@ -361,7 +452,9 @@ def _unfed_problem(graph: _UiGraph, node_id: str, reasons: dict[str, tuple[str, 
     path = [upstream]
     while path[-1] in reasons and len(path) <= len(reasons):
         path.append(reasons[path[-1]][1])
-    why = "bypassed with no input of the matching type" if graph.mode(path[-1]) == MODE_BYPASSED else "muted"
+    mode = graph.mode(path[-1])
+    why = ("bypassed with no input of the matching type" if mode == MODE_BYPASSED else "muted" if mode == MODE_MUTED
+           else "fed by a link that is missing or goes round in a loop")
     needs = ", which needs ".join(_describe(graph, i) for i in path)
     message = (f"this output cannot run: it needs {needs}, which is {why} in the ComfyUI file; "
                "unmute that node, or mute or remove this output")
@@ -381,7 +474,17 @@ def _layout_of(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_pair(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_coordinate(v) for v in value)
+
+
+def _is_coordinate(value: Any) -> bool:
+    """A finite number a float can hold (a position from a file may be anything)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +505,8 @@ def _check_convertible(workflow: Workflow, catalogue: Catalogue) -> dict[str, No
 def comfy_ids(workflow: Workflow) -> dict[str, int]:
     """Integer ids for ComfyUI: kept when every id already is one, else 1, 2, ... in file order."""
     ids = list(workflow.nodes)
-    if all(i.isdigit() and str(int(i)) == i and int(i) > 0 for i in ids):
+    # at most 15 digits: ComfyUI's ids are JavaScript numbers, exact up to 2**53
+    if all(i.isascii() and i.isdigit() and len(i) <= 15 and str(int(i)) == i and int(i) > 0 for i in ids):
         return {i: int(i) for i in ids}
     return {node_id: n for n, node_id in enumerate(ids, start=1)}
 

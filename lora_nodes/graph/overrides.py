@@ -4,28 +4,30 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..nodes.spec import Catalogue
-from .problems import Problem, WorkflowError
+from ..paths import folder_checks_remembered
+from .load import ParseError, parse_yaml
+from .problems import Problem, WorkflowError, listing, shown
 from .validate import BoundNode, bind, resolve_path
 from .workflow import Link, Workflow, is_link
 
 LABEL_LIMIT = 60  # characters of a sweep value in a file name
+MAX_VARIANTS = 1000  # variants of one run (the product of the sweeps' lengths): each is bound and run
 
 
 def _yaml(text: str, flag: str, whole: str) -> Any:
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem", None) or "not valid YAML"
-        raise WorkflowError([Problem("bad_override", f"{flag} {whole!r}: the value {text!r} is {mark}; quote "
-                                     "text that has YAML characters, e.g. 'node.prompt=\"a: b\"'")]) from exc
+        return parse_yaml(text)
+    except ParseError as exc:
+        raise WorkflowError([Problem("bad_override", f"{flag} {shown(whole)}: the value {shown(text)} is not valid "
+                                     f"YAML ({exc}); quote text that has YAML characters, e.g. "
+                                     "'node.prompt=\"a: b\"'")]) from None
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def _split(text: str, flag: str) -> tuple[str, str, str]:
     target, sep, value = text.partition("=")
     node, dot, name = target.rpartition(".")
     if not sep or not dot or not node or not name:
-        raise WorkflowError([Problem("bad_override", f"{flag} expects NODE.INPUT=VALUE, got {text!r}")])
+        raise WorkflowError([Problem("bad_override", f"{flag} expects NODE.INPUT=VALUE, got {shown(text)}")])
     return node, name, value
 
 
@@ -67,15 +69,39 @@ def parse_sweep(text: str) -> list[Override]:
     """``NODE.INPUT=V1,V2,...`` (or a YAML list ``[V1, V2]`` when values hold commas)."""
     node, name, value = _split(text, "--sweep")
     parsed = _yaml(value, "--sweep", text) if value.strip().startswith("[") else None
-    items = parsed if isinstance(parsed, list) else [_yaml(v, "--sweep", text) if v else "" for v in value.split(",")]
+    if isinstance(parsed, list):
+        items = parsed
+    else:
+        pieces = value.split(",")
+        _check_variant_count(len(pieces), f"--sweep {shown(text)} has {len(pieces):,} values")  # before parsing each
+        items = [_yaml(v, "--sweep", text) if v else "" for v in pieces]
     if not items:
-        raise WorkflowError([Problem("bad_override", f"--sweep {text!r} has no values")])
+        raise WorkflowError([Problem("bad_override", f"--sweep {shown(text)} has no values")])
+    _check_variant_count(len(items), f"--sweep {shown(text)} has {len(items):,} values")
     return [Override(node, name, item) for item in items]
 
 
+def _check_variant_count(count: int, what: str) -> None:
+    if count > MAX_VARIANTS:
+        raise WorkflowError([Problem("bad_override", f"{what}: at most {MAX_VARIANTS:,} variants run at once; "
+                                     "split the sweep over several runs")])
+
+
 def sweep_variants(sweeps: list[list[Override]]) -> list[tuple[Override, ...]]:
-    """The cartesian product of several sweeps; one empty variant when there is no sweep."""
+    """The cartesian product of several sweeps; one empty variant when there is no sweep.
+
+    Raises (``bad_override``) for more than :data:`MAX_VARIANTS` variants, before building any.
+    """
+    count = math.prod(len(sweep) for sweep in sweeps)
+    sizes = " x ".join(str(len(sweep)) for sweep in sweeps)
+    _check_variant_count(count, f"the sweeps give {count:,} variants ({sizes})")
     return list(itertools.product(*sweeps))
+
+
+def file_suffix(overrides: tuple[Override, ...] | list[Override]) -> str:
+    """What a variant adds to the names of the files it writes (empty without overrides)."""
+    label = "_".join(o.label for o in overrides)
+    return f"_{label}" if label else ""
 
 
 def apply_overrides(workflow: Workflow, overrides: list[Override] | tuple[Override, ...],
@@ -90,8 +116,8 @@ def apply_overrides(workflow: Workflow, overrides: list[Override] | tuple[Overri
     for override in overrides:
         call = result.nodes.get(override.node)
         if call is None:
-            problems.append(Problem("missing_node", f"--set/--sweep names node '{override.node}', which is not in "
-                                    f"the workflow (nodes: {', '.join(result.nodes)})", override.node, override.input))
+            problems.append(Problem("missing_node", f"--set/--sweep names node {shown(override.node)}, which is not "
+                                    f"in the workflow (nodes: {listing(result.nodes)})", override.node, override.input))
             continue
         value = override.value
         spec = catalogue.get(call.type)
@@ -110,12 +136,15 @@ def bind_variants(workflow: Workflow, variants: list[tuple[Override, ...]], cata
                   cwd: Path | None = None) -> list[tuple[Workflow, dict[str, BoundNode], tuple[Override, ...]]]:
     """Every variant applied and bound; raises one WorkflowError with the problems of all of them."""
     prepared, problems = [], []
-    for overrides in variants:
-        try:
-            variant = apply_overrides(workflow, overrides, catalogue, cwd)
-            prepared.append((variant, bind(variant, catalogue), overrides))
-        except WorkflowError as exc:
-            problems += [p for p in exc.problems if p not in problems]
+    seen: set[Problem] = set()  # variants repeat each other's problems: each is reported once
+    with folder_checks_remembered():  # variants mostly name the same folders: list each once
+        for overrides in variants:
+            try:
+                variant = apply_overrides(workflow, overrides, catalogue, cwd)
+                suffix_bytes = len(file_suffix(overrides).encode("utf-8", "replace"))
+                prepared.append((variant, bind(variant, catalogue, suffix_bytes), overrides))
+            except WorkflowError as exc:
+                problems += [p for p in exc.problems if not (p in seen or seen.add(p))]
     if problems:
         raise WorkflowError(problems)
     return prepared

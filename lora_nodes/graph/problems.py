@@ -1,8 +1,67 @@
-"""What validation reports: one :class:`Problem` per thing wrong with a workflow."""
+"""What validation reports: one :class:`Problem` per thing wrong with a workflow.
+
+Workflow files are shared and may be hostile, so nothing from one is shown at full length: every
+value in a message goes through :func:`shown` (and lists through :func:`listing`), and a message
+is cut at :data:`MESSAGE_LIMIT` whatever it holds.
+"""
 
 from __future__ import annotations
 
+import reprlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
+
+VALUE_LIMIT = 200  # characters of a value shown in a message
+MESSAGE_LIMIT = 2000  # characters of a whole message
+ID_LIMIT = 100  # characters of a node id, input name or type in a problem's heading
+_BIG_INT_BITS = 600  # larger integers are described by their size (str() of one can be slow or refused)
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib with small limits, and integers too big to print described by their size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict, self.maxset = 3, 6, 6, 4, 6
+        self.maxstring, self.maxlong, self.maxother = VALUE_LIMIT, 60, 80
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > _BIG_INT_BITS:
+            return f"<an integer of about {int(x.bit_length() * 0.30103)} digits>"
+        return super().repr_int(x, level)
+
+    def repr_str(self, x: str, level: int) -> str:
+        return repr(x) if len(x) <= VALUE_LIMIT else repr(x[:VALUE_LIMIT]) + "..."
+
+
+_REPR = _ShortRepr()
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for a message: at most about :data:`VALUE_LIMIT` characters, whatever the value.
+
+    Safe on anything a file can hold: huge or deeply nested containers, shared references (a YAML
+    alias bomb), integers of thousands of digits.
+    """
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a value whose repr fails is still named
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= VALUE_LIMIT + 10 else text[:VALUE_LIMIT] + "..."
+
+
+def cut(text: str, limit: int = VALUE_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters (for text shown without quotes, like a node id)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def listing(items: Iterable[Any], limit: int = 12) -> str:
+    """``a, b, c`` for a message: at most ``limit`` items (each cut), then how many more."""
+    items = list(items)
+    names = [cut(str(item), 60) for item in items[:limit]]
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(names) + more
 
 
 @dataclass(frozen=True)
@@ -15,15 +74,20 @@ class Problem:
     input: str | None = None
     type: str | None = None
 
+    def __post_init__(self) -> None:
+        if len(self.message) > MESSAGE_LIMIT:  # whoever built it, a message stays readable
+            extra = len(self.message) - MESSAGE_LIMIT
+            object.__setattr__(self, "message", f"{self.message[:MESSAGE_LIMIT]}... ({extra} more characters)")
+
     def to_dict(self) -> dict[str, str | None]:
         return asdict(self)
 
     def __str__(self) -> str:
         where = ""
         if self.node is not None:
-            where = f"node '{self.node}'" + (f" ({self.type})" if self.type else "")
+            where = f"node '{cut(self.node, ID_LIMIT)}'" + (f" ({cut(self.type, ID_LIMIT)})" if self.type else "")
             if self.input is not None:
-                where += f", input '{self.input}'"
+                where += f", input '{cut(self.input, ID_LIMIT)}'"
             where += ": "
         return f"[{self.code}] {where}{self.message}"
 

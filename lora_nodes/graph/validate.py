@@ -7,6 +7,7 @@ indices. The scheduler only ever sees bound nodes, so what it runs is what was c
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,13 @@ from typing import Any
 import networkx as nx
 
 from ..nodes.spec import BOOLEAN, COMBO, FLOAT, INT, STRING, Catalogue, Input, NodeSpec
-from .problems import Problem, WorkflowError
+from ..paths import expand_input_path, input_path_problem, output_name_problem
+from .problems import Problem, WorkflowError, listing, shown
 from .workflow import Link, Workflow
 
 BUILTIN_PREFIX = "builtin:"
+# every INT ends in a 64-bit integer, signed or (seeds) unsigned: torch, numpy, safetensors
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,17 @@ class BoundNode:
 
 
 def resolve_path(value: str, base_dir: Path) -> str:
-    """A path input as an absolute path; ``builtin:`` names and empty strings stay as they are."""
-    if not value or value.startswith(BUILTIN_PREFIX):
+    """A path input as an absolute path; ``builtin:`` names and empty strings stay as they are.
+
+    A path that cannot be resolved (a NUL in it, ``~user`` of no user) also stays as it is:
+    validation reports it.
+    """
+    if not isinstance(value, str) or not value or value.startswith(BUILTIN_PREFIX):
         return value
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (base_dir / path).resolve())
+    try:
+        return str(expand_input_path(value, base_dir))
+    except ValueError:
+        return value
 
 
 def rebase_paths(workflow: Workflow, catalogue: Catalogue, new_dir: Path) -> Workflow:
@@ -47,57 +57,73 @@ def rebase_paths(workflow: Workflow, catalogue: Catalogue, new_dir: Path) -> Wor
     result = workflow.copy()
     result.base_dir = new_dir.resolve()
     for call in result.nodes.values():
-        spec = catalogue.get(call.type)
+        spec = _spec(catalogue, call.type)
         for name, value in call.inputs.items():
             decl = spec.input(name) if spec else None
             if decl is None or not decl.path or not isinstance(value, str) or not value:
                 continue
-            if value.startswith(BUILTIN_PREFIX) or Path(value).expanduser().is_absolute():
+            if value.startswith((BUILTIN_PREFIX, "~")) or Path(value).is_absolute():
                 continue
             target = Path(resolve_path(value, workflow.base_dir))
+            if not target.is_absolute():
+                continue  # not resolvable: left as it is, for validation to report
             call.inputs[name] = (str(target.relative_to(result.base_dir)) if target.is_relative_to(result.base_dir)
                                  else str(target))
     return result
 
 
-def check(workflow: Workflow, catalogue: Catalogue) -> tuple[list[Problem], dict[str, BoundNode]]:
-    """Every problem in ``workflow``, and the bound nodes (meaningful only when there are none)."""
+def check(workflow: Workflow, catalogue: Catalogue,
+          suffix_bytes: int = 0) -> tuple[list[Problem], dict[str, BoundNode]]:
+    """Every problem in ``workflow``, and the bound nodes (meaningful only when there are none).
+
+    ``suffix_bytes``: how long a suffix the run adds to output names (a sweep variant's label), so
+    that a name too long for the file system is reported here rather than after sampling.
+    """
     problems: list[Problem] = []
     bound: dict[str, BoundNode] = {}
     for node_id, call in workflow.nodes.items():
-        spec = catalogue.get(call.type)
+        spec = _spec(catalogue, call.type)
         if spec is None:
             problems.append(Problem("unknown_node_type", _unknown_type_message(call.type, catalogue), node_id))
             continue
-        node_problems, literals, links = _check_node(node_id, spec, call.inputs, workflow, catalogue)
+        node_problems, literals, links = _check_node(node_id, spec, call.inputs, workflow, catalogue, suffix_bytes)
         problems += node_problems
         bound[node_id] = BoundNode(node_id, spec, literals, links)
     cycles = _cycles(workflow)
     problems += cycles
     if not cycles:
         problems += _preflight(bound)
-    if not any(catalogue[c.type].output_node for c in workflow.nodes.values() if c.type in catalogue):
+    if not any(spec.output_node for c in workflow.nodes.values() if (spec := _spec(catalogue, c.type))):
         problems.append(Problem("no_outputs", "the workflow has no output node (SaveImages, ...): nothing would run"))
     return problems, bound
 
 
-def bind(workflow: Workflow, catalogue: Catalogue) -> dict[str, BoundNode]:
+def bind(workflow: Workflow, catalogue: Catalogue, suffix_bytes: int = 0) -> dict[str, BoundNode]:
     """The bound nodes of a valid workflow; raises :class:`WorkflowError` listing every problem."""
-    problems, bound = check(workflow, catalogue)
+    problems, bound = check(workflow, catalogue, suffix_bytes)
     if problems:
         raise WorkflowError(problems)
     return bound
 
 
-def _unknown_type_message(node_type: str, catalogue: Catalogue) -> str:
+def _spec(catalogue: Catalogue, node_type: Any) -> NodeSpec | None:
+    """The spec of ``node_type``; None for an unknown type or one that is not text."""
+    return catalogue.get(node_type) if isinstance(node_type, str) else None
+
+
+def _unknown_type_message(node_type: Any, catalogue: Catalogue) -> str:
     import difflib
 
-    close = difflib.get_close_matches(node_type, list(catalogue), n=1)
+    if not isinstance(node_type, str):
+        return f"the node type must be text, not {shown(node_type)}"
+    # difflib is quadratic in the length: a long bogus name gets no suggestion
+    close = difflib.get_close_matches(node_type, list(catalogue), n=1) if len(node_type) <= 100 else []
     hint = f"; did you mean '{close[0]}'?" if close else "; 'lora-nodes nodes' lists the node types"
-    return f"unknown node type '{node_type}'{hint}"
+    return f"unknown node type {shown(node_type)}{hint}"
 
 
-def _check_node(node_id: str, spec: NodeSpec, inputs: dict[str, Any], workflow: Workflow, catalogue: Catalogue):
+def _check_node(node_id: str, spec: NodeSpec, inputs: dict[str, Any], workflow: Workflow, catalogue: Catalogue,
+                suffix_bytes: int = 0):
     problems: list[Problem] = []
     literals: dict[str, Any] = {}
     links: dict[str, tuple[str, int]] = {}
@@ -107,7 +133,8 @@ def _check_node(node_id: str, spec: NodeSpec, inputs: dict[str, Any], workflow: 
 
     for name in inputs:
         if spec.input(name) is None:
-            problem("unknown_input", f"{spec.id} has no input '{name}' (inputs: {', '.join(i.name for i in spec.inputs)})", name)
+            problem("unknown_input", f"{spec.id} has no input {shown(name)} (inputs: "
+                    f"{', '.join(i.name for i in spec.inputs)})", name)
     for decl in spec.inputs:
         if decl.name not in inputs:
             if decl.required:
@@ -123,56 +150,81 @@ def _check_node(node_id: str, spec: NodeSpec, inputs: dict[str, Any], workflow: 
         elif decl.is_link:
             problem("type_mismatch", f"expects a link to a {decl.type} output, e.g. [node_id, output]", decl.name)
         else:
-            for code, message in _check_literal(decl, value, workflow.base_dir):
+            found = _check_literal(decl, value, workflow.base_dir, suffix_bytes)
+            for code, message in found:
                 problem(code, message, decl.name)
-            literals[decl.name] = resolve_path(value, workflow.base_dir) if decl.path else value
+            literals[decl.name] = resolve_path(value, workflow.base_dir) if decl.path and not found else value
     return problems, literals, links
 
 
 def _check_link(link: Link, decl: Input, workflow: Workflow, catalogue: Catalogue, problem) -> tuple[str, int] | None:
     upstream = workflow.nodes.get(link.node)
     if upstream is None:
-        problem("missing_node", f"links to node '{link.node}', which is not in the workflow")
+        problem("missing_node", f"links to node {shown(link.node)}, which is not in the workflow")
         return None
-    upstream_spec = catalogue.get(upstream.type)
+    upstream_spec = _spec(catalogue, upstream.type)
     if upstream_spec is None:
         return None  # reported as unknown_node_type on that node
     index = upstream_spec.output_index(link.output)
     if index is None:
         outputs = ", ".join(o.name for o in upstream_spec.outputs) or "none"
-        problem("missing_output", f"node '{link.node}' ({upstream.type}) has no output {link.output!r} (outputs: {outputs})")
+        problem("missing_output", f"node {shown(link.node)} ({upstream.type}) has no output {shown(link.output)} "
+                f"(outputs: {outputs})")
         return None
     produced = upstream_spec.outputs[index].type
     accepted = STRING if decl.type == COMBO else decl.type
     if produced != accepted:
-        problem("type_mismatch", f"expects {decl.type}, but '{link.node}' output '{upstream_spec.outputs[index].name}' is {produced}")
+        problem("type_mismatch", f"expects {decl.type}, but {shown(link.node)} output "
+                f"'{upstream_spec.outputs[index].name}' is {produced}")
         return None
     return link.node, index
 
 
-def _check_literal(decl: Input, value: Any, base_dir: Path) -> list[tuple[str, str]]:
-    kind_ok = {
-        INT: isinstance(value, int) and not isinstance(value, bool),
-        FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-        STRING: isinstance(value, str),
-        BOOLEAN: isinstance(value, bool),
-        COMBO: isinstance(value, str),
-    }[decl.type]
-    if not kind_ok:
-        if isinstance(value, float) and not math.isfinite(value):
-            return [("invalid_value", f"expects a finite number, got {value!r}")]
-        return [("invalid_value", f"expects {decl.type.lower()}, got {type(value).__name__} {value!r}")]
+def _check_literal(decl: Input, value: Any, base_dir: Path, suffix_bytes: int = 0) -> list[tuple[str, str]]:
+    """Problems of a literal input value: its type first (nothing else is looked at when that is
+    wrong), then choices, range and step, then paths (read or written)."""
+    wrong = _type_problem(decl, value)
+    if wrong is not None:
+        return [("invalid_value", wrong)]
     if decl.type == COMBO and value not in decl.choices:
-        return [("invalid_choice", f"{value!r} is not one of: {', '.join(decl.choices)}")]
-    below = decl.min is not None and value < decl.min
-    above = decl.max is not None and value > decl.max
-    if decl.type in (INT, FLOAT) and (below or above):
-        return [("out_of_range", f"{value} is outside {decl.min}..{decl.max}")]
-    if decl.type == INT and decl.step and value % decl.step:
-        return [("out_of_range", f"{value} is not a multiple of {decl.step}")]
+        return [("invalid_choice", f"{shown(value)} is not one of: {listing(decl.choices, 30)}")]
+    if decl.type in (INT, FLOAT):
+        below = decl.min is not None and value < decl.min
+        above = decl.max is not None and value > decl.max
+        if below or above:
+            return [("out_of_range", f"{shown(value)} is outside {decl.min}..{decl.max}")]
+        if decl.type == INT and not INT_MIN <= value <= INT_MAX:
+            return [("out_of_range", f"{shown(value)} does not fit in 64 bits")]
+        if decl.type == INT and decl.step and value % decl.step:
+            return [("out_of_range", f"{value} is not a multiple of {decl.step}")]
+    if decl.writes:
+        reason = output_name_problem(value, reserve=suffix_bytes)
+        return [("invalid_value", reason)] if reason else []
     if decl.path:
         return _check_path(decl, value, base_dir)
     return []
+
+
+def _type_problem(decl: Input, value: Any) -> str | None:
+    """Why ``value`` is not of ``decl``'s widget type, or None. Only the declared type is tested:
+    a test for another type may not apply to this value (``math.isfinite(10**400)`` raises)."""
+    if decl.type == INT:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif decl.type == FLOAT:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+            return f"{shown(value)} is too large for a floating-point number"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"expects a finite number, got {value!r}"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif decl.type == BOOLEAN:
+        ok = isinstance(value, bool)
+    else:  # STRING, COMBO
+        ok = isinstance(value, str)
+    if ok:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expects a finite number, got {value!r}"
+    return f"expects {decl.type.lower()}, got {type(value).__name__} {shown(value)}"
 
 
 def _check_path(decl: Input, value: str, base_dir: Path) -> list[tuple[str, str]]:
@@ -182,11 +234,9 @@ def _check_path(decl: Input, value: str, base_dir: Path) -> list[tuple[str, str]
         if value in decl.builtins:
             return []
         known = ", ".join(decl.builtins) or "none"
-        return [("invalid_choice", f"unknown built-in '{value}' (built-ins here: {known})")]
-    resolved = Path(resolve_path(value, base_dir))
-    if not resolved.exists():
-        return [("file_not_found", f"file not found: {value} (looked for {resolved})")]
-    return []
+        return [("invalid_choice", f"unknown built-in {shown(value)} (built-ins here: {known})")]
+    found = input_path_problem(value, base_dir, decl.path_kind)
+    return [found] if found else []
 
 
 def _preflight(bound: dict[str, BoundNode]) -> list[Problem]:

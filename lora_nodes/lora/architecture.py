@@ -8,7 +8,7 @@ NAMES = {"sd1": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL"}
 
 # Width of the cross-attention context (what attn2.to_k reads), per family. The built-in tiny
 # models use their own widths so that their LoRAs are told apart the same way.
-CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl", 32: "sd1", 80: "sdxl"}
+CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl", 32: "sd1", 64: "sd1", 80: "sdxl"}
 
 # family -> kohya sd-scripts' ss_base_model_version (model_util.get_model_version_str_for_sd1_sd2 and
 # sdxl_model_util); reading, a version is recognised by these prefixes (sd_v2_v, sdxl_base_v0-9, ...).
@@ -33,4 +33,15 @@ def lora_architecture(lora: LoRA) -> str | None:
 
 
 def family_name(family: str | None) -> str:
+    """A family as people write it (``SD1.5``, ``SDXL``)."""
     return NAMES.get(family or "", family or "an unknown model")
+
+
+def family_mismatch(lora_family: str | None, base_family: str | None) -> str | None:
+    """The sentence for a LoRA made for another family than the base's, or None when they fit or are unknown.
+
+    The same words at validation (from file headers) and at run time (from the loaded files).
+    """
+    if lora_family is None or base_family is None or lora_family == base_family:
+        return None
+    return f"this LoRA is for {family_name(lora_family)}, the base is {family_name(base_family)}"

@@ -7,7 +7,10 @@ spelling is one line. Names are matched through the base's own index of module n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import math
+import pickle
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LoRAError
+from .metadata import metadata_warnings
 from .model import FullModule, LoHaModule, LoKrModule, LoRA, LoRAModule, Module
 
 # key suffix -> (part, naming); naming None: the suffix says nothing about the naming.
@@ -73,35 +77,77 @@ def component_of(key: str) -> str:
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and metadata of a ``.safetensors`` file, or of a pickle file loaded without code."""
+    """Tensors and metadata of a ``.safetensors`` file, or of a pickle file loaded without code.
+
+    Anything that is not such a file (missing, a folder, empty, damaged, truncated, no tensors)
+    raises :class:`LoRAError` naming it.
+    """
     path = Path(path)
+    _check_is_file(path)
     if path.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 - not a dict
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise LoRAError(f"{path.name} is not a readable .safetensors file: {exc}") from exc
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return _read_pickle_weights_only(path), {}
-    raise LoRAError(f"{path.name}: unknown file type '{path.suffix}' (expected .safetensors, or {', '.join(PICKLE_SUFFIXES)})")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+                metadata = dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+            raise LoRAError(f"{path.name} is not a readable .safetensors file (damaged or truncated?): {exc}") from exc
+    elif path.suffix.lower() in PICKLE_SUFFIXES:
+        tensors, metadata = _read_pickle_weights_only(path), {}
+    else:
+        raise LoRAError(f"{path.name}: unknown file type '{path.suffix}' (expected .safetensors, or "
+                        f"{', '.join(PICKLE_SUFFIXES)})")
+    if not tensors:
+        raise LoRAError(f"{path.name} holds no tensors: it is not a LoRA (or anything else with weights)")
+    return tensors, metadata
+
+
+def read_header(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A ``.safetensors`` file's keys as empty ``meta`` tensors of their shapes, and its metadata.
+
+    Reads only the header (no weights), for checks that must be cheap; raises :class:`LoRAError`
+    as :func:`read_state_dict` does for a file that is not readable.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    _check_is_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 - not a dict
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise LoRAError(f"{path.name} is not a readable .safetensors file (damaged or truncated?): {exc}") from exc
+    return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}, metadata
+
+
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        raise LoRAError(f"{path} is a folder; a LoRA is one file (.safetensors)")
+    if not path.is_file():
+        raise LoRAError(f"file not found: {path}")
+    if path.stat().st_size == 0:
+        raise LoRAError(f"{path.name} is empty (0 bytes): an interrupted download or copy?")
 
 
 def _read_pickle_weights_only(path: Path) -> dict[str, Tensor]:
     # weights_only=True refuses any pickle that would run code: tensors and plain containers only.
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except pickle.UnpicklingError as exc:
         raise LoRAError(
-            f"{path.name} was refused: it is a pickle file that does not hold plain tensors, and loading it "
-            f"could run code ({type(exc).__name__}). Convert it to .safetensors with a tool you trust."
+            f"{path.name} was refused: it is not a pickle of plain tensors (loading it could run code, or it is "
+            f"not a pickle at all). Convert it to .safetensors with a tool you trust."
         ) from exc
+    except Exception as exc:  # torch.load raises EOFError, RuntimeError (zip), ... for damaged files
+        raise LoRAError(f"{path.name} is not a readable {path.suffix} file (damaged or truncated?): "
+                        f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
         raise LoRAError(f"{path.name} holds a {type(data).__name__}, not a dict of tensors")
-    return {k: v for k, v in data.items() if isinstance(v, Tensor)}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, Tensor)}
 
 
 def read_lora(path: str | Path) -> LoRA:
@@ -111,9 +157,27 @@ def read_lora(path: str | Path) -> LoRA:
     return parse_lora(tensors, metadata, name=path.stem, path=str(path))
 
 
+def read_lora_header(path: str | Path) -> LoRA:
+    """A LoRA of ``meta`` tensors from a ``.safetensors`` header: its modules, shapes and metadata.
+
+    Every structural check of :func:`parse_lora` runs (so a malformed file is found without
+    reading its weights); values (alphas, NaNs) are not known, so those checks wait for the load.
+    """
+    path = Path(path)
+    tensors, metadata = read_header(path)
+    if not tensors:
+        raise LoRAError(f"{path.name} holds no tensors: it is not a LoRA (or anything else with weights)")
+    return parse_lora(tensors, metadata, name=path.stem, path=str(path))
+
+
 def parse_lora(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None,
                name: str = "lora", path: str = "") -> LoRA:
-    """Group a LoRA state dict into modules; raise :class:`LoRAError` when it is not a LoRA we read."""
+    """Group a LoRA state dict into modules; raise :class:`LoRAError` when it is not a LoRA we read.
+
+    Values that would make black pictures (NaN, infinities, absurd magnitudes) and malformed
+    modules are errors; metadata that does not parse only becomes :attr:`LoRA.warnings`.
+    """
+    label = Path(path).name if path else name
     parts: dict[str, dict[str, Tensor]] = {}
     namings: set[str] = set()
     unknown = []
@@ -128,22 +192,91 @@ def parse_lora(tensors: dict[str, Tensor], metadata: dict[str, str] | None = Non
         namings.add(naming or ("kohya" if module_key.startswith("lora_") else "diffusers"))
     if not parts:
         first = ", ".join(sorted(tensors)[:5]) or "no tensors"
-        raise LoRAError(f"{name}: no LoRA weights found (expected keys like '*.lora_down.weight', "
+        raise LoRAError(f"{label}: no LoRA weights found (expected keys like '*.lora_down.weight', "
                         f"'*.lora_A.weight' or '*.hada_w1_a'; first keys: {first})")
     if unknown:
-        raise LoRAError(f"{name}: {len(unknown)} keys of a format this version does not read, e.g. "
+        raise LoRAError(f"{label}: {len(unknown)} keys of a format this version does not read, e.g. "
                         f"{', '.join(sorted(unknown)[:5])}")
+    check_values(tensors, label)
     metadata = dict(metadata or {})
-    alphas = peft_alphas(metadata)
-    modules = {key: build_module(key, found, alphas, name) for key, found in parts.items()}
-    return LoRA(name, "+".join(sorted(namings)), modules, metadata, path)
+    warnings = metadata_warnings(metadata)
+    alphas = peft_alphas(metadata, warnings)
+    modules = {key: build_module(key, found, alphas, label) for key, found in parts.items()}
+    return LoRA(name, "+".join(sorted(namings)), modules, metadata, path, warnings)
+
+
+# Largest |value| accepted in any factor (down, up, mid, LoHa/LoKr factors, diffs, DoRA magnitudes).
+# Trained factors are O(1e-3..1) (down starts near 1/sqrt(fan_in), up at 0), full diffs are
+# differences of SD weights (well under 100 in magnitude), DoRA magnitudes are norms of weight rows
+# or columns (single digits for SD's layers). 1e4 leaves orders of magnitude of margin over anything
+# trained, yet sits below float16's 65504: larger factors overflow to inf once multiplied, or once
+# a half-precision weight is patched, and the picture goes black.
+MAX_WEIGHT = 1e4
+SHOWN_KEYS = 5
+
+
+def check_values(tensors: dict[str, Tensor], label: str) -> None:
+    """Raise :class:`LoRAError` naming the keys (the first few, and a count) of non-finite or absurd tensors.
+
+    Alphas count for finiteness only: their sane range depends on the rank (see ``MAX_SCALE``).
+    ``meta`` tensors (header-only reads) have no values and are skipped.
+    """
+    nonfinite: list[str] = []
+    huge: list[tuple[str, float]] = []
+    for key, tensor in tensors.items():
+        if tensor.is_meta or tensor.numel() == 0 or not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        values = tensor.detach() if tensor.dtype in _ABS_DTYPES else tensor.detach().float()
+        peak = float(values.abs().amax())  # NaN propagates through amax
+        if not math.isfinite(peak):
+            nonfinite.append(key)
+        elif peak > MAX_WEIGHT and not key.endswith(".alpha"):
+            huge.append((key, peak))
+    if nonfinite:
+        raise LoRAError(f"{label}: NaN or infinite values in {_count(nonfinite, 'tensor')} ({_first(sorted(nonfinite))}). "
+                        "Applied, it would make black images: the file is damaged, or its training diverged.")
+    if huge:
+        key, peak = max(huge, key=lambda kv: kv[1])
+        raise LoRAError(f"{label}: values beyond +-{MAX_WEIGHT:g} in {_count(huge, 'tensor')} "
+                        f"({_first(sorted(k for k, _ in huge))}; the largest, {peak:.3g}, in {key}). Trained LoRA "
+                        "weights are far smaller: the file is damaged, and applied it would make black or noise images.")
+
+
+_ABS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}"
+
+
+def _first(keys: list[str]) -> str:
+    shown = ", ".join(keys[:SHOWN_KEYS])
+    return shown + (f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
 
 
 def build_module(key: str, found: dict[str, Tensor], peft_alpha: Callable[[str], float | None],
                  lora_name: str) -> Module:
-    """The module a file's parts describe; which parts are present decides the format."""
+    """The module a file's parts describe; which parts are present decides the format.
+
+    Its structure is checked here, once, for every way a LoRA is read (LoadLoRA, inspect, the
+    trainer's initial LoRA and disk cache): a malformed module is a :class:`LoRAError` naming
+    the file and the module, never a shape error later.
+    """
     alpha_tensor = found.get("alpha")
-    alpha = float(alpha_tensor) if alpha_tensor is not None else peft_alpha(key)
+    if alpha_tensor is not None and alpha_tensor.numel() != 1:
+        raise LoRAError(f"{lora_name}: module '{key}': alpha has shape {list(alpha_tensor.shape)}; expected one number")
+    if alpha_tensor is None:
+        alpha = peft_alpha(key)
+    else:
+        alpha = None if alpha_tensor.is_meta else float(alpha_tensor)  # a header-only read has no values
+    module = _module_of(key, found, alpha, lora_name)
+    error = module.structure_error()
+    if error:
+        raise LoRAError(f"{lora_name}: module '{key}': {error}")
+    return module
+
+
+def _module_of(key: str, found: dict[str, Tensor], alpha: float | None, lora_name: str) -> Module:
     common = {"key": key, "alpha": alpha, "dora_scale": found.get("dora_scale"), "bias": found.get("diff_b")}
     if "down" in found or "up" in found:
         _require(found, ("down", "up"), key, lora_name)
@@ -152,7 +285,7 @@ def build_module(key: str, found: dict[str, Tensor], peft_alpha: Callable[[str],
         _require(found, ("w1a", "w1b", "w2a", "w2b"), key, lora_name)
         return LoHaModule(**common, w1a=found["w1a"], w1b=found["w1b"], w2a=found["w2a"], w2b=found["w2b"],
                           t1=found.get("t1"), t2=found.get("t2"))
-    if any(p in found for p in ("w1", "w1a_kr", "w2", "w2a_kr")):
+    if any(p in found for p in ("w1", "w1a_kr", "w1b_kr", "w2", "w2a_kr", "w2b_kr", "t2_kr")):
         return LoKrModule(**common, w1=found.get("w1"), w1a=found.get("w1a_kr"), w1b=found.get("w1b_kr"),
                           w2=found.get("w2"), w2a=found.get("w2a_kr"), w2b=found.get("w2b_kr"),
                           t2=found.get("t2_kr"))
@@ -180,36 +313,86 @@ def normalize_module_key(key: str) -> str:
     return key
 
 
-def peft_alphas(metadata: dict[str, str]) -> Callable[[str], float | None]:
+def peft_alphas(metadata: dict[str, str], warnings: list[str] | None = None) -> Callable[[str], float | None]:
     """alpha of a module (``component.path``) from diffusers' ``lora_adapter_metadata``, if any.
 
     diffusers writes the PEFT LoraConfig of each component flattened under its prefix
     (``unet.lora_alpha``, ``unet.alpha_pattern``, ``text_encoder.lora_alpha``, ...). A pattern key
-    applies to a module whose path is it or ends with ``.`` + it, as PEFT matches them.
+    applies to a module whose path is it or ends with ``.`` + it, as PEFT matches them. Parts that
+    do not parse are left out with a line in ``warnings`` (the module's alpha is then its rank);
+    numbers are kept as they are, so a NaN or absurd alpha is refused where modules are built.
     """
-    import json
-
-    try:
-        data = json.loads(metadata.get(ADAPTER_METADATA_KEY) or "{}")
-    except json.JSONDecodeError:
-        data = {}
-
-    def config_of(component: str) -> dict[str, Any]:
-        nested = data.get(component)
-        if isinstance(nested, dict):
-            return nested
-        return {k.removeprefix(f"{component}."): v for k, v in data.items() if k.startswith(f"{component}.")}
+    notes: list[str] = [] if warnings is None else warnings
+    data = _adapter_metadata(metadata, notes)
+    configs = {component: _alpha_config(component, data, notes) for component in KOHYA_PREFIXES}
 
     def alpha_for(module_key: str) -> float | None:
         component, _, path = module_key.partition(".")
-        config = config_of(component)
-        for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        default, patterns = configs.get(component, (None, {}))
+        for pattern, alpha in patterns.items():
             if path == pattern or path.endswith("." + pattern):
-                return float(alpha)
-        alpha = config.get("lora_alpha")
-        return float(alpha) if alpha is not None else None
+                return alpha
+        return default
 
     return alpha_for
+
+
+def _adapter_metadata(metadata: dict[str, str], warnings: list[str]) -> dict[str, Any]:
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        warnings.append(f"{ADAPTER_METADATA_KEY} is not JSON ({str(exc)[:80]}); alphas default to each module's rank")
+        return {}
+    if not isinstance(data, dict):
+        warnings.append(f"{ADAPTER_METADATA_KEY} is a JSON {type(data).__name__}, not an object; alphas default "
+                        "to each module's rank")
+        return {}
+    return data
+
+
+def _alpha_config(component: str, data: dict[str, Any], warnings: list[str]) -> tuple[float | None, dict[str, float]]:
+    """(lora_alpha, alpha_pattern) of one component's LoraConfig, junk left out with a warning."""
+    nested = data.get(component)
+    if isinstance(nested, dict):
+        config = nested
+    else:
+        config = {k.removeprefix(f"{component}."): v for k, v in data.items() if k.startswith(f"{component}.")}
+    where = f"{ADAPTER_METADATA_KEY} {component}"
+    default = config.get("lora_alpha")
+    if default is not None:
+        default = _number(default)
+        if default is None:
+            warnings.append(f"{where}.lora_alpha is {config['lora_alpha']!r}, not a number; its modules' alpha "
+                            "is their rank")
+    raw_patterns = config.get("alpha_pattern") or {}
+    if not isinstance(raw_patterns, dict):
+        warnings.append(f"{where}.alpha_pattern is a {type(raw_patterns).__name__}, not an object; it is ignored")
+        raw_patterns = {}
+    patterns, junk = {}, []
+    for pattern, value in raw_patterns.items():
+        number = _number(value)
+        if number is None:
+            junk.append(f"{pattern!r}: {value!r}")
+        else:
+            patterns[pattern] = number
+    if junk:
+        entries = "1 entry" if len(junk) == 1 else f"{len(junk)} entries"
+        warnings.append(f"{where}.alpha_pattern: {entries} not a number ({', '.join(junk[:3])}); "
+                        "those modules use lora_alpha")
+    return default, patterns
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float when JSON gave a number (NaN and infinities included), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for a float: as absurd as infinity
+        return math.inf
 
 
 @dataclass
@@ -232,9 +415,9 @@ def place(lora: LoRA, base) -> Placement:
         if target is None:
             placement.unplaced[key] = "no module of that name in the base"
             continue
-        shape = tuple(targets[target].weight.shape)
-        if not module.fits(shape):
-            placement.unplaced[key] = f"shape {list(module.delta_shape)} does not fit the module's {list(shape)}"
+        misfit = module.fit_error(tuple(targets[target].weight.shape))
+        if misfit:
+            placement.unplaced[key] = misfit
             continue
         if target in placement.placed:  # e.g. lora_te_ and lora_te1_ for one module: applying both is wrong
             placement.unplaced[key] = f"a second module for {target} (the first is '{placement.placed[target].key}')"
@@ -255,3 +438,47 @@ def kohya_module_names(base) -> dict[str, str]:
         component, path = target.split(".", 1)
         names[target] = prefixes[component] + sgm.get(path, path).replace(".", "_")
     return names
+
+
+# kohya names of the original (SGM/LDM) UNet tree, as SDXL files use; others follow the diffusers tree.
+SGM_UNET_PREFIXES = tuple(f"lora_unet_{p}" for p in ("input_blocks_", "middle_block_", "output_blocks_",
+                                                     "time_embed_", "label_emb_", "out_"))
+
+
+def naming_of(key: str) -> str:
+    """How a module key spells its module's name (two keys of one naming spell a module alike).
+
+    ``diffusers`` (dotted, PEFT and older diffusers alike once normalized), ``kohya`` (underscores
+    of the diffusers tree), ``kohya SGM`` (underscores of the original UNet tree, as SDXL files
+    name it) or ``kohya te1`` (SDXL's name for the first text encoder).
+    """
+    if key.startswith(SGM_UNET_PREFIXES):
+        return "kohya SGM"
+    if key.startswith(KOHYA_SDXL_TE1):
+        return "kohya te1"
+    if key.startswith("lora_"):
+        return "kohya"
+    return "diffusers"
+
+
+def module_namings(keys: Iterable[str]) -> dict[str, set[str]]:
+    """component -> the namings its module keys use (see :func:`naming_of`)."""
+    namings: dict[str, set[str]] = {}
+    for key in keys:
+        namings.setdefault(component_of(key), set()).add(naming_of(key))
+    return namings
+
+
+def naming_conflict(namings: list[tuple[str, dict[str, set[str]]]]) -> str | None:
+    """Whether LoRAs (name, :func:`module_namings`) spell the same component's modules differently.
+
+    Merged by key, such LoRAs would keep one module per spelling, and only one of them would be
+    applied: the names must be matched through the base. Returns a sentence saying which, or None.
+    """
+    for i, (name_a, a) in enumerate(namings):
+        for name_b, b in namings[i + 1:]:
+            for component in sorted(set(a) & set(b)):
+                if a[component] != b[component]:
+                    return (f"'{name_a}' names its {component} modules with {' and '.join(sorted(a[component]))} "
+                            f"names, '{name_b}' with {' and '.join(sorted(b[component]))} names")
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 TRIGGER_LIMIT = 10
@@ -11,19 +12,55 @@ TRIGGER_LIMIT = 10
 def tag_frequency(metadata: dict[str, str]) -> dict[str, int]:
     """Caption tags and how often they occurred in training, summed over dataset folders.
 
-    kohya writes ``ss_tag_frequency`` as ``{folder: {tag: count}}``.
+    kohya writes ``ss_tag_frequency`` as ``{folder: {tag: count}}``. Parts that do not parse are
+    left out (:func:`metadata_warnings` says which).
     """
+    return _parse_tag_frequency(metadata)[0]
+
+
+def metadata_warnings(metadata: dict[str, str]) -> list[str]:
+    """What in a LoRA's metadata does not parse, for people; the weights load regardless."""
+    return _parse_tag_frequency(metadata)[1]
+
+
+def _parse_tag_frequency(metadata: dict[str, str]) -> tuple[dict[str, int], list[str]]:
+    raw = metadata.get("ss_tag_frequency")
+    if not raw:
+        return {}, []
     try:
-        folders = json.loads(metadata.get("ss_tag_frequency") or "{}")
-    except json.JSONDecodeError:
-        return {}
+        folders = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        return {}, [f"ss_tag_frequency is not JSON ({str(exc)[:80]}); no trigger words from it"]
+    if not isinstance(folders, dict):
+        kind = type(folders).__name__
+        return {}, [f"ss_tag_frequency is a JSON {kind}, not {{folder: {{tag: count}}}}; no trigger words from it"]
     counts: dict[str, int] = {}
-    for tags in folders.values() if isinstance(folders, dict) else ():
-        for tag, count in (tags.items() if isinstance(tags, dict) else ()):
-            tag = tag.strip()
-            if tag:
-                counts[tag] = counts.get(tag, 0) + int(count)
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    bad: list[str] = []
+    for folder, tags in folders.items():
+        if not isinstance(tags, dict):
+            bad.append(f"folder {folder!r} holds a {type(tags).__name__}")
+            continue
+        for tag, count in tags.items():
+            number = _count(count)
+            if number is None:
+                bad.append(f"{tag!r}: {count!r}")
+            elif tag.strip():
+                counts[tag.strip()] = counts.get(tag.strip(), 0) + number
+    warnings = []
+    if bad:
+        entries = "1 entry" if len(bad) == 1 else f"{len(bad)} entries"
+        warnings.append(f"ss_tag_frequency: {entries} not {{tag: count}} ({', '.join(bad[:3])}); "
+                        "trigger words leave them out")
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))), warnings
+
+
+def _count(value: Any) -> int | None:
+    """A tag count: a whole, finite, non-negative JSON number (kohya writes ints), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value) if value >= 0 else None
 
 
 def trigger_words(metadata: dict[str, str], limit: int = TRIGGER_LIMIT) -> list[str]:

@@ -16,6 +16,29 @@ from torch import Tensor
 
 from .math import add_lora_
 
+# alpha / rank beyond this is refused: trainers write alpha <= rank (kohya, PEFT defaults), some
+# 2-16x rank, rsLoRA files alpha * sqrt(rank); a thousandfold scale only ever comes from a broken
+# file, and it turns every picture into noise or black.
+MAX_SCALE = 1e3
+
+
+def _shape(tensor: Tensor) -> list[int]:
+    return list(tensor.shape)
+
+
+def _empty_part(parts: dict[str, Tensor | None]) -> str | None:
+    """Why one of ``parts`` has no values (a zero-sized dimension), or None."""
+    for name, tensor in parts.items():
+        if tensor is not None and tensor.numel() == 0:
+            return f"{name} is empty (shape {_shape(tensor)})"
+    return None
+
+
+def _dims_error(name: str, tensor: Tensor, allowed: tuple[int, ...], layout: str) -> str | None:
+    if tensor.dim() in allowed:
+        return None
+    return f"{name} is {tensor.dim()}-D (shape {_shape(tensor)}); expected {layout}"
+
 
 @dataclass(frozen=True, eq=False)
 class Module:
@@ -45,8 +68,17 @@ class Module:
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         """Whether this module's delta can be added to a weight of ``shape``."""
+        return self.fit_error(shape) is None
+
+    def fit_error(self, shape: tuple[int, ...]) -> str | None:
+        """Why this module cannot change a weight of ``shape``, or None when it can."""
         mine = self.delta_shape
-        return mine[0] == shape[0] and math.prod(mine) == math.prod(shape)
+        if mine[0] != shape[0] or math.prod(mine) != math.prod(shape):
+            return f"shape {list(mine)} does not fit the module's {list(shape)}"
+        inputs = shape[1] if len(shape) > 1 else 1
+        if self.dora_scale is not None and not _dora_fits(self.dora_scale, shape[0], inputs, exact=True):
+            return f"dora_scale {_shape(self.dora_scale)} does not fit the module's {list(shape)}"
+        return None
 
     def unscaled_delta(self, shape: tuple[int, ...]) -> Tensor:
         """The format's product of factors, float32, shaped ``shape`` (the target weight's)."""
@@ -75,6 +107,33 @@ class Module:
         if self.bias is not None:
             bias32.add_(self.bias.to(bias32.device, torch.float32), alpha=strength)
 
+    def structure_error(self) -> str | None:
+        """Why these tensors cannot be this format, or None; shapes only (meta tensors work).
+
+        Checked once where modules are built from a file's tensors, so that nothing later (scale,
+        delta, placement, DoRA) meets a zero rank, mismatched factors or a shape error mid-run.
+        """
+        error = self._factor_error()
+        if error:
+            return error
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            return f"alpha is {self.alpha}"
+        rank = self.rank
+        if self.alpha is not None and rank is not None and abs(self.alpha) > MAX_SCALE * rank:
+            return (f"alpha {self.alpha:g} at rank {rank} scales the update {abs(self.alpha) / rank:g}-fold "
+                    f"(more than {MAX_SCALE:g}x is refused as absurd)")
+        out, inputs = self.delta_shape[0], self.delta_shape[1] if len(self.delta_shape) > 1 else 1
+        if self.dora_scale is not None and not _dora_fits(self.dora_scale, out, inputs):
+            return (f"dora_scale has shape {_shape(self.dora_scale)}; a [{out}, {inputs}, ...] update needs "
+                    f"[{out}, 1, ...] (per output) or [1, {inputs}, ...] (per input)")
+        if self.bias is not None and (self.bias.dim() != 1 or self.bias.shape[0] != out):
+            return f"diff_b has shape {_shape(self.bias)}; the module has {out} outputs, so [{out}] is expected"
+        return None
+
+    def _factor_error(self) -> str | None:
+        """The format's own shape rules (factors present, ranks agreeing); see :meth:`structure_error`."""
+        return None
+
 
 @dataclass(frozen=True, eq=False)
 class LoRAModule(Module):
@@ -89,6 +148,27 @@ class LoRAModule(Module):
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
+
+    def _factor_error(self) -> str | None:
+        up, down, mid = self.up, self.down, self.mid
+        error = (_dims_error("down", down, (2, 4), "[rank, in] or [rank, in, kh, kw]")
+                 or _dims_error("up", up, (2, 4), "[out, rank] or [out, rank, 1, 1]"))
+        if error:
+            return error
+        if down.shape[0] == 0:
+            return f"rank 0: down has shape {_shape(down)}"
+        error = _empty_part({"down": down, "up": up, "mid": mid})
+        if error:
+            return error
+        up_rank = math.prod(up.shape[1:])  # a [out, rank, kh, kw] up only works as a 1x1 conv
+        if mid is None:
+            if up_rank != down.shape[0]:
+                return f"up has shape {_shape(up)} but down has rank {down.shape[0]} (shape {_shape(down)})"
+            return None
+        if mid.dim() != 4 or (mid.shape[0], mid.shape[1]) != (up_rank, down.shape[0]) or math.prod(down.shape[2:]) != 1:
+            return (f"the Tucker mid has shape {_shape(mid)}; with up {_shape(up)} and down {_shape(down)} it must be "
+                    f"[{up_rank}, {down.shape[0]}, kh, kw], and down a 1x1 kernel")
+        return None
 
     @property
     def delta_shape(self) -> tuple[int, ...]:
@@ -138,6 +218,41 @@ class LoHaModule(Module):
     def rank(self) -> int:
         return int(self.w1b.shape[0])
 
+    def _factor_error(self) -> str | None:
+        parts = {"hada_w1_a": self.w1a, "hada_w1_b": self.w1b, "hada_w2_a": self.w2a, "hada_w2_b": self.w2b}
+        if (self.t1 is None) != (self.t2 is None):
+            return "has one of hada_t1 and hada_t2 but not the other (Tucker LoHa needs both)"
+        tucker = self.t1 is not None
+        for name, tensor in parts.items():
+            allowed = (2,) if tucker or name.endswith("_a") else (2, 3, 4)
+            error = _dims_error(name, tensor, allowed, "[out, rank] / [rank, in]" if not tucker else "[rank, out|in]")
+            if error:
+                return error
+        error = _empty_part({**parts, "hada_t1": self.t1, "hada_t2": self.t2})
+        if error:
+            return error
+        if tucker:
+            return self._tucker_error()
+        for side, (a, b) in {"w1": (self.w1a, self.w1b), "w2": (self.w2a, self.w2b)}.items():
+            if a.shape[1] != b.shape[0]:
+                return f"hada_{side}_a has shape {_shape(a)} but hada_{side}_b has rank {b.shape[0]} (shape {_shape(b)})"
+        one = (self.w1a.shape[0], math.prod(self.w1b.shape[1:]))
+        two = (self.w2a.shape[0], math.prod(self.w2b.shape[1:]))
+        if one != two:
+            return f"the two Hadamard factors differ: w1a @ w1b is {list(one)}, w2a @ w2b is {list(two)}"
+        return None
+
+    def _tucker_error(self) -> str | None:
+        shapes = []
+        for side, (t, a, b) in {"1": (self.t1, self.w1a, self.w1b), "2": (self.t2, self.w2a, self.w2b)}.items():
+            if t.dim() < 3 or (t.shape[0], t.shape[1]) != (a.shape[0], b.shape[0]):
+                return (f"hada_t{side} has shape {_shape(t)}; with hada_w{side}_a {_shape(a)} and hada_w{side}_b "
+                        f"{_shape(b)} it must be [{a.shape[0]}, {b.shape[0]}, kh, kw]")
+            shapes.append([a.shape[1], b.shape[1], *t.shape[2:]])
+        if shapes[0] != shapes[1]:
+            return f"the two Hadamard factors differ: the first rebuilds to {shapes[0]}, the second to {shapes[1]}"
+        return None
+
     @property
     def delta_shape(self) -> tuple[int, ...]:
         if self.t1 is not None:  # Tucker: w1a [rank, out], w1b [rank, in], t1 [rank, rank, kh, kw]
@@ -172,6 +287,32 @@ class LoKrModule(Module):
 
         return lokr_rank(self.w1b, self.w2b)
 
+    def _factor_error(self) -> str | None:
+        parts = {"lokr_w1": self.w1, "lokr_w1_a": self.w1a, "lokr_w1_b": self.w1b, "lokr_w2": self.w2,
+                 "lokr_w2_a": self.w2a, "lokr_w2_b": self.w2b, "lokr_t2": self.t2}
+        if self.w1 is None and (self.w1a is None or self.w1b is None):
+            return "needs lokr_w1, or both lokr_w1_a and lokr_w1_b"
+        if self.w2 is None and (self.w2a is None or self.w2b is None):
+            return "needs lokr_w2, or both lokr_w2_a and lokr_w2_b"
+        if self.t2 is not None and self.w2 is not None:
+            return "has lokr_t2 with a whole lokr_w2 (a Tucker core needs lokr_w2_a and lokr_w2_b)"
+        error = _empty_part(parts)
+        if error:
+            return error
+        w2_dims = (2, 4) if self.w2 is not None else (2,)
+        for name, tensor in parts.items():
+            allowed = w2_dims if name == "lokr_w2" else (3, 4) if name == "lokr_t2" else (2,)
+            if tensor is not None and (error := _dims_error(name, tensor, allowed, f"{' or '.join(map(str, allowed))}-D")):
+                return error
+        if self.w1 is None and self.w1a.shape[1] != self.w1b.shape[0]:
+            return f"lokr_w1_a has shape {_shape(self.w1a)} but lokr_w1_b has rank {self.w1b.shape[0]}"
+        if self.w2 is None and self.t2 is None and self.w2a.shape[1] != self.w2b.shape[0]:
+            return f"lokr_w2_a has shape {_shape(self.w2a)} but lokr_w2_b has rank {self.w2b.shape[0]}"
+        if self.t2 is not None and (self.t2.shape[0], self.t2.shape[1]) != (self.w2a.shape[0], self.w2b.shape[0]):
+            return (f"lokr_t2 has shape {_shape(self.t2)}; with lokr_w2_a {_shape(self.w2a)} and lokr_w2_b "
+                    f"{_shape(self.w2b)} it must be [{self.w2a.shape[0]}, {self.w2b.shape[0]}, kh, kw]")
+        return None
+
     @property
     def delta_shape(self) -> tuple[int, ...]:
         """kron(w1, w2)'s shape: [a*c, b*d, *kernel] (a conv w2 may be stored flattened)."""
@@ -196,6 +337,20 @@ def _float(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.float()
 
 
+def _dora_fits(scale: Tensor, out: int, inputs: int, exact: bool = False) -> bool:
+    """Whether a DoRA magnitude fits a [out, in, ...] update the way :func:`.lycoris.dora_apply` reads it.
+
+    Per output it is [out] or [out, 1, ...]; per input [1, in, ...]. Some formats store conv kernels
+    flattened ([out, in * kh * kw]), so before the target is known (``exact`` off) ``in`` need only
+    divide the update's second dimension.
+    """
+    if scale.numel() == out and scale.shape[0] == out:
+        return True
+    if scale.dim() < 2 or scale.shape[0] != 1 or scale.numel() != scale.shape[1]:
+        return False
+    return scale.shape[1] == inputs if exact else inputs % scale.shape[1] == 0
+
+
 @dataclass(frozen=True, eq=False)
 class FullModule(Module):
     """A full weight difference (``.diff``, optional ``.diff_b``): dW = diff."""
@@ -203,6 +358,11 @@ class FullModule(Module):
     diff: Tensor = None
 
     kind = "full"
+
+    def _factor_error(self) -> str | None:
+        if self.diff.dim() == 0:
+            return "diff is a single number; expected the weight's shape"
+        return _empty_part({"diff": self.diff})
 
     @property
     def delta_shape(self) -> tuple[int, ...]:
@@ -221,6 +381,7 @@ class LoRA:
     modules: dict[str, Module]
     metadata: dict[str, str] = field(default_factory=dict)
     path: str = ""
+    warnings: list[str] = field(default_factory=list)  # metadata that did not parse (the weights are fine)
 
     def components(self) -> list[str]:
         from .formats import component_of
@@ -245,4 +406,5 @@ class LoRA:
             "trigger_words": trigger_words(self.metadata),
             "training": training_summary(self.metadata),
             "metadata": self.metadata,
+            "warnings": list(self.warnings),
         }

@@ -140,3 +140,15 @@ BUILTINS: dict[str, Callable[[], dict[str, Any]]] = {
     "builtin:tiny-sdxl": build_tiny_sdxl,
     "builtin:shapes": _build_shapes,  # trained, shipped weights (see docs/shapes.md)
 }
+
+
+def builtin_family(name: str) -> str | None:
+    """``sd1`` / ``sdxl`` of a built-in, from its UNet config (nothing is built); None for an unknown name."""
+    from .base import architecture_of
+
+    if name == "builtin:shapes":
+        from .shapes import SHAPES_UNET
+
+        return architecture_of(SHAPES_UNET)
+    config = {"builtin:tiny": TINY_UNET, "builtin:tiny-sdxl": TINY_SDXL_UNET}.get(name)
+    return architecture_of(config) if config is not None else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +91,24 @@ def missing_pipeline_files(folder: Path, sdxl: bool | None = None) -> list[str]:
     return [name for name in needed if not (folder / name).is_file()]
 
 
+def _folder_problem(folder: Path, sdxl: bool) -> str | None:
+    """Why ``folder`` is not a diffusers pipeline folder we can load, or None."""
+    missing = missing_pipeline_files(folder, sdxl)
+    if not missing:
+        return None
+    what = "a diffusers pipeline folder (it has no model_index.json)" if "model_index.json" in missing else \
+        "a complete diffusers pipeline folder"
+    return (f"{folder} is not {what}: missing {', '.join(missing)}. Copy them from the model's original "
+            "repository (they are small), or pass a single-file checkpoint with config: set to a folder that has them.")
+
+
 def _load_diffusers_folder(folder: Path) -> dict[str, Any]:
     import diffusers
 
     sdxl = _is_sdxl_folder(folder)
-    missing = missing_pipeline_files(folder, sdxl)
-    if missing:
-        raise ModelLoadError(f"{folder} is not a complete diffusers pipeline folder: missing {', '.join(missing)}. "
-                             "Copy them from the model's original repository (they are small), or pass a "
-                             "single-file checkpoint with config: set to a folder that has them.")
+    problem = _folder_problem(folder, sdxl)
+    if problem:
+        raise ModelLoadError(problem)
     pipeline_class = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
     extra = {} if sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     pipe = pipeline_class.from_pretrained(folder, local_files_only=True, **extra)
@@ -113,8 +123,7 @@ def _load_single_file(path: Path, config: Path | None) -> dict[str, Any]:
     from .ldm import detect_ldm_architecture, from_ldm_checkpoint
 
     if path.suffix.lower() != ".safetensors":
-        raise ModelLoadError(f"{path.name}: single-file checkpoints are read from .safetensors only "
-                             "(pickle .ckpt files can run code when loaded; convert them first)")
+        raise ModelLoadError(_NOT_SAFETENSORS.format(name=path.name))
     with safe_open(str(path), framework="pt") as f:
         embedded = (f.metadata() or {}).get(EMBEDDED_CONFIG_KEY)
     state = load_file(str(path))
@@ -134,6 +143,8 @@ def _load_single_file(path: Path, config: Path | None) -> dict[str, Any]:
 
 
 EMBEDDED_CONFIG_KEY = "lora_nodes_configs"  # single files we write carry their configs (JSON)
+_NOT_SAFETENSORS = ("{name}: single-file checkpoints are read from .safetensors only "
+                    "(pickle .ckpt files can run code when loaded; convert them first)")
 
 
 def _configs_from_folder(path: Path, config: Path | None, sdxl: bool) -> dict[str, Any]:
@@ -198,3 +209,81 @@ def _load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], name: st
     if missing or result.unexpected_keys:
         raise ModelLoadError(f"{path.name}: the {name} weights do not match its config "
                              f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+
+
+# --------------------------------------------------------------------------- before loading
+
+
+def base_family(source: str, config: str = "") -> tuple[str | None, list[tuple[str, str]]]:
+    """A base's family (``sd1``, ``sd2``, ``sdxl``) without loading it, and what would stop it loading.
+
+    Built-ins by their configs, a diffusers folder by ``unet/config.json``, a single file by its
+    ``.safetensors`` header (keys and shapes; no weights read). Problems are ``(input, message)``;
+    a source that does not exist gives neither (the path check reports it). Never raises.
+    """
+    from .builtin import builtin_family
+
+    if source in BUILTINS:
+        return builtin_family(source), []
+    path = Path(source)
+    try:
+        if path.is_dir():
+            return _folder_family(path)
+        if path.is_file():
+            stat = path.stat()
+            return _single_file_family(str(path), stat.st_size, stat.st_mtime_ns, config)
+    except Exception as exc:  # noqa: BLE001 - a check that cannot decide must not stop validation
+        return None, [("source", f"{path.name}: {exc}")]
+    return None, []
+
+
+def _folder_family(folder: Path) -> tuple[str | None, list[tuple[str, str]]]:
+    from .base import architecture_of
+
+    problem = _folder_problem(folder, _is_sdxl_folder(folder))
+    if problem:
+        return None, [("source", problem)]
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        return None, [("source", f"{folder / 'unet' / 'config.json'} is not readable JSON: {exc}")]
+    if not isinstance(unet, dict):
+        return None, [("source", f"{folder / 'unet' / 'config.json'} is not a UNet config")]
+    return architecture_of(unet), []
+
+
+@lru_cache(maxsize=64)
+def _single_file_family(path: str, size: int, mtime_ns: int, config: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The family of a single-file checkpoint from its header; cached while the file is unchanged."""
+    from safetensors import SafetensorError, safe_open
+
+    from .base import architecture_of
+    from .ldm import detect_ldm_architecture
+
+    name = Path(path).name
+    if not path.lower().endswith(".safetensors"):
+        return None, [("source", _NOT_SAFETENSORS.format(name=name))]
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 - not a dict
+            embedded = (f.metadata() or {}).get(EMBEDDED_CONFIG_KEY)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        return None, [("source", f"{name} is not a readable .safetensors file (damaged or truncated?): {exc}")]
+    try:
+        family = detect_ldm_architecture({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    except ValueError as exc:
+        return None, [("source", f"{name} is not a Stable Diffusion checkpoint we can read: {exc}")]
+    if embedded and not config:
+        try:
+            return architecture_of(json.loads(embedded)["unet"]), []
+        except (ValueError, KeyError, TypeError):
+            return family, [("source", f"{name}: its embedded configs ({EMBEDDED_CONFIG_KEY}) are not readable JSON")]
+    if not config:
+        kind = "an SDXL" if family == "sdxl" else "an SD1.x/SD2.x"
+        message = (f"{name} is a single-file checkpoint without configs or tokenizer: set config to {kind} "
+                   "diffusers folder of the same model family (weights not needed)")
+        return family, [("config", message)]
+    missing = [m for m in missing_pipeline_files(Path(config), family == "sdxl") if m != "model_index.json"]
+    if missing:
+        return family, [("config", f"config folder {config} lacks {', '.join(missing)}")]
+    return family, []

@@ -59,16 +59,17 @@ class ModelRecipe:
         return self.base
 
 
+FAMILY_ADVICE = "Use a base of the LoRA's family, or a LoRA trained for this base."
+
+
 def check_placement(lora: LoRA, base: BaseModel) -> Placement:
     """Place ``lora`` on ``base``; a LoRA for another model family, or that places nothing, is an error."""
     from ..errors import LoRAError
-    from ..lora.architecture import family_name, lora_architecture
+    from ..lora.architecture import family_mismatch, family_name, lora_architecture
 
-    family = lora_architecture(lora)
-    if family is not None and family != base.architecture:
-        raise LoRAError(f"this LoRA is for {family_name(family)}, the base is {family_name(base.architecture)} "
-                        f"(LoRA '{lora.name}' on {base.source}). Use a base of the LoRA's family, or a LoRA "
-                        "trained for this base.")
+    mismatch = family_mismatch(lora_architecture(lora), base.architecture)
+    if mismatch:
+        raise LoRAError(f"{mismatch} (LoRA '{lora.name}' on {base.source}). {FAMILY_ADVICE}")
     placement = base.placement(lora)
     if not placement.placed:
         components = sorted({component_of(k) for k in lora.modules})

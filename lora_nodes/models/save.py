@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, naming_write_failures, new_temporary_folder, remove_stale_temporaries
 from .base import BaseModel
 from .loading import DTYPES, EMBEDDED_CONFIG_KEY, pipeline_parts
 from .pipeline import pipeline_for
@@ -66,28 +66,30 @@ def atomic_folder(path: Path, write: Callable[[Path], None], overwrite: bool = F
     """Call ``write(tmp_folder)`` beside ``path`` and rename the result to ``path`` when it succeeded.
 
     An existing ``path`` is replaced only with ``overwrite`` (moved aside first, deleted once the
-    new folder is in place, put back if the rename fails); a failure leaves no temporary folder.
+    new folder is in place, put back if the rename fails); a failure leaves no temporary folder,
+    and one left by a killed process is removed by the next write into the same folder. A failure
+    of the disk raises WriteError saying why.
     """
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists")
     if path.exists() and not (path / "model_index.json").is_file():
         raise FileExistsError(f"{path} exists and is not a diffusers model folder: it is never replaced")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = path.parent / f"{tmp.name}.old"
+    remove_stale_temporaries(path.parent)
+    tmp = new_temporary_folder(path)
+    old = path.parent / f"{tmp.name}.old"  # recognised as ours too: put back if we are killed in between
     try:
-        write(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        if path.exists():
-            if not overwrite:
-                raise FileExistsError(f"{path} exists")
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if old.exists():
-                os.replace(old, path)
-            raise
+        with naming_write_failures(path):
+            write(tmp)
+            if path.exists():
+                if not overwrite:
+                    raise FileExistsError(f"{path} exists")
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if old.exists():
+                    os.replace(old, path)
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.is_dir():
@@ -160,14 +162,15 @@ def single_file_state_dict(base: BaseModel, dtype: torch.dtype) -> dict[str, tor
             for k, v in state.items()}
 
 
-def save_single_file(base: BaseModel, path: str | Path, dtype: str = "same") -> Path:
+def save_single_file(base: BaseModel, path: str | Path, dtype: str = "same", overwrite: bool = True) -> Path:
     """Write ``base`` as one ``.safetensors`` checkpoint (A1111 / ComfyUI layout), atomically.
 
     Its metadata (``EMBEDDED_CONFIG_KEY``) holds every config and the tokenizer, so
-    ``load_base`` reads it back with no config folder.
+    ``load_base`` reads it back with no config folder. Without ``overwrite`` an existing file,
+    even one that appears while writing, is never replaced (FileExistsError).
     """
     from safetensors.torch import save_file
 
     state = single_file_state_dict(base, target_dtype(base, dtype))
     metadata = {"format": "pt", EMBEDDED_CONFIG_KEY: json.dumps(embedded_configs(base))}
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), overwrite=overwrite)

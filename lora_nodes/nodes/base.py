@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..models.builtin import BUILTINS
+from ..models.loading import base_family
 from ..models.loading import load_base as load_base_model
 from ..models.recipe import ModelRecipe
-from .spec import COMBO, MODEL, STRING, Input, Output, node
+from .spec import COMBO, MODEL, STRING, Input, Output, Preflight, node
+
+BAD_MODEL = "bad_model"  # a base source that is not a model we can load (incomplete folder, unreadable file)
+
+
+def load_base_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any]]) -> Preflight:
+    """LoadBase before running: the base's family (``{"family", "source"}``) without loading it."""
+    source = literals.get("source")
+    if not isinstance(source, str) or not source:
+        return Preflight()
+    family, problems = base_family(source, literals.get("config") or "")
+    codes = {"source": BAD_MODEL, "config": "missing_input"}
+    return Preflight(facts={"family": family, "source": source},
+                     problems=[(codes[name], name, message) for name, message in problems])
 
 
 @node(
@@ -23,6 +39,7 @@ from .spec import COMBO, MODEL, STRING, Input, Output, node
               description="for a single-file checkpoint: a diffusers folder with its configs and tokenizer"),
     ],
     outputs=[Output("model", MODEL, "the base model, ready for LoRAs")],
+    preflight=load_base_preflight,
 )
 def load_base(ctx, source: str, dtype: str, device: str, config: str | None):
     """Load a Stable Diffusion base model once; every variant made from it shares its weights."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
 from pathlib import Path
 
@@ -11,22 +13,31 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..fileio import atomic_write
+from ..fileio import write_new_file
 from ..graph.load import PNG_WORKFLOW_KEY
 from .spec import IMAGE, STRING, Input, node
 
 
 def next_free_index(folder: Path, stem: str) -> int:
-    """1 + the highest counter of existing ``{stem}_NNNNN.png`` files: nothing is overwritten."""
+    """1 + the highest counter of existing ``{stem}_NNNNN.png`` files: where new files start."""
     pattern = re.compile(rf"{re.escape(stem)}_(\d+)\.png$")
-    found = [int(m.group(1)) for p in folder.glob(f"{stem}_*.png") if (m := pattern.match(p.name))]
-    return max(found, default=0) + 1
+    try:
+        names = [entry.name for entry in os.scandir(folder)]
+    except OSError:  # no folder yet
+        return 1
+    return max((int(m.group(1)) for name in names if (m := pattern.match(name))), default=0) + 1
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
-    """One [height, width, 3] float image in 0..1 as an 8-bit PIL image."""
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    """One [height, width, 3] float image in 0..1 as an 8-bit PIL image (NaN as black, infinities clamped)."""
+    pixels = torch.nan_to_num(image.detach().float(), nan=0.0, posinf=1.0, neginf=0.0)
+    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return Image.fromarray(np.ascontiguousarray(array))
+
+
+def count_non_finite(images: torch.Tensor) -> int:
+    """How many images of a batch have a NaN or infinite pixel value."""
+    return int((~torch.isfinite(images.detach())).flatten(1).any(dim=1).sum()) if images.numel() else 0
 
 
 def png_chunks(ctx) -> dict[str, str]:
@@ -66,12 +77,19 @@ def save_images(ctx, images: torch.Tensor, prefix: str):
     """Write each image as a PNG under the output folder, with the workflow embedded to re-run it."""
     stem_path = ctx.output_path(f"{prefix}{ctx.file_suffix}")
     folder, stem = stem_path.parent, stem_path.name
+    bad = count_non_finite(images)
+    if bad:
+        ctx.warn(f"{bad} of {len(images)} images have non-finite pixel values (NaN or infinity: usually a diverged "
+                 "model or too high a LoRA strength); they are written with NaN as black and infinities clamped",
+                 images=bad)
     info = PngInfo()
     for key, text in png_chunks(ctx).items():
         info.add_text(key, text)
-    start = next_free_index(folder, stem) if folder.exists() else 1
-    for offset, image in enumerate(images):
-        path = folder / f"{stem}_{start + offset:05d}.png"
+    numbers = itertools.count(next_free_index(folder, stem))  # shared: each image goes on from the last
+    for image in images:
         picture = to_pil(image)
-        atomic_write(path, lambda tmp, picture=picture: picture.save(tmp, format="PNG", pnginfo=info))
+        # each name is claimed atomically: a writer at the same moment (another thread or process
+        # with the same prefix) makes this one take the next free number instead of overwriting
+        path = write_new_file((folder / f"{stem}_{n:05d}.png" for n in numbers),
+                              lambda tmp, picture=picture: picture.save(tmp, format="PNG", pnginfo=info))
         ctx.wrote(path)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 from ..errors import LoRAError
 from ..lora import ops
-from ..lora.formats import place
+from ..lora.formats import module_namings, naming_conflict
 from ..lora.model import LoRA, LoRAModule, Module
 from ..lora.save import to_plain
-from ..models.recipe import AppliedLoRA, ModelRecipe
-from .spec import COMBO, FLOAT, INT, LORA, LORA_STACK, MODEL, STRING, Input, Output, node
+from ..models.recipe import AppliedLoRA, ModelRecipe, check_placement
+from .lora import FAMILY_MISMATCH, lora_problems
+from .spec import COMBO, FLOAT, INT, LORA, LORA_STACK, MODEL, STRING, Input, Output, Preflight, node
 
 MERGE_METHODS = ("concat", "svd", "ties", "dare_linear", "dare_ties")
 
@@ -30,11 +32,50 @@ def from_lowrank(key: str, lowrank: ops.LowRank) -> LoRAModule:
     return LoRAModule(key=key, alpha=lowrank.alpha, down=lowrank.down, up=lowrank.up)
 
 
-def _keyed_modules(applied: AppliedLoRA, model: ModelRecipe | None) -> dict[str, Module]:
+def _keyed_modules(ctx, applied: AppliedLoRA, model: ModelRecipe | None) -> dict[str, Module]:
     """A LoRA's modules by target when a model is given (so namings can mix), else by file key."""
     if model is None:
         return applied.lora.modules
-    return place(applied.lora, model.base).placed
+    placement = check_placement(applied.lora, model.base)
+    if placement.unplaced:
+        ctx.warn(f"{placement.summary(applied.lora)}; {len(placement.unplaced)} could not be placed and are "
+                 "left out of the merge", lora=applied.lora.name, unplaced=placement.unplaced)
+    return placement.placed
+
+
+CONNECT_MODEL = ("merged by name, one of them would never be applied; connect the 'model' input (the base they "
+                 "are for) so that names are matched through its modules")
+
+
+def _check_one_naming(stack: tuple[AppliedLoRA, ...]) -> None:
+    """Without a model, LoRAs that spell the same modules differently cannot be merged exactly: refuse them."""
+    conflict = naming_conflict([(a.lora.name, module_namings(a.lora.modules)) for a in stack])
+    if conflict:
+        raise LoRAError(f"MergeLoRAs input 'model' is not connected, and the LoRAs name modules differently "
+                        f"({conflict}): {CONNECT_MODEL}.")
+
+
+def merge_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any]]) -> Preflight:
+    """MergeLoRAs: LoRAs for the model's family (or one family among them), and one naming without a model."""
+    loras = upstream.get("stack", {}).get("loras", [])
+    if "model" in upstream:
+        model = upstream["model"]
+        return Preflight(facts={"family": model.get("family"), "name": "merge"},
+                         problems=lora_problems(loras, model, "stack"))
+    problems = []
+    families = {lora["family"]: lora.get("name", "?") for lora in loras if lora.get("family")}
+    if len(families) > 1:
+        from ..lora.architecture import family_name
+
+        mixed = " and ".join(f"{family_name(f)} ('{name}')" for f, name in sorted(families.items()))
+        problems.append((FAMILY_MISMATCH, "stack", f"the stack mixes LoRAs for {mixed}; a merge of them fits no base"))
+    named = [(lora.get("name", "?"), {c: set(n) for c, n in lora["namings"].items()}) for lora in loras
+             if "namings" in lora]
+    conflict = naming_conflict(named)
+    if conflict:
+        problems.append(("missing_input", "model", f"the LoRAs name modules differently ({conflict}): {CONNECT_MODEL}"))
+    family = next(iter(families)) if len(families) == 1 else None
+    return Preflight(facts={"family": family, "name": "merge"}, problems=problems)
 
 
 def _summary(name: str, energies: list[float], ranks: list[int]) -> str:
@@ -60,12 +101,19 @@ def _summary(name: str, energies: list[float], ranks: list[int]) -> str:
               description="the base the LoRAs are for: lets LoRAs with different key namings merge"),
     ],
     outputs=[Output("lora", LORA), Output("report", STRING, "what the merge kept")],
+    preflight=merge_preflight,
 )
 def merge_loras(ctx, stack, method: str, rank: int, density: float, seed: int, model: ModelRecipe | None):
-    """Merge a stack of LoRAs into one LoRA (strengths included), module by module."""
+    """Merge a stack of LoRAs into one LoRA (strengths included), module by module.
+
+    Without a model, modules are matched by their names in the files, so LoRAs of different
+    namings (kohya and diffusers/PEFT) are refused: connect the model to merge those.
+    """
     if not stack:
         raise LoRAError("the stack is empty: connect at least one LoRA")
-    keyed = [(_keyed_modules(applied, model), applied) for applied in stack]
+    if model is None:
+        _check_one_naming(stack)
+    keyed = [(_keyed_modules(ctx, applied, model), applied) for applied in stack]
     keys = list(dict.fromkeys(k for modules, _ in keyed for k in modules))
     merged, energies, ranks = {}, [], []
     for key in keys:
@@ -117,6 +165,7 @@ def _merge_module(key: str, parts: list[tuple[Module, float]], method: str, rank
               description="sv_fro: the fraction to keep (0..1); sv_ratio: the ratio to the largest"),
     ],
     outputs=[Output("lora", LORA), Output("report", STRING, "per-module ranks and error")],
+    preflight=lambda literals, upstream: Preflight(facts=dict(upstream.get("lora", {}))),  # same modules, names, family
 )
 def resize_lora(ctx, lora: LoRA, rank: int, rule: str, threshold: float):
     """Change a LoRA's rank by SVD (as kohya's resize_lora does), reporting each module's new rank and error."""
@@ -136,6 +185,19 @@ def resize_lora(ctx, lora: LoRA, rank: int, rule: str, threshold: float):
     return LoRA(f"{lora.name}-resized", lora.format, modules, dict(lora.metadata)), "\n".join([head, *lines])
 
 
+def extract_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any]]) -> Preflight:
+    """ExtractLoRA: both models of one family; the LoRA made is for it."""
+    from ..lora.architecture import family_mismatch, family_name
+
+    a, b = upstream.get("model_a", {}), upstream.get("model_b", {})
+    problems = []
+    if family_mismatch(b.get("family"), a.get("family")):
+        message = (f"model_b is {family_name(b['family'])}, model_a is {family_name(a['family'])}: "
+                   "a LoRA is extracted between two models of one family")
+        problems.append((FAMILY_MISMATCH, "model_b", message))
+    return Preflight(facts={"family": a.get("family"), "name": "extracted"}, problems=problems)
+
+
 @node(
     "ExtractLoRA",
     display_name="Extract LoRA",
@@ -149,6 +211,7 @@ def resize_lora(ctx, lora: LoRA, rank: int, rule: str, threshold: float):
               description="skip modules whose change is smaller than this fraction of their weight"),
     ],
     outputs=[Output("lora", LORA), Output("report", STRING, "energy kept")],
+    preflight=extract_preflight,
 )
 def extract_lora(ctx, model_a: ModelRecipe, model_b: ModelRecipe, rank: int, conv_rank: int, min_diff: float):
     """A LoRA approximating model_b minus model_a by truncated SVD, for the UNet and the text encoders."""

@@ -10,6 +10,7 @@ from ..lora.model import LoRA
 from ..lora.save import ENERGY_WARNING, lora_file
 from ..models.recipe import ModelRecipe, check_placement
 from ..models.save import save_diffusers_folder, save_single_file
+from .lora import save_lora_preflight
 from .spec import BOOLEAN, COMBO, INT, LORA, MODEL, STRING, Input, node
 
 SUFFIX = ".safetensors"
@@ -27,8 +28,12 @@ def output_path(ctx, path: str, suffix: str = "") -> Path:
 def refuse_overwrite(target: Path, overwrite: bool) -> None:
     """Raise when ``target`` exists and ``overwrite`` is off: nothing is replaced silently."""
     if target.exists() and not overwrite:
-        raise NodeError(f"{target} already exists; set overwrite to true to replace it, "
-                        "or choose another path")
+        raise exists_error(target)
+
+
+def exists_error(target: Path) -> NodeError:
+    """The error for a save that would replace ``target`` without ``overwrite``."""
+    return NodeError(f"{target} already exists; set overwrite to true to replace it, or choose another path")
 
 
 def overwrite_input() -> Input:
@@ -52,6 +57,7 @@ def overwrite_input() -> Input:
               description="rank for modules that must become plain LoRA (LoHa, LoKr, DoRA, full); 0: exact"),
         overwrite_input(),
     ],
+    preflight=save_lora_preflight,
     output_node=True,
 )
 def save_lora(ctx, lora: LoRA, path: str, format: str, model: ModelRecipe | None, rank: int, overwrite: bool):
@@ -75,7 +81,10 @@ def save_lora(ctx, lora: LoRA, path: str, format: str, model: ModelRecipe | None
                      module=name, energy=energy)
     from safetensors.torch import save_file
 
-    atomic_write(target, lambda tmp: save_file(built.tensors, str(tmp), metadata=built.metadata))
+    try:  # checked before the work, and again as the file is put in place (another writer may be quicker)
+        atomic_write(target, lambda tmp: save_file(built.tensors, str(tmp), metadata=built.metadata), overwrite)
+    except FileExistsError as exc:
+        raise exists_error(target) from exc
     ctx.wrote(target)
 
 
@@ -106,8 +115,11 @@ def save_model(ctx, model: ModelRecipe, path: str, format: str, dtype: str, over
     target = output_path(ctx, path, SUFFIX if single else "")
     refuse_overwrite(target, overwrite)
     base = model.materialize()
-    if single:
-        save_single_file(base, target, dtype)
-    else:
-        save_diffusers_folder(base, target, dtype, overwrite=overwrite)
+    try:  # checked before the work, and again as the result is put in place (another writer may be quicker)
+        if single:
+            save_single_file(base, target, dtype, overwrite=overwrite)
+        else:
+            save_diffusers_folder(base, target, dtype, overwrite=overwrite)
+    except FileExistsError as exc:  # with overwrite: a folder that is not a model, which is never replaced
+        raise (NodeError(str(exc)) if overwrite else exists_error(target)) from exc
     ctx.wrote(target)

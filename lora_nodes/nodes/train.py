@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, new_temporary_folder, remove_stale_temporaries
 from ..lora.formats import parse_lora, read_state_dict
 from ..lora.model import LoRA
 from ..lora.save import kohya_tensors
-from ..models.recipe import ModelRecipe
-from ..training.checkpoint import remove_checkpoints
+from ..models.recipe import ModelRecipe, check_placement
+from ..training.checkpoint import remove_checkpoints, report_failed_checkpoints
 from ..training.config import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, TrainConfig
 from ..training.metadata import training_metadata
 from ..training.network import TARGETS
 from ..training.plot import loss_plot
 from ..training.trainer import TRAINER_VERSION, TrainCallbacks, train_lora
+from .lora import train_lora_preflight
 from .sample import MAX_SEED, make_pipeline
 from .spec import BOOLEAN, COMBO, DATASET, FLOAT, IMAGE, INT, LORA, MODEL, STRING, Input, Output, node
 
@@ -30,27 +31,51 @@ PREVIEW_STEPS, PREVIEW_CFG = 20, 7.0
 
 
 class TrainedLoRACache:
-    """Keeps a trained LoRA and its loss plot on disk under the cache dir, keyed by the node's key."""
+    """Keeps a trained LoRA and its loss plot on disk under the cache dir, keyed by the node's key.
+
+    The run's checkpoints are deleted only once its result is stored here: if storing fails (a
+    full disk), a new run resumes from the last checkpoint instead of starting over.
+    """
 
     def save(self, outputs: tuple, folder: Path) -> None:
+        """Store ``outputs`` as ``folder`` (it appears whole or not at all), then drop the checkpoints."""
         lora, plot = outputs
         tensors: dict[str, torch.Tensor] = {}
         for key, module in lora.modules.items():
             tensors.update(kohya_tensors(key, module))
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        remove_stale_temporaries(folder.parent)
+        staging = new_temporary_folder(folder)
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, staging / "lora.safetensors", lora.metadata)
             save_file({"loss": plot.contiguous()}, staging / "loss.safetensors")
             (staging / "entry.json").write_text(json.dumps({"name": lora.name, "trainer": TRAINER_VERSION}))
-            os.replace(staging, folder)  # a folder appears whole or not at all
+            try:
+                os.replace(staging, folder)
+            except OSError:
+                if not (folder / "entry.json").is_file():
+                    raise
+                # another process stored the same result first (it is the same training): keep that
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        try:
+            remove_checkpoints(checkpoints_of(folder))
+        except OSError:  # leftover checkpoints cost disk space only: the result is stored
+            pass
 
     def load(self, folder: Path) -> tuple[LoRA, torch.Tensor]:
         entry = json.loads((folder / "entry.json").read_text())
         tensors, metadata = read_state_dict(folder / "lora.safetensors")
         return parse_lora(tensors, metadata, name=entry["name"]), load_file(folder / "loss.safetensors")["loss"]
+
+
+def checkpoints_of(result_folder: Path) -> Path:
+    """The checkpoint folder of the training whose result is kept in ``result_folder``.
+
+    Both are work folders of the same node key, ``<cache dir>/<kind>/TrainLoRA/<key>`` (see
+    NodeContext.work_dir): ``results`` for the result, ``checkpoints`` for the checkpoints.
+    """
+    node_folder = result_folder.parent
+    return node_folder.parent.parent / "checkpoints" / node_folder.name / result_folder.name
 
 
 @node(
@@ -105,6 +130,7 @@ class TrainedLoRACache:
     ],
     version=TRAINER_VERSION,
     disk_cache=TrainedLoRACache(),
+    preflight=train_lora_preflight,
 )
 def train_lora_node(ctx, model: ModelRecipe, dataset, rank: int, alpha: float, target: str,
                     train_text_encoder: bool, learning_rate: float, text_encoder_lr: float, lr_scheduler: str,
@@ -126,6 +152,8 @@ def train_lora_node(ctx, model: ModelRecipe, dataset, rank: int, alpha: float, t
         cache_text_embeddings=cache_text_embeddings, save_every_n_steps=save_every_n_steps,
         sample_every_n_steps=sample_every_n_steps, sample_prompts=sample_prompts, resume=resume)
     base = model.materialize()
+    if initial_lora is not None:
+        check_placement(initial_lora, model.base)  # another family's LoRA, or one that places nothing, is refused
     if train_text_encoder and cache_text_embeddings:
         ctx.info("cache_text_embeddings is ignored while the text encoder trains: captions are encoded every step")
     checkpoints = ctx.work_dir("checkpoints")
@@ -135,13 +163,12 @@ def train_lora_node(ctx, model: ModelRecipe, dataset, rank: int, alpha: float, t
         info=ctx.info,
         preview=_previewer(ctx, base, dataset, config),
     )
-    result = train_lora(base, dataset, config, checkpoints, callbacks, initial_lora)
+    with report_failed_checkpoints(ctx.warn):  # a full disk skips a checkpoint, not the run
+        result = train_lora(base, dataset, config, checkpoints, callbacks, initial_lora)
     autocast = config.autocast_dtype(base.device)
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(autocast, "no")
     metadata = training_metadata(config, dataset, base, name, started, precision)
     lora = result.network.to_lora(base, name, metadata)
-    if checkpoints is not None:
-        remove_checkpoints(checkpoints)
     first, last = _mean(result.losses[:10]), _mean(result.losses[-10:])
     where = f" on {result.processes} processes" if result.processes > 1 else ""
     ctx.info(f"trained {len(lora.modules)} modules for {steps} steps in {result.seconds:.1f} s{where}; "
@@ -165,13 +192,16 @@ def _previewer(ctx, base, dataset, config: TrainConfig):
     if not prompts:
         prompts = [next((item.caption for item in dataset.items if item.caption), "")]
     pipe = make_pipeline(base, "euler")  # over the base's own modules, so it draws with the hooked LoRA
+    # the node id comes from a shared file: only its plain characters name the folder
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", ctx.node_id).strip("._") or "train"
+    folder = f"{folder[:100]}_previews{ctx.file_suffix}"
 
     def preview(step: int) -> None:
         for number, prompt in enumerate(prompts):
             generator = torch.Generator("cpu").manual_seed(config.seed)
             images = pipe(prompt, num_inference_steps=PREVIEW_STEPS, guidance_scale=PREVIEW_CFG,
                           generator=generator, output_type="pt").images
-            path = ctx.output_path(f"{ctx.node_id}_previews{ctx.file_suffix}/step{step:06d}_{number:02d}.png")
+            path = ctx.output_path(f"{folder}/step{step:06d}_{number:02d}.png")
             picture = to_pil(images[0].float().permute(1, 2, 0))
             atomic_write(path, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
             ctx.wrote(path)

@@ -1,34 +1,80 @@
 """Training checkpoints: everything needed to continue exactly where a stopped run was.
 
 One file per checkpoint (``step_000120.pt``), written to a temporary name and renamed, so a
-kill at any moment leaves the previous checkpoint whole. Read back with ``weights_only=True``:
-a checkpoint holds tensors, numbers and dicts only, never code.
+kill or a full disk at any moment leaves the previous checkpoint whole. Read back with
+``weights_only=True``: a checkpoint holds tensors, numbers and dicts only, never code.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..fileio import atomic_write
+from ..errors import NodeError
+from ..fileio import WriteError, atomic_write, remove_stale_temporaries
 
 KEEP = 2  # the newest checkpoints kept; older ones are deleted once a newer one is safely written
 _NAME = re.compile(r"step_(\d+)\.pt$")
+
+# Where a checkpoint that cannot be written is reported instead of stopping the run (see
+# report_failed_checkpoints). A context variable, so the trainer between node and writer need not
+# pass it along.
+_report_failure: ContextVar[Callable[[str], None] | None] = ContextVar("report_failed_checkpoint", default=None)
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
     return folder / f"step_{step:06d}.pt"
 
 
-def save_checkpoint(folder: Path, step: int, state: dict[str, Any]) -> Path:
-    """Write ``state`` as the checkpoint of ``step`` and drop all but the newest :data:`KEEP`."""
-    path = atomic_write(checkpoint_path(folder, step), lambda tmp: torch.save(state, tmp))
+@contextmanager
+def report_failed_checkpoints(report: Callable[[str], None]) -> Iterator[None]:
+    """Inside, a checkpoint that cannot be written (a full disk) is passed to ``report`` and
+    training goes on; outside, :func:`save_checkpoint` raises a NodeError instead.
+
+    Losing a checkpoint costs only the steps since the previous one if the run is stopped; losing
+    the run costs all of them.
+    """
+    token = _report_failure.set(report)
+    try:
+        yield
+    finally:
+        _report_failure.reset(token)
+
+
+def save_checkpoint(folder: Path, step: int, state: dict[str, Any]) -> Path | None:
+    """Write ``state`` as the checkpoint of ``step`` and drop all but the newest :data:`KEEP`.
+
+    When it cannot be written the previous checkpoints stay as they were, and the failure is
+    reported in words (see :func:`report_failed_checkpoints`; then None is returned).
+    """
+    path = checkpoint_path(folder, step)
+    try:
+        atomic_write(path, lambda tmp: _write(state, tmp))
+    except WriteError as exc:
+        previous = checkpoints(folder)
+        kept = f"the checkpoint at step {previous[-1][0]}" if previous else "the start (no checkpoint yet)"
+        message = f"could not write the checkpoint to {path}: {exc.reason}"
+        report = _report_failure.get()
+        if report is None:
+            raise NodeError(f"{message}; a new run resumes from {kept}") from exc
+        report(f"{message}; training goes on, and if stopped it resumes from {kept}")
+        return None
     for _, old in checkpoints(folder)[:-KEEP]:
         old.unlink(missing_ok=True)
     return path
+
+
+def _write(state: dict[str, Any], tmp: Path) -> None:
+    # through a Python file object: a full disk then surfaces as an OSError with its errno (torch
+    # writing to a path says only "unexpected pos 305216 vs 305104")
+    with open(tmp, "wb") as file:
+        torch.save(state, file)
 
 
 def checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -51,6 +97,7 @@ def load_latest(folder: Path) -> tuple[int, dict[str, Any]] | None:
 
 def remove_checkpoints(folder: Path) -> None:
     """Delete a finished run's checkpoints (its result is kept in the disk cache instead)."""
+    remove_stale_temporaries(folder)  # a killed writer's half checkpoint would keep the folder
     for _, path in checkpoints(folder):
         path.unlink(missing_ok=True)
     if folder.is_dir() and not any(folder.iterdir()):

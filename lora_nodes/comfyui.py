@@ -11,6 +11,7 @@ model library, and builds nothing: ComfyUI's hooks (``folder_paths``, ``comfy.ut
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +117,12 @@ def _run(spec: NodeSpec, self: Any, **inputs: Any) -> Any:
     prompt, extra = inputs.pop("comfy_prompt", None), inputs.pop("comfy_extra_pnginfo", None)
     values = {d.name: _resolve_file(spec, d.name, inputs.get(d.name)) for d in spec.inputs}
     output_dir = _output_dir()
+    # imported here, not with the pack: importing the pack imports no torch
+    from .models.memory import MEMORY_CHECK_VARIABLE
+
     ctx = NodeContext(spec.comfy_id, spec.id, output_dir, output_dir.parent / "cache" / "lora-nodes",
-                      _ComfyProgress(), comfy_prompt=prompt, comfy_workflow=(extra or {}).get("workflow"))
+                      _ComfyProgress(), comfy_prompt=prompt, comfy_workflow=(extra or {}).get("workflow"),
+                      check_memory=os.environ.get(MEMORY_CHECK_VARIABLE, "1") != "0")
     import torch
 
     # ComfyUI runs nodes in inference mode; tensors made there can never take part in training, so

@@ -354,16 +354,13 @@ def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Ite
     folder) the body runs unlocked.
     """
     handle = _open_lock(path)
+    if handle is not None and not _take_lock(handle, on_wait):
+        os.close(handle)
+        handle = None
     if handle is None:
         yield None
         return
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(handle, fcntl.LOCK_EX)
         previous = _read_holder(handle)
         _write_holder(handle, f"process {os.getpid()} on {_host()}")
         try:
@@ -372,6 +369,21 @@ def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Ite
             _write_holder(handle, "")  # released normally: nobody to take over from
     finally:
         os.close(handle)  # closing releases the lock
+
+
+def _take_lock(handle: int, on_wait: Callable[[], None] | None) -> bool:
+    """Lock ``handle`` exclusively, waiting for another holder; False where the file system has no
+    locks (ENOLCK on NFS without lockd, ENOSYS on Lustre without ``-o flock``)."""
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError:
+        return False
+    return True
 
 
 def _open_lock(path: Path) -> int | None:

@@ -3,14 +3,16 @@
 Five kinds of input, each from a hypothesis generator: our workflow files (YAML and JSON),
 ComfyUI API-format prompts, ComfyUI editor (UI) files, PNGs (with and without embedded
 workflows), and LoRA files. Each case is written to a file and given to the command line the
-way a user would (``validate``, ``convert``, ``run`` when invalid, ``inspect``; LoRAs are also
-applied to ``builtin:tiny``). A case ends in one of:
+way a user would (``validate``, ``convert``, then ``run``; LoRAs through ``inspect`` and applied
+to ``builtin:tiny``). A case ends in one of:
 
-- ``ok``: accepted (exit 0),
+- ``ok``: accepted (exit 0; a valid workflow ran and drew),
 - ``problem``: refused with a problem list or a clear error (exit 2; for a LoRA, a LoRAError),
+- ``failed``: a valid workflow failed at run time with an error naming its node (exit 1),
+- ``slow``: a valid workflow still running after a minute (it asked for real work, e.g. 2,000 steps),
 - ``crash``: an uncaught exception, a traceback, an exit code that does not fit, or non-finite
   weights applied silently,
-- ``hang``: past the time bound of one case.
+- ``hang``: reading, validating or converting one case took over 10 s.
 
     python scripts/fuzz.py --cases 10000              # every kind, 10,000 cases each
     python scripts/fuzz.py --cases 500 --kind lora    # one kind
@@ -252,8 +254,24 @@ def our_workflows(draw) -> Case:
     return Case("workflow.yaml" if as_yaml else "workflow.json", payload, note=attack)
 
 
+VALID_API = {
+    "1": {"class_type": "LoadBase", "inputs": {"source": "builtin:tiny"}},
+    "2": {"class_type": "lora-nodes.LoadLoRA", "inputs": {"path": "x.safetensors"}},
+    "3": {"class_type": "ApplyLoRA", "inputs": {"model": ["1", 0], "lora": ["2", 0], "strength_model": 0.5}},
+    "4": {"class_type": "Sample", "inputs": {"model": ["3", 0], "prompt": "a red circle", "steps": 2}},
+    "5": {"class_type": "lora-nodes.SaveImages", "inputs": {"images": ["4", 0], "prefix": "api"}},
+}
+
+
 @st.composite
 def comfy_api_workflows(draw) -> Case:
+    if draw(st.integers(0, 2)) == 0:  # a valid prompt with a few inputs changed
+        prompt = json.loads(json.dumps(VALID_API))
+        for _ in range(draw(st.integers(0, 3))):
+            node = prompt[draw(st.sampled_from(sorted(prompt)))]
+            node["inputs"][draw(st.sampled_from(INPUT_NAMES))] = draw(input_values(list(prompt)))
+        payload, attack = draw(text_attacks(dump_json(prompt), yaml_ok=False))
+        return Case("prompt.json", payload, note=f"valid-based, {attack}")
     ids = draw(st.lists(st.one_of(st.integers(1, 9).map(str), node_ids()), min_size=1, max_size=6))
     prompt: dict[str, Any] = {}
     for node_id in ids:
@@ -268,7 +286,8 @@ def comfy_api_workflows(draw) -> Case:
 
 @st.composite
 def comfy_ui_workflows(draw) -> Case:
-    count = draw(st.integers(0, 6))
+    reroutes = draw(st.sampled_from([0, 0, 0, 1, 3, 50, 600, 2000]))
+    count = 0 if reroutes and draw(st.booleans()) else draw(st.integers(0, 6))  # the chain alone is valid
     nodes, links_out = [], []
     for number in range(1, count + 1):
         node_type = draw(node_types())
@@ -284,7 +303,6 @@ def comfy_ui_workflows(draw) -> Case:
             st.tuples(st.just(link_id), st.integers(0, count + 1), st.integers(-1, 3), st.integers(0, count + 1),
                       st.integers(-1, 3), st.sampled_from(["LN_MODEL", "IMAGE", "*"])).map(list),
             values())))
-    reroutes = draw(st.sampled_from([0, 0, 0, 3, 50, 600, 2000]))
     if reroutes:
         _add_reroute_chain(nodes, links_out, reroutes, draw(st.booleans()))
     data = {"last_node_id": len(nodes), "last_link_id": len(links_out), "nodes": nodes, "links": links_out,
@@ -310,9 +328,13 @@ def _add_reroute_chain(nodes: list[dict], links_out: list, length: int, loop: bo
     sink = first_id + length + 1
     nodes.append({"id": sink, "type": "lora-nodes.Sample", "mode": 0,
                   "inputs": [{"name": "model", "type": "LN_MODEL", "link": first_link + length}],
-                  "outputs": [{"name": "images", "type": "IMAGE", "links": []}],
+                  "outputs": [{"name": "images", "type": "IMAGE", "links": [first_link + length + 1]}],
                   "widgets_values": ["a red circle", "", 1, "fixed", 2, 7.0, "euler", 0, 0, 1]})
     links_out.append([first_link + length, sink - 1, 0, sink, 0, "LN_MODEL"])
+    nodes.append({"id": sink + 1, "type": "lora-nodes.SaveImages", "mode": 0,
+                  "inputs": [{"name": "images", "type": "IMAGE", "link": first_link + length + 1}],
+                  "outputs": [], "widgets_values": ["ui"]})
+    links_out.append([first_link + length + 1, sink, 0, sink + 1, 0, "IMAGE"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,13 +601,35 @@ def check_workflow_file(path: Path, folder: Path, target: str) -> Outcome:
     converted, _, err = cli(["convert", str(path), "--to", target, "-o", str(folder / f"out.{target}")])
     if converted not in (0, 2) or "Traceback" in err:
         return Outcome("crash", f"convert --to {target} exit {converted}: {err[-400:]}")
-    if code == 2:
-        ran, out, err = cli(["run", str(path), "--events", "jsonl", "--output-dir", str(folder / "out"),
-                             "--cache-dir", str(folder / "cache")])
-        events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
-        if ran != 2 or events != ["invalid"]:
-            return Outcome("crash", f"run of an invalid workflow: exit {ran}, events {events}: {err[-300:]}")
-    return Outcome("ok" if code == 0 else "problem")
+    if code == 0:
+        return run_valid(path, folder)
+    ran, out, err = cli(["run", str(path), "--events", "jsonl", "--output-dir", str(folder / "out"),
+                         "--cache-dir", str(folder / "cache")])
+    events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
+    if ran != 2 or events != ["invalid"]:
+        return Outcome("crash", f"run of an invalid workflow: exit {ran}, events {events}: {err[-300:]}")
+    return Outcome("problem")
+
+
+RUN_SECONDS = 60.0  # a valid workflow may ask for real work (2,000 steps): past this it counts as slow
+
+
+def run_valid(path: Path, folder: Path) -> Outcome:
+    """Run a workflow that validated: it draws (exit 0) or fails naming the node (exit 1, an error event)."""
+    signal.setitimer(signal.ITIMER_REAL, 0)  # the case's bound covered reading it; running has its own
+    try:
+        with time_bound(RUN_SECONDS):
+            ran, out, err = cli(["run", str(path), "--events", "jsonl", "--output-dir", str(folder / "out"),
+                                 "--cache-dir", str(folder / "cache")])
+    except Hang:
+        return Outcome("slow", f"a valid workflow ran past {RUN_SECONDS:.0f} s")
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    errors = [e for e in events if e["event"] == "error"]
+    if ran == 0 and not errors:
+        return Outcome("ok")
+    if ran == 1 and len(errors) == 1 and errors[0].get("node") and "Traceback" not in err:
+        return Outcome("failed", errors[0]["message"][:200])  # a clear error naming the node
+    return Outcome("crash", f"run of a valid workflow: exit {ran}, errors {errors[:1]}: {err[-300:]}")
 
 
 def check_lora_file(path: Path) -> Outcome:
@@ -641,19 +685,18 @@ STRATEGIES: dict[str, Callable[[], st.SearchStrategy[Case]]] = {
 
 def run_kind(kind: str, cases: int, on_outcome: Callable[[Case, Outcome], None], fixed_seed: int = 0) -> None:
     """Generate ``cases`` cases of ``kind`` (the same ones for the same seed) and hand each outcome on."""
-    folder = Path(tempfile.mkdtemp(prefix=f"lora-nodes-fuzz-{kind}-"))
-    shutil.copy(EXAMPLE_LORA, folder / "x.safetensors")  # the LoRA the generated workflows load
-    counter = [0]
+    with tempfile.TemporaryDirectory(prefix=f"lora-nodes-fuzz-{kind}-") as name:
+        folder = Path(name)
+        shutil.copy(EXAMPLE_LORA, folder / "x.safetensors")  # the LoRA the generated workflows load
 
-    @seed(fixed_seed)
-    @settings(max_examples=cases, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
-    @given(STRATEGIES[kind](), st.integers(0, 2**16))
-    def one(case: Case, damage: int) -> None:
-        counter[0] += 1
-        on_outcome(case, run_case(case, folder, damage))
+        @seed(fixed_seed)
+        @settings(max_examples=cases, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(STRATEGIES[kind](), st.integers(0, 2**16))
+        def one(case: Case, damage: int) -> None:
+            on_outcome(case, run_case(case, folder, damage))
 
-    one()
+        one()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -677,16 +720,16 @@ def main(argv: list[str] | None = None) -> int:
 
         run_kind(kind, args.cases, record, args.seed)
         seconds = time.perf_counter() - started
-        rows.append((kind, sum(counts.values()), counts["ok"], counts["problem"], counts["crash"], counts["hang"],
-                     seconds))
+        rows.append((kind, sum(counts.values()), counts["ok"], counts["problem"], counts["failed"], counts["slow"],
+                     counts["crash"], counts["hang"], seconds))
         failed |= bool(counts["crash"] or counts["hang"])
         print(f"{kind}: {dict(counts)} in {seconds:.0f} s", file=sys.stderr, flush=True)
         for line in shown:
             print(line, file=sys.stderr)
-    print("| kind | cases | ok | problem | crash | hang | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    for kind, total, ok, problem, crash, hang, seconds in rows:
-        print(f"| {kind} | {total} | {ok} | {problem} | {crash} | {hang} | {seconds:.0f} |")
+    print("| kind | cases | ok | problem | failed | slow | crash | hang | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind, total, ok, problem, failed, slow, crash, hang, seconds in rows:
+        print(f"| {kind} | {total} | {ok} | {problem} | {failed} | {slow} | {crash} | {hang} | {seconds:.0f} |")
     return 1 if failed else 0
 
 

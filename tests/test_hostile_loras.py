@@ -27,6 +27,14 @@ KOHYA = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
 @pytest.fixture(scope="module")
+def original() -> torch.Tensor:
+    """TARGET's weight in a freshly built builtin:tiny (seeded), untouched by any other test's patching."""
+    from lora_nodes.models.loading import load_base
+
+    return load_base("builtin:tiny", dtype="float32", device="cpu").lora_targets[TARGET].weight.detach().clone()
+
+
+@pytest.fixture(scope="module")
 def clean(tiny) -> dict[str, torch.Tensor]:
     """A good rank-4 kohya LoRA for builtin:tiny (alpha 2)."""
     return synthetic_lora(tiny, rank=4, alpha=2.0, seed=3)
@@ -186,7 +194,7 @@ def applied_weight(tiny, lora) -> torch.Tensor:
     '{"1_x": [["red circle", 2]], "2_y": {"blue": 3}}',  # nested wrongly
     "{not json",
 ])
-def test_bad_tag_frequency_only_warns(tags, clean, tiny, tmp_path, capsys):
+def test_bad_tag_frequency_only_warns(original, tags, clean, tiny, tmp_path, capsys):
     path = tmp_path / "tags.safetensors"
     save_file(clean, str(path), metadata={"ss_tag_frequency": tags})
     (lora, words), events = run_load(path)
@@ -194,7 +202,7 @@ def test_bad_tag_frequency_only_warns(tags, clean, tiny, tmp_path, capsys):
     assert len(warnings) == 1 and "ss_tag_frequency" in warnings[0]["message"]
     assert words in ("blue", "")
     down, up = clean[f"{KOHYA}.lora_down.weight"], clean[f"{KOHYA}.lora_up.weight"]
-    expected = tiny.lora_targets[TARGET].weight + 2.0 / 4 * up @ down
+    expected = original + 2.0 / 4 * up @ down
     torch.testing.assert_close(applied_weight(tiny, lora), expected)
     assert main(["inspect", str(path)]) == 0
     assert "warning: ss_tag_frequency" in capsys.readouterr().out
@@ -206,7 +214,7 @@ def test_bad_tag_frequency_only_warns(tags, clean, tiny, tmp_path, capsys):
     ('{"unet.lora_alpha": 8, "unet.alpha_pattern": {"attn1.to_q": "junk"}}', 2.0),  # junk pattern: lora_alpha
     ('{"unet.lora_alpha": "eight"}', 1.0),  # junk alpha: alpha = rank
 ])
-def test_bad_adapter_metadata_only_warns(adapter, scale, tiny, tmp_path):
+def test_bad_adapter_metadata_only_warns(original, adapter, scale, tiny, tmp_path):
     tensors = synthetic_lora(tiny, rank=4, fmt="peft", seed=5)
     path = tmp_path / "peft.safetensors"
     save_file(tensors, str(path), metadata={"lora_adapter_metadata": adapter})
@@ -214,7 +222,7 @@ def test_bad_adapter_metadata_only_warns(adapter, scale, tiny, tmp_path):
     warnings = [e["message"] for e in events.events if e["event"] == "warning"]
     assert len(warnings) == 1 and "lora_adapter_metadata" in warnings[0]
     down, up = tensors[f"{TARGET}.lora_A.weight"], tensors[f"{TARGET}.lora_B.weight"]
-    expected = tiny.lora_targets[TARGET].weight + scale * up @ down
+    expected = original + scale * up @ down
     torch.testing.assert_close(applied_weight(tiny, lora), expected)
 
 
@@ -245,7 +253,7 @@ def test_merging_kohya_and_peft_without_the_model_is_refused(tiny, tmp_path):
     assert "'model'" in message and "kohya_one" in message and "peft_two" in message
 
 
-def test_merging_kohya_and_peft_with_the_model_adds_both_deltas(tiny):
+def test_merging_kohya_and_peft_with_the_model_adds_both_deltas(original, tiny):
     from lora_nodes.lora.formats import parse_lora
 
     k_tensors = synthetic_lora(tiny, rank=4, alpha=2.0, seed=1)
@@ -254,18 +262,18 @@ def test_merging_kohya_and_peft_with_the_model_adds_both_deltas(tiny):
     merged = merge(stack, ModelRecipe(tiny))
     kohya_delta = 2.0 / 4 * k_tensors[f"{KOHYA}.lora_up.weight"] @ k_tensors[f"{KOHYA}.lora_down.weight"]
     peft_delta = p_tensors[f"{TARGET}.lora_B.weight"] @ p_tensors[f"{TARGET}.lora_A.weight"]  # alpha = rank
-    expected = tiny.lora_targets[TARGET].weight + 0.5 * kohya_delta + peft_delta
+    expected = original + 0.5 * kohya_delta + peft_delta
     torch.testing.assert_close(applied_weight(tiny, merged), expected)
     assert len(merged.modules) == len({k.rsplit(".lora_", 1)[0] for k in p_tensors})  # one module per target
 
 
-def test_merging_one_naming_without_the_model_still_works(tiny):
+def test_merging_one_naming_without_the_model_still_works(original, tiny):
     from lora_nodes.lora.formats import parse_lora
 
     a, b = (synthetic_lora(tiny, rank=2, seed=s) for s in (7, 8))
     merged = merge((AppliedLoRA(parse_lora(a, name="a")), AppliedLoRA(parse_lora(b, name="b"))))
     delta = sum(t[f"{KOHYA}.lora_up.weight"] @ t[f"{KOHYA}.lora_down.weight"] for t in (a, b))
-    torch.testing.assert_close(applied_weight(tiny, merged), tiny.lora_targets[TARGET].weight + delta)
+    torch.testing.assert_close(applied_weight(tiny, merged), original + delta)
 
 
 def test_good_file_still_loads_with_its_metadata_json(clean, tmp_path):

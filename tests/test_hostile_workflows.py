@@ -5,6 +5,7 @@ Everything runs the CLI in-process (``main([...])``), as a user would meet it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 from lora_nodes.cli import main
 from lora_nodes.engine.context import NodeContext, NodeError
 from lora_nodes.engine.keys import Fingerprints
+from lora_nodes.graph.load import parse_yaml
 from lora_nodes.graph.problems import MESSAGE_LIMIT
 
 GOOD = """format: lora-nodes/1
@@ -285,7 +287,7 @@ def test_sweeps_are_capped_before_anything_is_built(folder, capsys):
     many = ",".join(str(n) for n in range(1000))
     started = time.perf_counter()
     problem = the_problem(path, capsys, "--sweep", f"images.seed={many}", "--sweep", f"images.steps={many}")
-    assert "1,000,000 variants" in problem["message"] and time.perf_counter() - started < 2
+    assert "1,000,000 variants" in problem["message"] and time.perf_counter() - started < 5
 
 
 def test_long_values_are_cut_in_messages(folder, capsys):
@@ -306,3 +308,126 @@ def test_output_path_applies_the_same_rule_at_run_time(tmp_path):
         with pytest.raises(NodeError):
             ctx.output_path(bad)
     assert ctx.output_path("sub/name") == out.resolve() / "sub" / "name"
+
+
+def test_aliases_of_one_long_string_are_refused_by_the_text_they_expand_to(folder, capsys):
+    """10,000 aliases of one 10 KB string: a 60 KB file, far under the alias count limit, but 100 MB of
+    workflow that convert would write and SaveImages embed in every PNG."""
+    blob = "blob: &a " + "x" * 10_000 + "\nmany:\n" + "  - *a\n" * 10_000
+    path = write(folder, GOOD + blob)
+    assert len(path.read_bytes()) < 100_000
+    started = time.perf_counter()
+    assert main(["validate", str(path)]) == 2
+    assert "aliases expand it to more than 16 MiB" in capsys.readouterr().err
+    assert time.perf_counter() - started < 2
+    assert the_problem(path, capsys)["code"] == "parse_error"
+    assert main(["convert", str(path), "--to", "json"]) == 2 and capsys.readouterr().out == ""
+    few = "blob: &a " + "x" * 10_000 + "\nmany: [" + ", ".join(["*a"] * 100) + "]\n"  # 1 MB: within the limit
+    assert main(["validate", str(write(folder, GOOD + few))]) == 0
+
+
+def ours_as_json(**inputs: dict) -> dict:
+    """GOOD as our JSON format, with ``inputs`` (node id -> inputs) merged into its nodes."""
+    data = parse_yaml(GOOD)
+    for node_id, values in inputs.items():
+        data["nodes"][node_id]["inputs"].update(values)
+    return data
+
+
+def comfy_api_of_good(folder: Path, capsys) -> dict:
+    path = write(folder, GOOD)
+    assert main(["convert", str(path), "--to", "comfyui-api", "-o", str(folder / "api.json")]) == 0
+    capsys.readouterr()
+    return json.loads((folder / "api.json").read_text())
+
+
+def with_lone_surrogate(form: str, folder: Path, capsys) -> tuple[Path, str, str | None, str]:
+    """A workflow file in ``form`` holding "p\\udcff" as JSON escapes it: (path, node, input, words)."""
+    if form in ("prefix", "prompt", "png"):
+        node, name = ("save", "prefix") if form != "prompt" else ("images", "prompt")
+        text = json.dumps(ours_as_json(**{node: {name: "p\udcff"}}))  # written as the escape "p\udcff"
+        if form == "png":
+            info = PngInfo()
+            info.add_text("lora-nodes", text)
+            Image.new("RGB", (8, 8)).save(folder / "wf.png", pnginfo=info)
+            return folder / "wf.png", node, name, "nodes.save.inputs.prefix"
+        return write(folder, text, "wf.json"), node, name, f"nodes.{node}.inputs.{name}"
+    if form == "input name":
+        return write(folder, json.dumps(ours_as_json(images={"s\udcffed": 1})), "wf.json"), "images", "s\\udcffed", ""
+    if form == "comfyui api":
+        data = comfy_api_of_good(folder, capsys)
+        node = next(i for i, body in data.items() if body["class_type"].endswith("Sample"))
+        data[node]["inputs"]["prompt"] = "p\udcff"
+        return write(folder, json.dumps(data), "api.json"), node, "prompt", ""
+    data = ui_file(folder)
+    sample = next(n for n in data["nodes"] if n["type"].endswith("Sample"))
+    sample["widgets_values"][0] = "p\udcff"
+    return write(folder, json.dumps(data), "ui.json"), str(sample["id"]), None, "widgets_values[0]"
+
+
+@pytest.mark.parametrize("form", ["prefix", "prompt", "png", "input name", "comfyui api", "comfyui ui"])
+def test_text_that_is_not_valid_unicode_is_refused_before_anything_runs(form, folder, capsys):
+    """A lone surrogate passed validation, then failed after sampling (writing the PNG, or in the tokenizer)."""
+    path, node, name, where = with_lone_surrogate(form, folder, capsys)
+    started = time.perf_counter()
+    assert main(["validate", str(path)]) == 2
+    shown_to_user = capsys.readouterr().err
+    shown_to_user.encode("utf-8")  # printable: the surrogate itself is written as its escape
+    assert "lone surrogate" in shown_to_user and "not valid Unicode" in shown_to_user
+    problem = the_problem(path, capsys)
+    assert (problem["code"], problem["node"], problem["input"]) == ("invalid_value", node, name)
+    assert where in problem["message"] and "'\\udcff' at character" in problem["message"]
+    assert time.perf_counter() - started < 2
+
+
+def png_of_chunks(path: Path, *chunks: tuple[bytes, int]) -> Path:
+    """An 8x8 PNG's signature and IHDR, then each (type, length) chunk, its data zeros written as holes
+    (a sparse file: a chunk of gigabytes costs no disk)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    head = buffer.getvalue()[:33]  # the 8-byte signature and the 25-byte IHDR chunk
+    with open(path, "wb") as f:
+        f.write(head)
+        for kind, length in chunks:
+            f.write(length.to_bytes(4, "big") + kind)
+            f.seek(length + 4, os.SEEK_CUR)  # the data and CRC: a hole, read back as zeros
+        f.truncate(f.tell())
+    return path
+
+
+@pytest.mark.parametrize(("chunks", "words"), [
+    ([(b"tEXt", 2**30)], "'tEXt' chunk is 1,073,741,824 bytes"),  # a 1 GiB workflow chunk: PIL would read it all
+    ([(b"prVt", 2**30)], "'prVt' chunk is 1,073,741,824 bytes"),  # any chunk before the image data is read whole
+    ([(b"tEXt", 15 * 2**20)] * 5, "64 MiB before its image data"),
+    ([(b"tEXt", 0)] * 1001, "1,000 chunks"),
+])
+def test_png_chunks_are_bounded_before_pil_reads_them(chunks, words, folder, capsys):
+    path = png_of_chunks(folder / "big.png", *chunks)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        assert main(["validate", str(path)]) == 2
+        seconds = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert words in capsys.readouterr().err
+    assert seconds < 2 and peak < 50 * 2**20, (seconds, peak)
+    assert the_problem(path, capsys)["code"] == "parse_error"
+
+
+@pytest.mark.parametrize("libyaml", [True, False])
+def test_a_lone_surrogate_escaped_in_yaml_is_refused_by_either_loader(libyaml, folder, capsys, monkeypatch):
+    """libyaml refuses the escape itself, and PyYAML's own loader (used where libyaml is missing) likewise,
+    so a ``--set`` value, which no walk over a document sees, is refused too."""
+    from lora_nodes.graph import load
+
+    if not libyaml:
+        monkeypatch.setattr(load, "_FastLoader", None)
+    elif load._FastLoader is None:
+        pytest.skip("PyYAML without libyaml")
+    path = write(folder, replaced("prefix: styled", r'prefix: "p\udcff"'))
+    problem = the_problem(path, capsys)
+    assert problem["code"] == "parse_error" and "Unicode" in problem["message"]
+    problem = the_problem(write(folder, GOOD), capsys, "--set", r'images.prompt="p\udcff"')
+    assert problem["code"] == "bad_override" and "Unicode" in problem["message"]

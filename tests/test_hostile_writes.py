@@ -35,12 +35,7 @@ from lora_nodes.fileio import is_our_temporary, temporary_name
 from lora_nodes.graph import load_workflow
 from lora_nodes.nodes.io import save_images
 from lora_nodes.training import checkpoint
-from lora_nodes.training.checkpoint import (
-    checkpoints,
-    load_latest,
-    report_failed_checkpoints,
-    save_checkpoint,
-)
+from lora_nodes.training.checkpoint import checkpoints, load_latest, save_checkpoint
 
 STARS = WORKFLOWS / "datasets" / "purple_star"
 FULL = "the disk is full (errno 28, No space left on device)"
@@ -217,8 +212,7 @@ def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_previous_checkpoi
     assert str(failure.value) == (f"could not write the checkpoint to {folder / 'step_000006.pt'}: {FULL}; "
                                   "a new run resumes from the checkpoint at step 3")
     reported: list[str] = []
-    with report_failed_checkpoints(reported.append):
-        assert save_checkpoint(folder, 9, {"step": 9, "weights": torch.zeros(100_000)}) is None
+    assert save_checkpoint(folder, 9, {"step": 9, "weights": torch.zeros(100_000)}, reported.append) is None
     assert reported == [(f"could not write the checkpoint to {folder / 'step_000009.pt'}: {FULL}; "
                          "training goes on, and if stopped it resumes from the checkpoint at step 3")]
     step, loaded = load_latest(folder)

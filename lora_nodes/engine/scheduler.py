@@ -14,6 +14,7 @@ import networkx as nx
 
 from ..fileio import describe_any_failure, exclusive_lock
 from ..graph.overrides import Override, bind_variants
+from ..graph.overrides import file_suffix as variant_file_suffix
 from ..graph.problems import WorkflowError
 from ..graph.validate import BoundNode, bind
 from ..graph.workflow import Workflow
@@ -90,7 +91,7 @@ class Runner:
         results = []
         for variant, bound, overrides in bind_variants(workflow, variants, self.catalogue, cwd):
             label = "_".join(o.label for o in overrides)
-            results.append(self._run_bound(variant, bound, f"_{label}" if label else "", label))
+            results.append(self._run_bound(variant, bound, variant_file_suffix(overrides), label))
         return results
 
     def _run_bound(self, workflow: Workflow, bound: dict[str, BoundNode], file_suffix: str,
@@ -115,7 +116,10 @@ class Runner:
 
     def _run_node(self, node: BoundNode, keys: dict[str, str], result: RunResult, file_suffix: str,
                   embedded: dict[str, Any]) -> None:
-        key = keys[node.id] = self._key(node, keys)
+        try:
+            key = keys[node.id] = self._key(node, keys)
+        except OSError as exc:  # a file that passed validation's stat but cannot be read (permissions, I/O)
+            self._fail(node, f"cannot read its input files: {exc}", exc)
         if key in self._results:
             self.emit(event("cached", node=node.id, type=node.spec.id, cache="memory", files=self._files[key]))
             result.cached.append(node.id)
@@ -197,7 +201,7 @@ class Runner:
             self.emit(event("warning", node=node.id, type=node.spec.id, folder=str(folder),
                             message=f"could not write the disk cache in {folder}: {describe_any_failure(exc, folder)}; "
                                     "the result is used from memory in this run, but a new process will "
-                                    "run the node again"))
+                                    "run the node again (a training resumes from its last checkpoint)"))
 
     def _execute(self, node: BoundNode, ctx: NodeContext, key: str, keys: dict[str, str]) -> None:
         inputs: dict[str, Any] = {decl.name: None for decl in node.spec.inputs}

@@ -1,9 +1,9 @@
 """Reading workflow files: our YAML/JSON format, ComfyUI API-format prompts, and PNGs.
 
-Workflow files are shared, so reading one is bounded: the file's size, YAML alias expansion,
-nesting depth, and the value types (everything must be something JSON can hold, since the workflow
-is embedded in the PNGs it makes). Whatever is wrong ends as a :class:`Problem`, never as an
-exception from a parser.
+Workflow files are shared, so reading one is bounded: the file's size, a PNG's chunks, YAML alias
+expansion (in values and in text), nesting depth, and the value types (everything must be something
+JSON can hold, text valid Unicode, since the workflow is embedded in the PNGs it makes). Whatever
+is wrong ends as a :class:`Problem`, never as an exception from a parser.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ PNG_CHUNKS = (PNG_WORKFLOW_KEY, "prompt", "workflow")
 MAX_DOCUMENT_BYTES = 16 * 2**20  # a workflow file, or the text chunk of a PNG
 MAX_DEPTH = 64  # nesting levels of a document (ours needs 5; ComfyUI's editor files about 10)
 MAX_ALIAS_NODES = 100_000  # YAML nodes that aliases may add when expanded (a "billion laughs" adds 10^9)
+# PIL reads every chunk before a PNG's image data whole into memory (its text limits apply only after),
+# so those chunks are bounded first: each to a document's size, all together to room for our workflow,
+# ComfyUI's two, and a colour profile. The image data after them is never read.
+MAX_PNG_HEADER_BYTES = 4 * MAX_DOCUMENT_BYTES
+MAX_PNG_CHUNKS = 1000  # chunks before the image data (a real PNG has a dozen or so)
 MAX_SHAPE_PROBLEMS = 20  # problems reported about a document's values before the rest are left out
 OUR_KEYS = ("format", "nodes", "description")  # the other top-level keys of our format are kept as extras
 
@@ -96,6 +101,14 @@ class _PureLoader(_Limits, yaml.SafeLoader):
             raise _too_deep(self.get_mark())
         return super().add_indent(column)
 
+    def construct_scalar(self, node: yaml.ScalarNode) -> Any:
+        """Refuse a ``"\\udcff"`` escape (a lone surrogate), as libyaml does: ``--set`` values are read
+        here and never pass through the loader's walk over a document."""
+        value = super().construct_scalar(node)
+        if isinstance(value, str) and (bad := _not_unicode(value)):
+            raise yaml.constructor.ConstructorError(None, None, f"the text {shown(value)} {bad}", node.start_mark)
+        return value
+
 
 _C_LOADER = getattr(yaml, "CSafeLoader", None)  # libyaml: about 6x faster, where PyYAML was built with it
 _FastLoader = type("_FastLoader", (_Limits, _C_LOADER), {}) if _C_LOADER is not None else None
@@ -128,7 +141,8 @@ def _check_composed(root: yaml.Node) -> None:
     Aliases make the composed graph a DAG whose expansion can be exponential in its size, so sizes
     and depths are computed once per distinct node (iteratively: the graph may be deep).
     """
-    size: dict[int, int] = {}
+    size: dict[int, int] = {}  # values in the node once its aliases are expanded
+    weight: dict[int, int] = {}  # characters of scalars in it, expanded likewise
     depth: dict[int, int] = {}
     on_path: set[int] = set()
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
@@ -138,6 +152,8 @@ def _check_composed(root: yaml.Node) -> None:
         if finished:
             children = _children(node)
             size[key] = 1 + sum(size[id(c)] for c in children)
+            is_text = isinstance(node, yaml.ScalarNode)
+            weight[key] = len(node.value) if is_text else sum(weight[id(c)] for c in children)
             depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
             on_path.discard(key)
             if depth[key] > MAX_DEPTH:
@@ -150,10 +166,22 @@ def _check_composed(root: yaml.Node) -> None:
         on_path.add(key)
         stack.append((node, True))
         stack.extend((child, False) for child in _children(node))
-    added = size[id(root)] - len(size)
+    _check_expansion(root, size[id(root)] - len(size), weight[id(root)])
+
+
+def _check_expansion(root: yaml.Node, added: int, weight: int) -> None:
+    """Refuse aliases that add more than :data:`MAX_ALIAS_NODES` values, or expand the document past
+    :data:`MAX_DOCUMENT_BYTES` of text: a few aliases of one long string are a small file but a huge
+    workflow, which ``convert`` would write out and SaveImages embed in every PNG.
+
+    (Without aliases the scalars hold no more characters than the file, which is within the limit.)
+    """
     if added > MAX_ALIAS_NODES:
         raise _limit(root, f"its aliases expand to more than {MAX_ALIAS_NODES:,} values (a 'billion laughs' "
                      "file?); write the values out instead")
+    if weight > MAX_DOCUMENT_BYTES:
+        raise _limit(root, f"its aliases expand it to more than {MAX_DOCUMENT_BYTES // 2**20} MiB of text (about "
+                     f"{weight // 2**20:,} MiB), more than a workflow may hold; write the values out instead")
 
 
 def _limit(node: yaml.Node, message: str) -> yaml.MarkedYAMLError:
@@ -292,6 +320,7 @@ def _read_png_workflow(path: Path) -> Any:
     """The workflow a PNG embeds: ours if it has one, else ComfyUI's ``prompt``, else its ``workflow``."""
     from PIL import Image, UnidentifiedImageError
 
+    _check_png_chunks(path)
     try:
         with Image.open(path, formats=["PNG"]) as image:
             info = dict(image.info)
@@ -313,6 +342,40 @@ def _read_png_workflow(path: Path) -> Any:
             raise _fail("parse_error", f"{path}: its '{key}' text chunk is not valid JSON: {exc}") from None
     names = ", ".join(f"'{k}'" for k in PNG_CHUNKS)
     raise _fail("no_workflow", f"{path} holds no workflow (none of the text chunks {names})")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IMAGE_DATA = (b"IDAT", b"fdAT", b"IEND")  # where PIL stops reading chunks when it opens a PNG
+
+
+def _png_chunks(f: Any) -> Iterator[tuple[bytes, int]]:
+    """(type, declared length) of each chunk before a PNG's image data, read from the 8-byte headers
+    alone (the data is skipped). Stops at a file that is not a PNG or a damaged header: PIL reports those."""
+    if f.read(len(_PNG_SIGNATURE)) != _PNG_SIGNATURE:
+        return
+    while len(header := f.read(8)) == 8 and header[4:] not in _PNG_IMAGE_DATA:
+        length = int.from_bytes(header[:4], "big")
+        yield header[4:], length
+        f.seek(length + 4, os.SEEK_CUR)  # past the data and its CRC
+
+
+def _check_png_chunks(path: Path) -> None:
+    """Refuse a PNG whose chunks PIL would read into memory on opening it are too large or too many:
+    a text chunk of gigabytes would cost gigabytes before PIL's own text limits apply."""
+    total = 0
+    try:
+        with open(path, "rb") as f:
+            for count, (kind, length) in enumerate(_png_chunks(f), 1):
+                total += length
+                if length > MAX_DOCUMENT_BYTES:
+                    raise _fail("parse_error", f"{path}: its {shown(kind.decode('latin-1'))} chunk is {length:,} "
+                                f"bytes, larger than {MAX_DOCUMENT_BYTES // 2**20} MiB: too large for a workflow PNG")
+                if count > MAX_PNG_CHUNKS or total > MAX_PNG_HEADER_BYTES:
+                    raise _fail("parse_error", f"{path} has more than {MAX_PNG_CHUNKS:,} chunks or "
+                                f"{MAX_PNG_HEADER_BYTES // 2**20} MiB before its image data: too much for a "
+                                "workflow PNG")
+    except OSError as exc:
+        raise _fail("file_not_found", f"cannot read {cut(str(path))}: {exc.strerror or exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,8 +406,9 @@ def _describe(value: Any) -> str:
 
 
 def _shape_problems(data: Any) -> Iterator[tuple[tuple[Any, ...], str]]:
-    """(path, what is wrong) for each value JSON cannot hold, each level past :data:`MAX_DEPTH`,
-    and (path, :data:`_NON_FINITE`) for each NaN or infinity. Iterative: the data may be deep."""
+    """(path, what is wrong) for each value JSON cannot hold, each text that is not valid Unicode,
+    each level past :data:`MAX_DEPTH`, and (path, :data:`_NON_FINITE`) for each NaN or infinity.
+    Iterative: the data may be deep."""
     stack: list[tuple[Any, tuple[Any, ...]]] = [(data, ())]
     while stack:
         value, path = stack.pop()
@@ -352,18 +416,39 @@ def _shape_problems(data: Any) -> Iterator[tuple[tuple[Any, ...], str]]:
             yield path, f"is nested more than {MAX_DEPTH} levels deep"
         elif isinstance(value, dict):
             for key, item in value.items():
-                if isinstance(key, _JSON_SCALARS):
-                    stack.append((item, (*path, key)))
-                else:
+                if not isinstance(key, _JSON_SCALARS):
                     yield path, f"has a key that is {_describe(key)} ({shown(key)}); quote it to make it text"
+                elif isinstance(key, str) and (bad := _not_unicode(key)):
+                    yield (*path, key), f"is a key that {bad}"
+                else:
+                    stack.append((item, (*path, key)))
         elif isinstance(value, list):
             stack.extend((item, (*path, index)) for index, item in enumerate(value))
         elif isinstance(value, float) and not math.isfinite(value):
             yield path, _NON_FINITE
+        elif isinstance(value, str) and (bad := _not_unicode(value)):
+            yield path, f"is text that {bad}"
         elif not isinstance(value, _JSON_SCALARS):
             hint = ("write a list instead" if isinstance(value, (set, frozenset)) else "write a mapping instead"
                     if isinstance(value, tuple) else "quote it to keep it as text")
             yield path, f"is {_describe(value)} ({shown(value)}), which a JSON workflow cannot hold: {hint}"
+
+
+def _not_unicode(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode, or None when it is.
+
+    JSON's ``\\udcff`` escape makes a lone surrogate, which Python keeps in a str but
+    nothing downstream takes: writing the PNG, a file name or the tokenizer would fail after sampling.
+    """
+    if text.isascii():
+        return None  # the common case, without copying the text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"holds a lone surrogate ({shown(text[exc.start])} at character {exc.start + 1}), which is not "
+                "valid Unicode and cannot be saved or read as text: remove it, or write the character it was "
+                "meant to be")
+    return None
 
 
 def _where(path: tuple[Any, ...]) -> str:
@@ -372,25 +457,38 @@ def _where(path: tuple[Any, ...]) -> str:
     return "".join(f".{cut(k, 60)}" if isinstance(k, str) else f"[{shown(k)}]" for k in path).lstrip(".")
 
 
-def _check_shape(data: dict[str, Any], ours: bool) -> None:
-    """Raise for values no JSON file can hold; in our format also for NaN/infinity in extra keys.
+def _check_shape(data: dict[str, Any], form: str | None) -> None:
+    """Raise for values no JSON file can hold or text that is not valid Unicode; in our format also
+    for NaN/infinity in extra keys. ``form`` is what :func:`_form_of` says the document is.
 
     (NaN in a node input is left to validation, which names the input's expected type.)
     """
     problems = []
     for path, what in _shape_problems(data):
         if what == _NON_FINITE:
-            if not ours or not path or path[0] in OUR_KEYS:
+            if form != "ours" or not path or path[0] in OUR_KEYS:
                 continue
             what = f"is {shown(_get(data, path))}, which a JSON workflow cannot hold"
-        node, name = None, None
-        if ours and len(path) >= 4 and path[0] == "nodes" and path[2] == "inputs":
-            node, name = str(path[1]), str(path[3])
+        node, name = _node_and_input(data, path, form)
         problems.append(Problem("invalid_value", f"'{_where(path)}' {what}", node, name))
         if len(problems) >= MAX_SHAPE_PROBLEMS:
             break
     if problems:
         raise WorkflowError(problems)
+
+
+def _node_and_input(data: dict[str, Any], path: tuple[Any, ...], form: str | None) -> tuple[str | None, str | None]:
+    """The node id and input name a value at ``path`` belongs to, as far as the document's form tells,
+    so a problem is listed under the node like validation's own are."""
+    if form == "ours" and len(path) >= 2 and path[0] == "nodes":  # nodes.ID.inputs.NAME
+        return str(path[1]), str(path[3]) if len(path) >= 4 and path[2] == "inputs" else None
+    if form == "api" and path:  # ID.inputs.NAME
+        return str(path[0]), str(path[2]) if len(path) >= 3 and path[1] == "inputs" else None
+    if form == "ui" and len(path) >= 2 and path[0] == "nodes" and isinstance(path[1], int):  # nodes[i], by its id
+        node = data["nodes"][path[1]]
+        if isinstance(node, dict) and isinstance(node.get("id"), (int, str)):
+            return str(node["id"]), None  # its widgets are named by the catalogue, later
+    return None, None
 
 
 def _get(data: Any, path: tuple[Any, ...]) -> Any:
@@ -408,17 +506,28 @@ def parse_workflow(data: Any, base_dir: Path, source: Path | None = None) -> Wor
     if not isinstance(data, dict):
         found = "nothing" if data is None else _describe(data)
         raise _fail("parse_error", f"a workflow must be a mapping with a 'nodes' key, not {found}")
-    ours = "nodes" in data and not is_ui_format(data)
-    _check_shape(data, ours)
-    if ours:
+    form = _form_of(data)
+    _check_shape(data, form)
+    if form == "ours":
         return _parse_ours(data, base_dir, source)
-    if is_ui_format(data):
+    if form == "ui":
         from ..nodes import catalogue
 
         return from_ui(data, base_dir, catalogue(), source)
-    if data and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+    if form == "api":
         return _parse_comfy_api(data, base_dir, source)
     raise _fail("parse_error", f"not a workflow: expected 'format: {FORMAT}' with a 'nodes' mapping")
+
+
+def _form_of(data: dict[Any, Any]) -> str | None:
+    """Which format a document is in: "ours", "ui" (ComfyUI's editor), "api" (ComfyUI's prompt), or None."""
+    if is_ui_format(data):
+        return "ui"
+    if "nodes" in data:
+        return "ours"
+    if data and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+        return "api"
+    return None
 
 
 def node_ids(mapping: dict[Any, Any]) -> tuple[dict[str, Any], list[Problem]]:

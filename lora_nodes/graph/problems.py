@@ -64,6 +64,17 @@ def listing(items: Iterable[Any], limit: int = 12) -> str:
     return ", ".join(names) + more
 
 
+def valid_text(text: str) -> str:
+    """``text`` with each lone surrogate written as its escape (``\\udcff``), so it can be printed.
+
+    A workflow's JSON escapes, or a file name that is not UTF-8, put them in a str; printing or
+    encoding one then fails, and a problem about such a value must still reach the user.
+    """
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a workflow, tied to a node and input where it has one."""
@@ -75,6 +86,10 @@ class Problem:
     type: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("message", "node", "input", "type"):  # all printed, and a print of a lone surrogate fails
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, valid_text(value))
         if len(self.message) > MESSAGE_LIMIT:  # whoever built it, a message stays readable
             extra = len(self.message) - MESSAGE_LIMIT
             object.__setattr__(self, "message", f"{self.message[:MESSAGE_LIMIT]}... ({extra} more characters)")

@@ -91,8 +91,8 @@ def check(workflow: Workflow, catalogue: Catalogue,
         bound[node_id] = BoundNode(node_id, spec, literals, links)
     cycles = _cycles(workflow)
     problems += cycles
-    if not cycles:
-        problems += _preflight(bound)
+    if not cycles:  # a node with problems of its own is not looked at further (its values are not usable)
+        problems += _preflight(bound, flawed={p.node for p in problems})
     if not any(spec.output_node for c in workflow.nodes.values() if (spec := _spec(catalogue, c.type))):
         problems.append(Problem("no_outputs", "the workflow has no output node (SaveImages, ...): nothing would run"))
     return problems, bound
@@ -239,8 +239,11 @@ def _check_path(decl: Input, value: str, base_dir: Path) -> list[tuple[str, str]
     return [found] if found else []
 
 
-def _preflight(bound: dict[str, BoundNode]) -> list[Problem]:
-    """Run each node's preflight in link order, passing facts downstream (see :class:`Preflight`)."""
+def _preflight(bound: dict[str, BoundNode], flawed: set[str | None]) -> list[Problem]:
+    """Run each node's preflight in link order, passing facts downstream (see :class:`Preflight`).
+
+    Nodes in ``flawed`` already have problems: they are skipped and tell nothing downstream.
+    """
     graph = nx.DiGraph()
     graph.add_nodes_from(bound)
     for node in bound.values():
@@ -250,7 +253,7 @@ def _preflight(bound: dict[str, BoundNode]) -> list[Problem]:
     for node_id in nx.lexicographical_topological_sort(graph):
         node = bound[node_id]
         facts[node_id] = {}
-        if node.spec.preflight is None:
+        if node.spec.preflight is None or node_id in flawed:
             continue
         upstream = {name: facts.get(up, {}) for name, (up, _) in node.links.items()}
         try:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from ..errors import NodeError
+from ..models.memory import check_sample
 from ..models.pipeline import pipeline_for
 from ..models.recipe import ModelRecipe
 from .spec import COMBO, FLOAT, IMAGE, INT, MODEL, STRING, Input, Output, node
@@ -63,19 +67,80 @@ def image_size(base, width: int, height: int) -> tuple[int, int]:
 def sample(ctx, model: ModelRecipe, prompt: str, negative_prompt: str, seed: int, steps: int, cfg: float,
            sampler: str, width: int, height: int, batch_size: int):
     """Draw images from a prompt with the model's weights (LoRAs merged in place, then reused)."""
+    width, height = image_size(model.base, width, height)
+    # before any work: an image too big for the machine is refused, not swapped to death or killed
+    check_sample(model.base, width, height, batch_size, cfg, enabled=ctx.check_memory)
     base = model.materialize()
-    width, height = image_size(base, width, height)
     pipe = make_pipeline(base, sampler)
     generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same image on any device
+    final: dict[str, torch.Tensor] = {}
 
     def on_step(_pipe, step, _timestep, kwargs):
         ctx.progress(step + 1, steps)
+        final["latents"] = kwargs["latents"]  # after the last step: what the VAE decodes
         return kwargs
 
-    with torch.inference_mode():
+    with torch.inference_mode(), decoder_watch(base.components["vae"]) as decoded:
         result = pipe(
             prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps, guidance_scale=cfg,
             width=width, height=height, num_images_per_prompt=batch_size, generator=generator,
             output_type="pt", callback_on_step_end=on_step,
         )
-    return (result.images.float().permute(0, 2, 3, 1).contiguous().cpu(),)
+    images = result.images.float().permute(0, 2, 3, 1).contiguous().cpu()
+    warn_non_finite(ctx, final.get("latents"), torch.cat(decoded) if decoded else None, images)
+    return (images,)
+
+
+def non_finite_rows(batch: torch.Tensor) -> torch.Tensor:
+    """Per item of a batch (first dimension), whether it holds a NaN or an infinity (a CPU bool tensor)."""
+    return (~torch.isfinite(batch.detach())).flatten(1).any(dim=1).cpu()
+
+
+@contextmanager
+def decoder_watch(vae: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record, per image, whether the VAE decoder's output holds NaN or infinities.
+
+    Checked at the decoder's output, before the pipeline's post-processing clamps to 0..1 (which
+    keeps NaN but turns infinities into plain white or black). A forward hook, removed on exit;
+    one entry per decoder call (the batch, or each image with VAE slicing).
+    """
+    rows: list[torch.Tensor] = []
+
+    def record(_module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            rows.append(non_finite_rows(output))
+
+    decoder = getattr(vae, "decoder", None)
+    handle = decoder.register_forward_hook(record) if isinstance(decoder, torch.nn.Module) else None
+    try:
+        yield rows
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def warn_non_finite(ctx, latents: torch.Tensor | None, decoded: torch.Tensor | None, images: torch.Tensor) -> None:
+    """Warn when images of the batch hold NaN or infinities (they come out black), naming the likely cause.
+
+    The final latents tell the two usual causes apart: NaN there came from denoising (the UNet,
+    with its LoRAs), NaN only after decoding came from the VAE.
+    """
+    count = len(images)
+    bad = non_finite_rows(images)  # NaN survives the pipeline's clamp; infinities only show in decoded
+    if decoded is not None and len(decoded) == count:
+        bad |= decoded
+    bad_latents = torch.zeros(count, dtype=torch.bool)
+    if latents is not None and len(latents) == count:
+        bad_latents = non_finite_rows(latents)
+    bad |= bad_latents
+    affected = int(bad.sum())
+    if not affected:
+        return
+    if bad_latents.any():
+        cause = ("the denoising produced them: usually a LoRA with huge or broken weights (lower its strength, "
+                 "or check it with 'lora-nodes inspect'), or float16 overflow (load the base with dtype float32)")
+    else:
+        cause = ("the VAE produced them from finite latents: usually float16 overflow in the VAE (load the base "
+                 "with dtype float32 or bfloat16)")
+    ctx.warn(f"{affected} of {count} images have NaN or infinite values (NaN comes out black); {cause}",
+             images=affected, batch=count, source="latents" if bad_latents.any() else "vae")

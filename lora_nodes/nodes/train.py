@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..fileio import atomic_write, new_temporary_folder, remove_stale_temporaries
+from ..fileio import atomic_write, new_temporary_folder, remove_stale_temporaries, temporary_name
 from ..lora.formats import parse_lora, read_state_dict
 from ..lora.model import LoRA
 from ..lora.save import kohya_tensors
 from ..models.recipe import ModelRecipe, check_placement
-from ..training.checkpoint import remove_checkpoints, report_failed_checkpoints
+from ..training.checkpoint import remove_checkpoints
 from ..training.config import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, TrainConfig
 from ..training.metadata import training_metadata
 from ..training.network import TARGETS
@@ -52,15 +52,27 @@ class TrainedLoRACache:
             try:
                 os.replace(staging, folder)
             except OSError:
-                if not (folder / "entry.json").is_file():
+                if not folder.is_dir():
                     raise
-                # another process stored the same result first (it is the same training): keep that
+                if not self._readable(folder):  # a damaged entry (why this was trained again): replace it
+                    aside = folder.parent / temporary_name(folder.name)
+                    os.replace(folder, aside)
+                    os.replace(staging, folder)
+                    shutil.rmtree(aside, ignore_errors=True)
+                # else another process stored the same result first (it is the same training): keep that
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         try:
             remove_checkpoints(checkpoints_of(folder))
         except OSError:  # leftover checkpoints cost disk space only: the result is stored
             pass
+
+    def _readable(self, folder: Path) -> bool:
+        try:
+            self.load(folder)
+        except Exception:  # noqa: BLE001 - whatever is wrong with it, it is not a usable entry
+            return False
+        return True
 
     def load(self, folder: Path) -> tuple[LoRA, torch.Tensor]:
         entry = json.loads((folder / "entry.json").read_text())
@@ -161,10 +173,10 @@ def train_lora_node(ctx, model: ModelRecipe, dataset, rank: int, alpha: float, t
     callbacks = TrainCallbacks(
         progress=lambda step, total, loss: ctx.progress(step, total, loss=round(loss, 6)),
         info=ctx.info,
+        warn=ctx.warn,  # a full disk skips a checkpoint, not the run
         preview=_previewer(ctx, base, dataset, config),
     )
-    with report_failed_checkpoints(ctx.warn):  # a full disk skips a checkpoint, not the run
-        result = train_lora(base, dataset, config, checkpoints, callbacks, initial_lora)
+    result = train_lora(base, dataset, config, checkpoints, callbacks, initial_lora, check_memory=ctx.check_memory)
     autocast = config.autocast_dtype(base.device)
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(autocast, "no")
     metadata = training_metadata(config, dataset, base, name, started, precision)

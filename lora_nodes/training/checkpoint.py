@@ -8,9 +8,7 @@ kill or a full disk at any moment leaves the previous checkpoint whole. Read bac
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,36 +20,18 @@ from ..fileio import WriteError, atomic_write, remove_stale_temporaries
 KEEP = 2  # the newest checkpoints kept; older ones are deleted once a newer one is safely written
 _NAME = re.compile(r"step_(\d+)\.pt$")
 
-# Where a checkpoint that cannot be written is reported instead of stopping the run (see
-# report_failed_checkpoints). A context variable, so the trainer between node and writer need not
-# pass it along.
-_report_failure: ContextVar[Callable[[str], None] | None] = ContextVar("report_failed_checkpoint", default=None)
-
-
 def checkpoint_path(folder: Path, step: int) -> Path:
     return folder / f"step_{step:06d}.pt"
 
 
-@contextmanager
-def report_failed_checkpoints(report: Callable[[str], None]) -> Iterator[None]:
-    """Inside, a checkpoint that cannot be written (a full disk) is passed to ``report`` and
-    training goes on; outside, :func:`save_checkpoint` raises a NodeError instead.
-
-    Losing a checkpoint costs only the steps since the previous one if the run is stopped; losing
-    the run costs all of them.
-    """
-    token = _report_failure.set(report)
-    try:
-        yield
-    finally:
-        _report_failure.reset(token)
-
-
-def save_checkpoint(folder: Path, step: int, state: dict[str, Any]) -> Path | None:
+def save_checkpoint(folder: Path, step: int, state: dict[str, Any],
+                    on_failure: Callable[[str], None] | None = None) -> Path | None:
     """Write ``state`` as the checkpoint of ``step`` and drop all but the newest :data:`KEEP`.
 
-    When it cannot be written the previous checkpoints stay as they were, and the failure is
-    reported in words (see :func:`report_failed_checkpoints`; then None is returned).
+    When it cannot be written (a full disk) the previous checkpoints stay as they were, and the
+    failure is told in words: to ``on_failure``, and training goes on (losing a checkpoint costs
+    only the steps since the previous one if the run is stopped; losing the run costs all of
+    them), then None is returned; without ``on_failure``, as a NodeError.
     """
     path = checkpoint_path(folder, step)
     try:
@@ -60,10 +40,9 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any]) -> Path | No
         previous = checkpoints(folder)
         kept = f"the checkpoint at step {previous[-1][0]}" if previous else "the start (no checkpoint yet)"
         message = f"could not write the checkpoint to {path}: {exc.reason}"
-        report = _report_failure.get()
-        if report is None:
+        if on_failure is None:
             raise NodeError(f"{message}; a new run resumes from {kept}") from exc
-        report(f"{message}; training goes on, and if stopped it resumes from {kept}")
+        on_failure(f"{message}; training goes on, and if stopped it resumes from {kept}")
         return None
     for _, old in checkpoints(folder)[:-KEEP]:
         old.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import NodeError
+from ..models.memory import check_training
 from ..models.pipeline import pipeline_for
 from .checkpoint import load_latest, remove_checkpoints, save_checkpoint
 from .config import TrainConfig
@@ -38,6 +39,7 @@ class TrainCallbacks:
 
     progress: Callable[[int, int, float], None] = lambda step, steps, loss: None
     info: Callable[[str], None] = lambda message: None
+    warn: Callable[[str], None] | None = None  # a checkpoint that could not be written; None: that stops the run
     preview: Callable[[int], None] | None = None  # called inside the attached LoRA, without grad
 
 
@@ -72,7 +74,7 @@ class Trainer:
     """One training run of a LoRA on a frozen base (see :func:`train_lora`)."""
 
     def __init__(self, base, dataset, config: TrainConfig, checkpoint_dir: Path | None,
-                 callbacks: TrainCallbacks, initial_lora=None):
+                 callbacks: TrainCallbacks, initial_lora=None, check_memory: bool = True):
         self.base, self.dataset, self.config, self.callbacks = base, dataset, config, callbacks
         self.checkpoint_dir = checkpoint_dir
         self.device = base.device
@@ -83,12 +85,14 @@ class Trainer:
         self.rank, self.world = process_group(self.device)
         self.autocast_dtype = config.autocast_dtype(self.device)
         self.pipe = pipeline_for(base) if self.sdxl else None  # SDXL's two encoders are encoded by the pipeline
-        multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.down_block_types) - 1)
-        self.examples = dataset.examples(dataset.resolution or base.native_size, multiple)
-        self._check_sizes(multiple)
         targets = select_targets(base, config.target, config.train_text_encoder)
         if not targets:
             raise NodeError(f"target '{config.target}' matches no layer of this model")
+        # before the images are prepared or anything is allocated: a run that cannot fit is refused
+        check_training(base, dataset, config, targets, self.autocast_dtype, enabled=check_memory)
+        multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.down_block_types) - 1)
+        self.examples = dataset.examples(dataset.resolution or base.native_size, multiple)
+        self._check_sizes(multiple)
         with torch.random.fork_rng(devices=[]):  # the same start on every process, the global RNG untouched
             torch.manual_seed(config.seed)
             self.network = LoRANetwork(targets, config.rank, config.alpha)
@@ -256,7 +260,7 @@ class Trainer:
                 self.callbacks.progress(step, config.steps, loss)
                 if self.checkpoint_dir and config.save_every_n_steps and step % config.save_every_n_steps == 0 \
                         and step < config.steps and self.rank == 0:
-                    save_checkpoint(self.checkpoint_dir, step, self._state(step, losses))
+                    save_checkpoint(self.checkpoint_dir, step, self._state(step, losses), self.callbacks.warn)
                 if self.callbacks.preview and config.sample_every_n_steps and \
                         step % config.sample_every_n_steps == 0 and self.rank == 0:
                     with torch.no_grad():
@@ -381,6 +385,11 @@ class Trainer:
 
 
 def train_lora(base, dataset, config: TrainConfig, checkpoint_dir: Path | None = None,
-               callbacks: TrainCallbacks | None = None, initial_lora=None) -> TrainResult:
-    """Train a LoRA for ``base`` on ``dataset``; the base's weights are bitwise the same afterwards."""
-    return Trainer(base, dataset, config, checkpoint_dir, callbacks or TrainCallbacks(), initial_lora).train()
+               callbacks: TrainCallbacks | None = None, initial_lora=None, check_memory: bool = True) -> TrainResult:
+    """Train a LoRA for ``base`` on ``dataset``; the base's weights are bitwise the same afterwards.
+
+    A run estimated not to fit in the device's free memory is refused first, unless ``check_memory``
+    is False (``--no-memory-check``).
+    """
+    return Trainer(base, dataset, config, checkpoint_dir, callbacks or TrainCallbacks(), initial_lora,
+                   check_memory).train()

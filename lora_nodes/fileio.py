@@ -238,27 +238,24 @@ def _make_folder(folder: Path) -> None:
 
 def new_temporary_file(path: Path) -> Path:
     """Create an empty temporary file of ours beside ``path`` (its parent made if needed)."""
-    _make_folder(path.parent)
-    while True:
-        tmp = path.parent / temporary_name(path.name)
-        try:
-            with naming_write_failures(tmp):
-                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return tmp
-        except FileExistsError:  # the token collided: draw another
-            continue
+    return _new_temporary(path, lambda tmp: os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
 
 
 def new_temporary_folder(path: Path) -> Path:
     """Create an empty temporary folder of ours beside ``path`` (its parent made if needed)."""
+    return _new_temporary(path, Path.mkdir)
+
+
+def _new_temporary(path: Path, create: Callable[[Path], None]) -> Path:
+    """``create`` (failing if it exists) a fresh temporary name of ours beside ``path``; that name."""
     _make_folder(path.parent)
     while True:
         tmp = path.parent / temporary_name(path.name)
         try:
             with naming_write_failures(tmp):
-                tmp.mkdir()
+                create(tmp)
             return tmp
-        except FileExistsError:
+        except FileExistsError:  # the random token collided: draw another
             continue
 
 

@@ -17,7 +17,7 @@ from lora_nodes.engine.context import NodeContext
 from lora_nodes.engine.events import Collector
 from lora_nodes.errors import LoRAError, NodeError
 from lora_nodes.lora.synthetic import synthetic_lora
-from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe
+from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe, check_placement
 from lora_nodes.nodes.lora import load_lora
 from lora_nodes.nodes.merge import merge_loras
 
@@ -282,3 +282,15 @@ def test_good_file_still_loads_with_its_metadata_json(clean, tmp_path):
     (lora, words), events = run_load(path)
     assert words == "star" and not [e for e in events.events if e["event"] == "warning"]
     assert len(lora.modules) == 40
+
+
+def test_a_one_dimensional_diff_where_a_matrix_belongs_fits_nothing(tiny, tmp_path, capsys):
+    # found by scripts/fuzz.py: the family guess read a second dimension the diff does not have
+    key = KOHYA.replace("attn1_to_q", "attn2_to_k") + ".diff"
+    path = tmp_path / "flat.safetensors"
+    save_file({key: torch.full((1024,), 0.01)}, str(path))
+    (lora, _), _ = run_load(path)  # a 1-D diff is a legal module (norm layers have them)
+    with pytest.raises(LoRAError, match="matches nothing"):  # what ApplyLoRA checks before patching
+        check_placement(lora, tiny)
+    assert main(["inspect", str(path), "--base", "builtin:tiny"]) == 0
+    assert "matches nothing" in capsys.readouterr().out

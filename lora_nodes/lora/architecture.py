@@ -25,7 +25,7 @@ def lora_architecture(lora: LoRA) -> str | None:
     if "text_encoder_2" in lora.components():
         return "sdxl"
     for key, module in lora.modules.items():
-        if key.replace(".", "_").endswith("attn2_to_k"):
+        if key.replace(".", "_").endswith("attn2_to_k") and len(module.delta_shape) >= 2:  # 1-D: fits nothing
             family = CONTEXT_WIDTHS.get(int(module.delta_shape[1]))
             if family:
                 return family

@@ -47,8 +47,11 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the checkout this script is in, whatever lora-nodes pip installed elsewhere
+
 KINDS = ("ours", "comfy-api", "comfy-ui", "png", "lora")
-EXAMPLE_LORA = Path(__file__).resolve().parent.parent / "workflows" / "loras" / "tiny_style.safetensors"
+EXAMPLE_LORA = REPO / "workflows" / "loras" / "tiny_style.safetensors"
 CASE_SECONDS = 10.0  # one case taking longer than this is a hang
 OUR_TYPES = ("LoadBase", "LoadLoRA", "ApplyLoRA", "LoRAStack", "ApplyLoRAStack", "Sample", "SaveImages",
              "SaveModel", "SaveLoRA", "MergeLoRAs", "ResizeLoRA", "ExtractLoRA", "LoadDataset", "TrainLoRA")

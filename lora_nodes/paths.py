@@ -26,7 +26,8 @@ FOLDER_ENTRY_LIMIT = 50_000  # files and folders a folder input may hold (counte
 PathProblem = tuple[str, str]
 
 
-def _cut(text: str, limit: int = 120) -> str:
+def cut(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters (with ``...``), for showing user text in a message."""
     return text if len(text) <= limit else f"{text[:limit]}..."
 
 
@@ -39,7 +40,7 @@ def output_name_problem(name: str, reserve: int = 0) -> str | None:
     :data:`OUTPUT_NAME_RESERVE` (e.g. a sweep variant's suffix). Symlinks inside the output folder
     are the runtime check's business (:meth:`NodeContext.output_path`).
     """
-    shown = repr(_cut(name))
+    shown = repr(cut(name, 120))
     if not name.strip():
         return "the output name is empty: give a file or folder name"
     if "\0" in name:
@@ -75,7 +76,7 @@ def _long_part(parts: list[str], reserve: int) -> str | None:
         if size > limit:
             why = (f" (file systems allow {NAME_MAX}, and a file name needs room for a counter, an extension or a "
                    "sweep variant's suffix)" if last else "")
-            return f"the name {_cut(part, 60)!r} in the output path is {size} bytes; at most {limit} fit{why}"
+            return f"the name {cut(part, 60)!r} in the output path is {size} bytes; at most {limit} fit{why}"
     return None
 
 
@@ -97,13 +98,13 @@ def expand_input_path(value: str, base_dir: Path) -> Path:
             path = path.expanduser()
         except RuntimeError:  # ~user of a user this machine does not have
             user = value[1:].split("/", 1)[0]
-            raise ValueError(f"'~{_cut(user, 60)}' names no user on this machine") from None
+            raise ValueError(f"'~{cut(user, 60)}' names no user on this machine") from None
     if path.is_absolute():
         return path  # as the user wrote it: only relative paths are anchored (and resolved)
     try:
         return (base_dir / path).resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long to resolve
-        raise ValueError(f"the path cannot be resolved ({exc.__class__.__name__}: {_cut(str(exc))})") from None
+        raise ValueError(f"the path cannot be resolved ({exc.__class__.__name__}: {cut(str(exc), 120)})") from None
 
 
 _SPECIAL_KINDS = (
@@ -129,7 +130,7 @@ def input_path_problem(value: str, base_dir: Path, kind: str) -> PathProblem | N
     One ``stat`` and, for a folder, a bounded listing: nothing is read, so a FIFO, a device or a
     huge folder is reported instead of hanging the check (and the fingerprint after it).
     """
-    shown = repr(_cut(value))
+    shown = repr(cut(value, 120))
     try:
         path = expand_input_path(value, base_dir)
     except ValueError as exc:
@@ -137,7 +138,7 @@ def input_path_problem(value: str, base_dir: Path, kind: str) -> PathProblem | N
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
-        return "file_not_found", f"file not found: {_cut(value)} (looked for {_cut(str(path), 300)})"
+        return "file_not_found", f"file not found: {cut(value, 120)} (looked for {cut(str(path), 300)})"
     except OSError as exc:
         return "invalid_value", f"{shown} cannot be used: {exc.strerror or exc}"
     found = kind_of(mode)
@@ -180,7 +181,7 @@ def _list_folder(folder: Path, shown: str) -> PathProblem | None:
             message = f"{shown} holds more than {FOLDER_ENTRY_LIMIT:,} files and folders: is this the right folder?"
             return "too_many_files", message
         if special is None and mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            special = "not_a_file", f"{shown} holds {_cut(relative)!r}, which is {kind_of(mode)} and cannot be read"
+            special = "not_a_file", f"{shown} holds {cut(relative, 120)!r}, which is {kind_of(mode)} and cannot be read"
     return special
 
 

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..paths import cut as cut_text
+
 VALUE_LIMIT = 200  # characters of a value shown in a message
 MESSAGE_LIMIT = 2000  # characters of a whole message
 ID_LIMIT = 100  # characters of a node id, input name or type in a problem's heading
@@ -53,7 +55,7 @@ def shown(value: Any) -> str:
 
 def cut(text: str, limit: int = VALUE_LIMIT) -> str:
     """``text`` cut to ``limit`` characters (for text shown without quotes, like a node id)."""
-    return text if len(text) <= limit else text[:limit] + "..."
+    return cut_text(text, limit)
 
 
 def listing(items: Iterable[Any], limit: int = 12) -> str:

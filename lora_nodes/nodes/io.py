@@ -15,6 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..fileio import write_new_file
 from ..graph.load import PNG_WORKFLOW_KEY
+from .sample import non_finite_rows
 from .spec import IMAGE, STRING, Input, node
 
 
@@ -33,11 +34,6 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     pixels = torch.nan_to_num(image.detach().float(), nan=0.0, posinf=1.0, neginf=0.0)
     array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return Image.fromarray(np.ascontiguousarray(array))
-
-
-def count_non_finite(images: torch.Tensor) -> int:
-    """How many images of a batch have a NaN or infinite pixel value."""
-    return int((~torch.isfinite(images.detach())).flatten(1).any(dim=1).sum()) if images.numel() else 0
 
 
 def png_chunks(ctx) -> dict[str, str]:
@@ -77,7 +73,7 @@ def save_images(ctx, images: torch.Tensor, prefix: str):
     """Write each image as a PNG under the output folder, with the workflow embedded to re-run it."""
     stem_path = ctx.output_path(f"{prefix}{ctx.file_suffix}")
     folder, stem = stem_path.parent, stem_path.name
-    bad = count_non_finite(images)
+    bad = int(non_finite_rows(images).sum())
     if bad:
         ctx.warn(f"{bad} of {len(images)} images have non-finite pixel values (NaN or infinity: usually a diverged "
                  "model or too high a LoRA strength); they are written with NaN as black and infinities clamped",

@@ -81,9 +81,10 @@ def tiny_parts():
 
 def time_ours(unet, paths: list[Path], repeats: int) -> tuple[float, float]:
     """Full apply (files read every time) and strength change, median seconds."""
-    from lora_nodes.lora.formats import read_lora
+    from lora_nodes.lora.files import read_lora
+    from lora_nodes.lora.placement import check_placement
+    from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe
     from lora_nodes.models.base import BaseModel
-    from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe, check_placement
 
     base = BaseModel("bench", {"unet": unet, **tiny_parts()}, torch.float32, torch.device("cpu"))
     full, switch = [], []

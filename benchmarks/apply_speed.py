@@ -34,10 +34,10 @@ def _median_seconds(fn, repeats: int) -> float:
 
 def measure(source: str, lora_path: Path | None, repeats: int) -> dict[str, float]:
     """Seconds for first apply and for a strength switch, ours and diffusers', on one base."""
-    from lora_nodes.lora.formats import read_lora
+    from lora_nodes.lora.files import read_lora
+    from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe
     from lora_nodes.lora.synthetic import synthetic_lora
     from lora_nodes.models.loading import load_base
-    from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe
     from lora_nodes.nodes.sample import make_pipeline
 
     base = load_base(source, dtype="float32", device="cpu")

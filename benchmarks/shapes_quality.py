@@ -24,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_nodes.datasets.shapes import BASE_COLOURS, BASE_SHAPES, COLOURS, SHAPES, caption, classify
+from lora_nodes.datasets.shape_images import BASE_COLOURS, BASE_SHAPES, COLOURS, SHAPES, caption, classify
 from lora_nodes.models.base import BaseModel
-from lora_nodes.models.shapes import WEIGHTS, build_shapes
+from lora_nodes.models.builtin import SHAPES_WEIGHTS, build_shapes
 from lora_nodes.nodes.sample import SAMPLERS, make_pipeline
 
 
-def load(weights: Path = WEIGHTS) -> BaseModel:
+def load(weights: Path = SHAPES_WEIGHTS) -> BaseModel:
     """``builtin:shapes`` as ``LoadBase`` gives it (float32, CPU)."""
     return BaseModel("builtin:shapes", build_shapes(weights), torch.float32, torch.device("cpu"))
 
@@ -84,7 +84,7 @@ def time_one_sample(base: BaseModel, steps: int = 20, cfg: float = 7.0, sampler:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=WEIGHTS, help="weights file (default: the shipped one)")
+    parser.add_argument("--weights", type=Path, default=SHAPES_WEIGHTS, help="weights file (default: the shipped one)")
     parser.add_argument("--seeds", type=int, default=20, help="seeds 0..N-1 per prompt (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
     parser.add_argument("--cfg", type=float, default=7.0, help="guidance scale (default: %(default)s)")

@@ -1,4 +1,8 @@
-"""The ``lora-nodes`` command line: run, validate, nodes, inspect."""
+"""The ``lora-nodes`` command line: run, validate, nodes, inspect.
+
+Each command imports what it needs when it runs (the engine, the graph, the nodes): those bring
+torch and diffusers, and ``lora-nodes --help`` must not wait seconds for them.
+"""
 
 from __future__ import annotations
 
@@ -191,7 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .fileio import atomic_write_text
     from .graph import WorkflowError, load_workflow
-    from .graph.comfy import convert
+    from .graph.convert import convert
     from .graph.validate import rebase_paths
     from .nodes import catalogue
 
@@ -216,11 +220,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
+    from .comfyui.object_info import catalogue_object_info
     from .nodes import catalogue
 
     cat = catalogue()
     if args.json:
-        print(json.dumps(cat.object_info(), indent=2))
+        print(json.dumps(catalogue_object_info(cat), indent=2))
         return EXIT_OK
     for spec in cat.values():
         print(f"{spec.id}  ({spec.display_name}, {spec.category}, v{spec.version})")

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - Windows
 TEMP_TAG = ".lntmp-"
 STALE_AFTER = 24 * 3600  # seconds: another machine's temporaries (its processes cannot be asked)
 _NAME_BYTES = 120  # of the final name kept in a temporary's name (file names stop at 255 bytes)
-_OLD = ".old"  # a folder moved aside while being replaced (see models/save.py atomic_folder)
+_OLD = ".old"  # a folder moved aside while being replaced (see atomic_folder)
 _TEMP = re.compile(rf"^\.(?P<name>.*){re.escape(TEMP_TAG)}(?P<host>.+)-(?P<pid>\d+)-(?P<token>[0-9a-f]{{8}})"
                    rf"(?P<old>{re.escape(_OLD)})?$", re.DOTALL)
 
@@ -335,6 +335,62 @@ def _claim(tmp: Path, path: Path) -> bool:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_folder(path: str | Path, write: Callable[[Path], None],
+                  overwrite: bool | Callable[[Path], bool] = False) -> Path:
+    """Call ``write(tmp_folder)`` beside ``path`` and rename the result to ``path`` when it succeeded.
+
+    What is already at ``path`` is replaced only when ``overwrite`` is True, or is a function that
+    returns True for it (asked once the new folder is complete); otherwise FileExistsError (at once,
+    before writing, when ``overwrite`` is False). A replaced folder is moved aside first, deleted
+    once the new one is in place, and put back if the rename fails. A failure leaves no temporary
+    folder; one left by a killed process is removed by the next write into the same folder, and a
+    folder it had moved aside is put back. A failure of the disk raises WriteError saying why.
+    """
+    path = Path(path)
+    if not callable(overwrite) and not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists")
+    remove_stale_temporaries(path.parent)
+    tmp = new_temporary_folder(path)
+    old = path.parent / f"{tmp.name}{_OLD}"  # recognised as ours too: put back if we are killed in between
+    try:
+        with naming_write_failures(path):
+            write(tmp)
+            if path.exists():
+                if not (overwrite(path) if callable(overwrite) else overwrite):
+                    raise FileExistsError(f"{path} exists")
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if old.exists():
+                    os.replace(old, path)
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.exists():
+            old.unlink()
+    return path
+
+
+# --------------------------------------------------------------------------- the cache folder
+
+
+def work_folder(cache_dir: str | Path, kind: str, node_type: str, key: str) -> Path:
+    """Where one kind of a node's work is kept under the cache dir: ``<cache dir>/<kind>/<node type>/<key>``.
+
+    ``key`` is the node's cache key, so the folder belongs to its exact inputs; ``kind`` says what
+    is kept (``results`` for a result kept on disk, ``checkpoints`` for a training's checkpoints).
+    """
+    return Path(cache_dir) / kind / node_type / key
+
+
+def sibling_work_folder(folder: Path, kind: str) -> Path:
+    """The :func:`work_folder` of another ``kind`` for the same node type and key as ``folder`` (one too)."""
+    return work_folder(folder.parents[2], kind, folder.parent.name, folder.name)
 
 
 # --------------------------------------------------------------------------- one process at a time

@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .lora.architecture import family_name
-from .lora.formats import SUFFIXES, place, read_lora
+from . import families, tensorfiles
+from .errors import LoRAError, NodeError
+from .lora.files import read_lora
+from .lora.formats import SUFFIXES
+from .lora.model import LoRA
+from .lora.placement import check_placement, place
+from .models.base import BaseModel
 from .models.builtin import BUILTINS
 from .models.loading import load_base
 from .paths import input_path_problem
@@ -17,15 +22,10 @@ def is_lora_file(path: str | Path) -> bool:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         return True  # pickle files are only ever read as LoRAs, weights-only
-    from safetensors import SafetensorError, safe_open
-
-    from .errors import NodeError
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise NodeError(f"{path.name} is not a readable .safetensors file (damaged or truncated?): {exc}") from exc
+        keys = list(tensorfiles.read_header(path).shapes)
+    except tensorfiles.UnreadableTensorFile as exc:
+        raise NodeError(str(exc)) from exc
     if not keys:
         raise NodeError(f"{path.name} holds no tensors: it is neither a LoRA nor a model")
     return any(key.endswith(suffix) for key in keys for suffix in SUFFIXES)
@@ -33,8 +33,6 @@ def is_lora_file(path: str | Path) -> bool:
 
 def inspect_source(source: str, base: str | None = None, config: str = "") -> dict[str, Any]:
     """A JSON-ready description of ``source`` (a base or a LoRA file), placed on ``base`` if given."""
-    from .errors import NodeError
-
     for given in (source, base or "", config):
         problem = input_path_problem(given, Path.cwd(), "any") if given and given not in BUILTINS else None
         if problem is not None:  # a FIFO, a device or a huge folder is refused before anything reads it
@@ -48,7 +46,7 @@ def inspect_source(source: str, base: str | None = None, config: str = "") -> di
         placement = place(lora, model)
         info["placement"] = {
             "base": base,
-            "architecture": model.architecture,
+            "architecture": model.family.id,
             "placed": len(placement.placed),
             "total": len(lora.modules),
             "unplaced": placement.unplaced,
@@ -57,11 +55,8 @@ def inspect_source(source: str, base: str | None = None, config: str = "") -> di
     return info
 
 
-def _placement_error(lora, model) -> str | None:
+def _placement_error(lora: LoRA, model: BaseModel) -> str | None:
     """What ApplyLoRA would refuse this LoRA for on this base, if anything."""
-    from .errors import LoRAError
-    from .models.recipe import check_placement
-
     try:
         check_placement(lora, model)
     except LoRAError as exc:
@@ -88,7 +83,7 @@ def format_inspection(info: dict[str, Any]) -> str:
              f"  kinds: {', '.join(info['kinds'])}",
              f"  alpha(s): {', '.join(f'{a:g}' for a in info['alphas'])}",
              f"  components: {', '.join(info['components'])}",
-             f"  made for: {family_name(info['architecture']) if info['architecture'] else 'not recorded'}"]
+             f"  made for: {families.describe(families.by_id(info['architecture'])) if info['architecture'] else 'not recorded'}"]
     if info["trigger_words"]:
         lines.append(f"  trigger words: {', '.join(info['trigger_words'])}")
     lines += [f"  {name.replace('_', ' ')}: {value}" for name, value in info["training"].items()]

@@ -418,10 +418,9 @@ _SHAPES = LoRAShapes()
 
 def tiny_shapes() -> LoRAShapes:
     if not _SHAPES.modules:
-        from lora_nodes.lora.formats import kohya_module_names
 
         base = tiny_base()
-        names = kohya_module_names(base)
+        names = base.kohya_names
         for dotted, module in sorted(base.lora_targets.items()):
             if dotted in names:
                 _SHAPES.modules.append((names[dotted], dotted, tuple(module.weight.shape)))
@@ -640,8 +639,9 @@ def check_lora_file(path: Path) -> Outcome:
     import torch
 
     from lora_nodes.errors import NodeError
-    from lora_nodes.lora.formats import read_lora
-    from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe, check_placement
+    from lora_nodes.lora.files import read_lora
+    from lora_nodes.lora.placement import check_placement
+    from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe
 
     code, _, err = cli(["inspect", str(path)])
     if code not in (0, 2) or "Traceback" in err:

@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs from a checkout without installing the package
 
-from lora_nodes.datasets.shapes import random_spec, render
+from lora_nodes.datasets.shape_images import random_spec, render
 
 OUT = REPO / "workflows" / "datasets" / "purple_star"
 IMAGE_SIZE = 64

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lora_nodes.datasets.shapes import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES, make_dataset
-from lora_nodes.models.shapes import PREFIXES, make_components
+from lora_nodes.datasets.shape_images import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES, make_dataset
+from lora_nodes.models.builtin import SHAPES_PREFIXES, shapes_components
 
 DEFAULT_OUT = REPO / "lora_nodes" / "models" / "weights" / "shapes.safetensors"
 
@@ -334,8 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     pixels, captions = draw_dataset(args)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        parts = make_components()
-    assert set(PREFIXES) <= set(parts)
+        parts = shapes_components()
+    assert set(SHAPES_PREFIXES) <= set(parts)
     train_vae(args, parts["vae"], pixels)
     parts["vae"].requires_grad_(False)
     latents, scaling = encode(args, parts["vae"], pixels)

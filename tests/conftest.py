@@ -18,20 +18,44 @@ WORKFLOWS = REPO / "workflows"
 EXAMPLE_LORA = WORKFLOWS / "loras" / "tiny_style.safetensors"
 
 
+# The bases the whole session shares (built once: a few seconds each). Tests patch them through
+# recipes; _shared_bases_unpatched puts them back after every test.
+_SHARED_BASES: list = []
+
+
 @pytest.fixture(scope="session")
 def tiny():
-    """builtin:tiny on the CPU in float32, shared by the tests that only read it via recipes."""
+    """builtin:tiny on the CPU in float32, shared by the session; unpatched whenever a test starts."""
     from lora_nodes.models.loading import load_base
 
-    return load_base("builtin:tiny", dtype="float32", device="cpu")
+    base = load_base("builtin:tiny", dtype="float32", device="cpu")
+    _SHARED_BASES.append(base)
+    return base
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl():
-    """builtin:tiny-sdxl on the CPU in float32."""
+    """builtin:tiny-sdxl on the CPU in float32, shared like ``tiny``."""
     from lora_nodes.models.loading import load_base
 
-    return load_base("builtin:tiny-sdxl", dtype="float32", device="cpu")
+    base = load_base("builtin:tiny-sdxl", dtype="float32", device="cpu")
+    _SHARED_BASES.append(base)
+    return base
+
+
+@pytest.fixture(autouse=True)
+def _shared_bases_unpatched():
+    """After every test, the shared bases get their own weights back (bitwise, at no cost).
+
+    A LoRA one test applied would otherwise still be in the weights the next test sees, and
+    results would depend on the order the tests run in.
+    """
+    yield
+    if _SHARED_BASES:
+        from lora_nodes.lora.recipe import ModelRecipe
+
+        for base in _SHARED_BASES:
+            ModelRecipe(base).materialize()
 
 
 @pytest.fixture

@@ -15,15 +15,11 @@ from PIL.PngImagePlugin import PngInfo
 from lora_nodes import cli
 from lora_nodes.engine.scheduler import Runner
 from lora_nodes.graph import Link, WorkflowError, load_workflow, parse_workflow
-from lora_nodes.graph.comfy import (
-    bypass_input_index,
-    convert,
-    from_ui,
-    is_ui_format,
-    to_api,
-    to_ui,
-    widget_inputs,
-)
+from lora_nodes.graph.comfy.api import to_api
+from lora_nodes.graph.comfy.ui import bypass_input_index, from_ui, is_ui_format
+from lora_nodes.graph.comfy.ui_write import to_ui
+from lora_nodes.graph.comfy.widgets import widget_inputs
+from lora_nodes.graph.convert import convert
 from lora_nodes.nodes import catalogue
 from lora_nodes.nodes.spec import REQUIRED
 
@@ -343,3 +339,27 @@ def test_convert_cli_and_png_chunks_for_comfyui(tmp_path, capsys):
     prompt = json.loads(info["prompt"])
     assert {body["class_type"] for body in prompt.values()} >= {"lora-nodes.LoadBase", "lora-nodes.Sample"}
     assert json.loads(info["workflow"])["nodes"]
+
+
+def test_png_chunks_are_made_once_per_run_and_carried_by_every_save(tmp_path, monkeypatch):
+    """The scheduler makes the chunks once, on the first SaveImages; the second save writes the same text."""
+    from lora_nodes.engine import scheduler
+
+    made = []
+    real = scheduler.png_chunks
+    monkeypatch.setattr(scheduler, "png_chunks", lambda *args: made.append(args) or real(*args))
+    workflow = parse_workflow({"format": "lora-nodes/1", "nodes": {
+        "base": {"type": "LoadBase", "inputs": {"source": "builtin:tiny"}},
+        "images": {"type": "Sample", "inputs": {"model": ["base", "model"], "prompt": "a red circle", "steps": 1}},
+        "a": {"type": "SaveImages", "inputs": {"images": ["images", "images"], "prefix": "a"}},
+        "b": {"type": "SaveImages", "inputs": {"images": ["images", "images"], "prefix": "b"}},
+    }}, tmp_path)
+    result = Runner(output_dir=tmp_path / "out", cache_dir=tmp_path / "cache").run(workflow)
+    assert len(made) == 1
+    texts = []
+    for path in result.files:
+        with Image.open(path) as image:
+            texts.append(dict(image.text))
+    assert len(texts) == 2 and texts[0] == texts[1] and list(texts[0]) == ["lora-nodes", "prompt", "workflow"]
+    assert json.loads(texts[0]["prompt"]) == to_api(parse_workflow(json.loads(texts[0]["lora-nodes"]), tmp_path),
+                                                    catalogue())

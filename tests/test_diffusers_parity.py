@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from lora_nodes.lora.formats import read_lora
-from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe
+from lora_nodes.lora.files import read_lora
+from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe, patcher_of
 from lora_nodes.models.text_names import file_state_dict
 
 
@@ -16,7 +16,7 @@ def diffusers_pipeline(base):
 
     ModelRecipe(base).materialize()
     parts = {k: copy.deepcopy(v) for k, v in base.components.items()}
-    if base.architecture == "sdxl":
+    if base.family.id == "sdxl":
         return StableDiffusionXLPipeline(**parts)
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
@@ -49,7 +49,7 @@ def test_merge_equals_diffusers_fuse_lora(request, write_lora, fmt, base_name):
 
 
 def lora_targets_changed(base):
-    return [t for t, m in base.lora_targets.items() if not torch.equal(m.weight, base.patcher.original(t))]
+    return [t for t, m in base.lora_targets.items() if not torch.equal(m.weight, patcher_of(base).original(t))]
 
 
 def test_diffusers_adapter_metadata_alpha_is_honoured(tmp_path, tiny):

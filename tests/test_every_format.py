@@ -7,8 +7,8 @@ from safetensors.torch import save_file
 
 from lora_nodes.engine.context import NodeContext
 from lora_nodes.engine.events import Collector
-from lora_nodes.lora.formats import kohya_module_names, read_lora
-from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe
+from lora_nodes.lora.files import read_lora
+from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe, patcher_of
 from lora_nodes.nodes.save import save_lora
 
 KINDS = ["lora", "locon_mid", "loha", "loha_tucker", "lokr", "lokr_whole", "dora", "full"]
@@ -22,7 +22,7 @@ def targets(base):
 def make(kind, base, g):
     """(tensors in kohya naming, {target: function(original weight, strength) -> expected weight})."""
     linear, conv = targets(base)
-    names = kohya_module_names(base)
+    names = base.kohya_names
     out, inp = base.lora_targets[linear].weight.shape
     cout, cin = base.lora_targets[conv].weight.shape[:2]
     r = 4
@@ -103,7 +103,7 @@ def test_format_applies_by_definition_and_survives_saving(request, tmp_path, kin
     path = tmp_path / f"{kind}.safetensors"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     lora = read_lora(path)
-    originals = {t: base.patcher.original(t).float() for t in expect}
+    originals = {t: patcher_of(base).original(t).float() for t in expect}
     strength = 1.0 if kind == "dora" else 0.6  # a DoRA saved as plain LoRA is exact at strength 1 only
     applied = weights_after(base, lora, strength)
     for target, fn in expect.items():

@@ -5,8 +5,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_nodes.errors import LoRAError
-from lora_nodes.lora.formats import read_lora
-from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe, check_placement
+from lora_nodes.lora.files import read_lora
+from lora_nodes.lora.placement import check_placement
+from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe
 
 Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 OUT = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"

@@ -16,8 +16,9 @@ from lora_nodes.cli import main
 from lora_nodes.engine.context import NodeContext
 from lora_nodes.engine.events import Collector
 from lora_nodes.errors import LoRAError, NodeError
+from lora_nodes.lora.placement import check_placement
+from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe
 from lora_nodes.lora.synthetic import synthetic_lora
-from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe, check_placement
 from lora_nodes.nodes.lora import load_lora
 from lora_nodes.nodes.merge import merge_loras
 

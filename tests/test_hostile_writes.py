@@ -33,7 +33,7 @@ from lora_nodes.engine.scheduler import RunFailed, Runner
 from lora_nodes.errors import NodeError
 from lora_nodes.fileio import is_our_temporary, temporary_name
 from lora_nodes.graph import load_workflow
-from lora_nodes.nodes.io import save_images
+from lora_nodes.nodes.images import save_images
 from lora_nodes.training import checkpoint
 from lora_nodes.training.checkpoint import checkpoints, load_latest, save_checkpoint
 
@@ -295,7 +295,7 @@ import json, sys, time
 from pathlib import Path
 import torch
 from lora_nodes.engine.context import NodeContext
-from lora_nodes.nodes.io import save_images
+from lora_nodes.nodes.images import save_images
 out, go, writer = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 images = torch.stack([torch.full((16, 16, 3), (writer * 4 + i + 1) * 20 / 255) for i in range(4)])
 ctx = NodeContext("save", "SaveImages", out, out / "cache", lambda ev: None)

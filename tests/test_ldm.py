@@ -8,14 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from lora_nodes import families
+from lora_nodes.families import SD1, SD2, SDXL
 from lora_nodes.models.ldm import (
-    SD2_TEXT_PREFIX,
-    SDXL_TEXT_2_PREFIX,
-    UNET_PREFIX,
-    VAE_PREFIX,
-    detect_ldm_architecture,
     from_ldm_checkpoint,
     to_ldm_checkpoint,
     unet_key_map,
@@ -23,6 +20,16 @@ from lora_nodes.models.ldm import (
     vae_key_map,
 )
 from lora_nodes.models.text_names import file_state_dict
+
+# where single-file checkpoints keep each part (the layout A1111 and ComfyUI read)
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+SDXL_TEXT_2_PREFIX = "conditioner.embedders.1.model."
+
+
+def _detect(checkpoint):
+    return families.from_checkpoint({k: tuple(v.shape) for k, v in checkpoint.items()})
 
 SD1_UNET = {
     "sample_size": 16,
@@ -203,7 +210,7 @@ def test_vae_map_covers_every_parameter_once(sd1):
 def test_sd1_round_trip_is_bitwise_identical(config):
     models = _sd1(config)
     checkpoint = _checkpoint(models)
-    back = from_ldm_checkpoint(checkpoint, models["unet"].config, models["vae"].config)
+    back = from_ldm_checkpoint(checkpoint, SD1, models["unet"].config, models["vae"].config)
     assert set(back) == {"unet", "vae", "text_encoder"}
     for name, want in _expected(models).items():
         _assert_same(back[name], want, name)
@@ -213,7 +220,7 @@ def test_sd1_round_trip_is_bitwise_identical(config):
 
 def test_sdxl_round_trip_is_bitwise_identical(sdxl):
     checkpoint = _checkpoint(sdxl)
-    back = from_ldm_checkpoint(checkpoint, sdxl["unet"].config, sdxl["vae"].config, has_text_encoder_2=True)
+    back = from_ldm_checkpoint(checkpoint, SDXL, sdxl["unet"].config, sdxl["vae"].config)
     assert set(back) == {"unet", "vae", "text_encoder", "text_encoder_2"}
     for name, want in _expected(sdxl).items():
         _assert_same(back[name], want, name)
@@ -225,16 +232,26 @@ def test_sdxl_round_trip_is_bitwise_identical(sdxl):
 def test_sd2_text_encoder_round_trips_through_open_clip_layout():
     models = _sd1(SD2_UNET)
     checkpoint = _checkpoint(models)
-    assert detect_ldm_architecture(checkpoint) == "sd2"
+    assert _detect(checkpoint) is SD2
     assert SD2_TEXT_PREFIX + "transformer.resblocks.1.attn.in_proj_weight" in checkpoint
-    back = from_ldm_checkpoint(checkpoint, models["unet"].config, models["vae"].config)
+    back = from_ldm_checkpoint(checkpoint, SD2, models["unet"].config, models["vae"].config)
     for name, want in _expected(models).items():
         _assert_same(back[name], want, name)
 
 
 def test_checkpoint_saves_with_safetensors(tmp_path, sdxl):
-    # no tensor may share memory with another (split q/k/v, transposed projection)
-    save_file(_checkpoint(sdxl), str(tmp_path / "sdxl.safetensors"))
+    # safetensors refuses tensors that share memory (split q/k/v, transposed projection)
+    checkpoint = _checkpoint(sdxl)
+    path = tmp_path / "sdxl.safetensors"
+    save_file(checkpoint, str(path))
+    loaded = load_file(str(path))
+    assert loaded.keys() == checkpoint.keys()
+    assert all(torch.equal(loaded[k], checkpoint[k]) and loaded[k].dtype == checkpoint[k].dtype for k in checkpoint)
+    # the file reads back as the same SDXL model
+    assert _detect(loaded) is SDXL
+    back = from_ldm_checkpoint(loaded, SDXL, sdxl["unet"].config, sdxl["vae"].config)
+    for name, want in _expected(sdxl).items():
+        _assert_same(back[name], want, name)
 
 
 # --------------------------------------------------------------------------- 2. diffusers' own single-file loader
@@ -394,18 +411,18 @@ def test_missing_and_unexpected_keys_are_named(sd1):
     del broken[UNET_PREFIX + "input_blocks.3.0.in_layers.2.weight"]
     broken[VAE_PREFIX + "decoder.up.7.block.0.conv1.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"input_blocks\.3\.0\.in_layers\.2\.weight") as error:
-        from_ldm_checkpoint(broken, config, vae_config)
+        from_ldm_checkpoint(broken, SD1, config, vae_config)
     assert "decoder.up.7.block.0.conv1.weight" in str(error.value)
     assert "1 missing" in str(error.value) and "1 unexpected" in str(error.value)
 
     no_text = {k: v for k, v in checkpoint.items() if not k.startswith("cond_stage_model.")}
     with pytest.raises(ValueError, match="cond_stage_model.transformer"):
-        from_ldm_checkpoint(no_text, config, vae_config)
+        from_ldm_checkpoint(no_text, SD1, config, vae_config)
     with pytest.raises(ValueError, match="conditioner.embedders.0"):
-        from_ldm_checkpoint(checkpoint, config, vae_config, has_text_encoder_2=True)
+        from_ldm_checkpoint(checkpoint, SDXL, config, vae_config)
     # an SD1 checkpoint against a deeper UNet config: many missing keys, counted
     with pytest.raises(ValueError, match=r"missing keys: .*\(\d+ in all\)"):
-        from_ldm_checkpoint(checkpoint, SD1_UNET_DEEP, vae_config)
+        from_ldm_checkpoint(checkpoint, SD1, SD1_UNET_DEEP, vae_config)
 
 
 def test_to_ldm_rejects_state_that_does_not_fit(sd1):
@@ -427,19 +444,19 @@ def test_extra_top_level_keys_are_ignored(sd1):
     checkpoint = dict(_checkpoint(sd1))
     checkpoint["alphas_cumprod"] = torch.zeros(10)
     checkpoint["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    back = from_ldm_checkpoint(checkpoint, SD1_UNET, VAE)
+    back = from_ldm_checkpoint(checkpoint, SD1, SD1_UNET, VAE)
     assert not any("position_ids" in k for k in back["text_encoder"])
 
 
 def test_detect_architecture(sd1, sdxl):
-    assert detect_ldm_architecture(_checkpoint(sd1)) == "sd1"
-    assert detect_ldm_architecture(_checkpoint(sdxl)) == "sdxl"
+    assert _detect(_checkpoint(sd1)) is SD1
+    assert _detect(_checkpoint(sdxl)) is SDXL
     unet_only = {
         UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024)
     }
-    assert detect_ldm_architecture(unet_only) == "sd2"
+    assert _detect(unet_only) is SD2
     with pytest.raises(ValueError):
-        detect_ldm_architecture({"foo.weight": torch.zeros(1)})
+        _detect({"foo.weight": torch.zeros(1)})
 
 
 def test_old_clip_names_without_text_model_level_are_read(sd1):
@@ -447,5 +464,5 @@ def test_old_clip_names_without_text_model_level_are_read(sd1):
         k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
         for k, v in _checkpoint(sd1).items()
     }
-    back = from_ldm_checkpoint(checkpoint, SD1_UNET, VAE)
+    back = from_ldm_checkpoint(checkpoint, SD1, SD1_UNET, VAE)
     _assert_same(back["text_encoder"], _expected(sd1)["text_encoder"], "text_encoder")

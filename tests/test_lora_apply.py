@@ -5,15 +5,16 @@ import torch
 from safetensors.torch import save_file
 
 from lora_nodes.errors import LoRAError
-from lora_nodes.lora.formats import read_lora
-from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe, check_placement
+from lora_nodes.lora.files import read_lora
+from lora_nodes.lora.placement import check_placement
+from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe, patcher_of
 
 Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 TE_Q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
 
 
 def original(tiny, target):
-    return tiny.patcher.original(target).detach().clone()
+    return patcher_of(tiny).original(target).detach().clone()
 
 
 def test_kohya_and_peft_files_read_to_the_same_modules(write_lora, tiny):
@@ -67,9 +68,9 @@ def test_only_changed_modules_are_repatched_and_nothing_is_copied(write_lora, ti
     # untouched parameters keep their storage; patched ones point at one buffer each
     moved = sum(v.data_ptr() != storage[i][k] for i, p in enumerate(params) for k, v in p.items())
     assert moved == len(placed)
-    stats = ModelRecipe(tiny, (AppliedLoRA(lora, 0.5, 1.0),)).materialize().patcher.last
+    stats = patcher_of(ModelRecipe(tiny, (AppliedLoRA(lora, 0.5, 1.0),)).materialize()).last
     assert stats.patched == n_unet and stats.unchanged == n_text and stats.restored == 0
-    stats = ModelRecipe(tiny, (AppliedLoRA(lora, 0.5, 0.0),)).materialize().patcher.last
+    stats = patcher_of(ModelRecipe(tiny, (AppliedLoRA(lora, 0.5, 0.0),)).materialize()).last
     assert stats.patched == 0 and stats.restored == n_text
     ModelRecipe(tiny).materialize()
     # back on the base: the same Parameter objects on the very same (never copied) storage
@@ -77,13 +78,23 @@ def test_only_changed_modules_are_repatched_and_nothing_is_copied(write_lora, ti
     assert [{k: v.data_ptr() for k, v in p.items()} for p in params] == storage
 
 
-def test_stacked_loras_add_up(write_lora, tiny):
-    a, b = read_lora(write_lora("a", seed=7)), read_lora(write_lora("b", fmt="peft", seed=8))
-    before = original(tiny, Q)
+def test_stacked_loras_add_up(tmp_path, tiny):
+    """Two LoRAs on one module add ``strength * alpha / rank * up @ down`` each, from the files' own tensors."""
+    weight = tiny.lora_targets[Q].weight
+    before = weight.detach().double().clone()  # the shared base is unpatched when a test starts
+    g = torch.Generator().manual_seed(7)
+    down_a, up_a = torch.randn(4, weight.shape[1], generator=g), torch.randn(weight.shape[0], 4, generator=g)
+    down_b, up_b = torch.randn(2, weight.shape[1], generator=g), torch.randn(weight.shape[0], 2, generator=g)
+    kohya = "lora_unet_" + Q[len("unet."):].replace(".", "_")
+    save_file({f"{kohya}.lora_down.weight": down_a, f"{kohya}.lora_up.weight": up_a,
+               f"{kohya}.alpha": torch.tensor(2.0)}, str(tmp_path / "a.safetensors"))  # kohya: rank 4, alpha 2
+    save_file({f"{Q}.lora_A.weight": down_b, f"{Q}.lora_B.weight": up_b},
+              str(tmp_path / "b.safetensors"))  # PEFT: rank 2, no alpha
+    a, b = read_lora(tmp_path / "a.safetensors"), read_lora(tmp_path / "b.safetensors")
     ModelRecipe(tiny, (AppliedLoRA(a, 0.5, 1.0), AppliedLoRA(b, 2.0, 1.0))).materialize()
-    ma, mb = check_placement(a, tiny).placed[Q], check_placement(b, tiny).placed[Q]
-    expected = before + 0.5 * ma.scale * ma.up @ ma.down + 2.0 * mb.scale * mb.up @ mb.down
-    torch.testing.assert_close(tiny.lora_targets[Q].weight, expected, rtol=1e-5, atol=1e-6)
+    expected = (before + 0.5 * (2.0 / 4) * (up_a.double() @ down_a.double())
+                + 2.0 * (2 / 2) * (up_b.double() @ down_b.double()))  # no alpha: alpha = rank
+    torch.testing.assert_close(tiny.lora_targets[Q].weight.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_conv_lora_applies_on_flattened_kernels(tmp_path, tiny):

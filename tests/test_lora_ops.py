@@ -95,7 +95,7 @@ def test_svd_merge_full_rank_is_exact_and_truncation_is_eckart_young(kernel):
         assert energy == pytest.approx(float(s[:k].pow(2).sum() / s.pow(2).sum()), rel=1e-5)
 
 
-def test_svd_lowrank_clips_rank_uses_conv_rank_and_balances_factors():
+def test_svd_lowrank_clips_rank_and_balances_factors():
     g = gen(20)
     lin = torch.randn(5, 9, generator=g)
     lora, energy = svd_lowrank(lin, rank=64)
@@ -104,10 +104,8 @@ def test_svd_lowrank_clips_rank_uses_conv_rank_and_balances_factors():
     # sqrt(s) split: column norms of up equal row norms of down
     assert torch.allclose(lora.up.norm(dim=0), lora.down.norm(dim=1), rtol=1e-4)
     conv = torch.randn(6, 4, 3, 3, generator=g)
-    lora, _ = svd_lowrank(conv, rank=2, conv_rank=5)
+    lora, _ = svd_lowrank(conv, rank=5)
     assert lora.rank == 5 and lora.up.shape == (6, 5, 1, 1) and lora.down.shape == (5, 4, 3, 3)
-    lora, _ = svd_lowrank(torch.randn(6, 4, 1, 1, generator=g), rank=2, conv_rank=5)
-    assert lora.rank == 2  # conv_rank is for kernels bigger than 1x1
     again, _ = svd_lowrank(conv, rank=3)
     assert torch.equal(again.up, svd_lowrank(conv, rank=3)[0].up)  # deterministic
     with pytest.raises(ValueError):
@@ -325,14 +323,3 @@ def test_extract_recovers_an_exact_low_rank_difference(kernel):
     assert energy == pytest.approx(float(s[:2].pow(2).sum() / s.pow(2).sum()), rel=1e-5)
     with pytest.raises(ValueError):
         extract(a, b[:1], rank=2)
-
-
-def test_extract_clamp_quantile_bounds_the_factors():
-    g = gen(90)
-    a, b = torch.randn(30, 20, generator=g), torch.randn(30, 20, generator=g)
-    exact, e1 = extract(a, b, rank=6)
-    clamped, e2 = extract(a, b, rank=6, clamp_quantile=0.9)
-    entries = torch.cat([exact.up.flatten(), exact.down.flatten()]).abs()
-    hi = torch.quantile(entries, 0.9)
-    assert e1 == e2 and float(clamped.up.abs().max()) <= float(hi) + 1e-7
-    assert float(clamped.down.abs().max()) <= float(hi) + 1e-7

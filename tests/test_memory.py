@@ -18,9 +18,9 @@ from lora_nodes.engine.events import Collector
 from lora_nodes.engine.scheduler import RunFailed, Runner
 from lora_nodes.errors import NodeError
 from lora_nodes.graph import load_workflow
+from lora_nodes.lora.recipe import ModelRecipe
 from lora_nodes.models import memory
 from lora_nodes.models.memory import GiB, MiB, check_sample, free_memory, sample_estimate
-from lora_nodes.models.recipe import ModelRecipe
 from lora_nodes.nodes.sample import sample
 
 SAMPLE = """
@@ -108,7 +108,7 @@ import torch
 from lora_nodes.engine.context import NodeContext
 from lora_nodes.engine.events import Collector
 from lora_nodes.models.loading import load_base
-from lora_nodes.models.recipe import ModelRecipe
+from lora_nodes.lora.recipe import ModelRecipe
 from lora_nodes.nodes.sample import sample
 
 def status(key):

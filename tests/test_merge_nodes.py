@@ -6,8 +6,8 @@ import torch
 from lora_nodes.engine.context import NodeContext
 from lora_nodes.engine.events import Collector
 from lora_nodes.errors import LoRAError
-from lora_nodes.lora.formats import read_lora
-from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe
+from lora_nodes.lora.files import read_lora
+from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe
 from lora_nodes.nodes.merge import extract_lora, merge_loras, resize_lora
 
 

@@ -6,11 +6,11 @@ import shutil
 import pytest
 import torch
 
+from lora_nodes import families
 from lora_nodes.errors import ModelLoadError
-from lora_nodes.models.base import architecture_of
+from lora_nodes.lora.recipe import ModelRecipe
 from lora_nodes.models.builtin import build_tiny
 from lora_nodes.models.loading import load_base
-from lora_nodes.models.recipe import ModelRecipe
 from lora_nodes.models.text_names import file_state_dict
 from lora_nodes.models.tokenizer import WORDS, build_tokenizer
 from lora_nodes.nodes.sample import make_pipeline
@@ -39,7 +39,7 @@ def test_builtin_tiny_is_deterministic_small_and_sd15_shaped():
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     params = sum(p.numel() for n in ("unet", "vae", "text_encoder") for p in a[n].parameters())
     assert params * 4 < 8 * 2**20  # a few MB in float32
-    assert architecture_of(a["unet"].config) == "sd1"
+    assert families.from_unet_config(a["unet"].config).id == "sd1"
     assert a["unet"].config.cross_attention_dim == a["text_encoder"].config.hidden_size
 
 
@@ -61,7 +61,7 @@ def test_tokenizer_keeps_its_words_whole():
 def test_diffusers_folder_loads_to_the_same_model(tmp_path, tiny):
     folder = save_tiny_folder(tmp_path / "tiny-folder")
     loaded = load_base(str(folder), dtype="float32", device="cpu")
-    assert loaded.architecture == "sd1" and set(loaded.lora_targets) == set(tiny.lora_targets)
+    assert loaded.family.id == "sd1" and set(loaded.lora_targets) == set(tiny.lora_targets)
     ModelRecipe(tiny).materialize()
     for name in ("unet", "text_encoder"):
         ours, theirs = file_state_dict(tiny.components[name]), file_state_dict(loaded.components[name])
@@ -106,7 +106,7 @@ def test_single_file_checkpoint_loads_offline_with_a_config_folder(tmp_path, tin
     for weights_file in configs.rglob("*.safetensors"):
         weights_file.unlink()  # the folder gives configs and tokenizer only
     loaded = load_base(str(checkpoint), dtype="float32", device="cpu", config=str(configs))
-    assert loaded.architecture == "sd1"
+    assert loaded.family.id == "sd1"
     for name in ("unet", "vae", "text_encoder"):
         ours, theirs = file_state_dict(tiny.components[name]), file_state_dict(loaded.components[name])
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
@@ -115,7 +115,7 @@ def test_single_file_checkpoint_loads_offline_with_a_config_folder(tmp_path, tin
 
 def test_single_file_without_config_says_what_to_pass(tmp_path, tiny):
     checkpoint = write_single_file(tiny, tmp_path / "tiny.safetensors")
-    with pytest.raises(ModelLoadError, match="Set LoadBase's 'config' input to an SD1.x/SD2.x diffusers folder"):
+    with pytest.raises(ModelLoadError, match="Set LoadBase's 'config' input to an SD1.5/SD2.x diffusers folder"):
         load_base(str(checkpoint), device="cpu")
     configs = save_tiny_folder(tmp_path / "configs")
     shutil.rmtree(configs / "vae")

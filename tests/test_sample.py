@@ -6,8 +6,8 @@ import torch
 from lora_nodes.engine.context import NodeContext
 from lora_nodes.engine.events import Collector
 from lora_nodes.errors import NodeError
-from lora_nodes.lora.formats import read_lora
-from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe
+from lora_nodes.lora.files import read_lora
+from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe, patcher_of
 from lora_nodes.nodes.sample import SAMPLERS, sample
 
 
@@ -45,7 +45,7 @@ def test_text_strength_only_changes_the_text_encoder(tiny, write_lora):
     text_only = draw(ModelRecipe(tiny, (AppliedLoRA(lora, 0.0, 1.0),)))
     assert not torch.equal(text_only, base_image)
     unet = tiny.components["unet"]
-    assert all(torch.equal(p, tiny.patcher.original(f"unet.{n[:-7]}")) for n, p in unet.named_parameters()
+    assert all(torch.equal(p, patcher_of(tiny).original(f"unet.{n[:-7]}")) for n, p in unet.named_parameters()
                if f"unet.{n[:-7]}" in tiny.lora_targets and n.endswith(".weight"))
 
 

@@ -15,11 +15,12 @@ from safetensors.torch import load_file, save_file
 
 from lora_nodes.engine.context import NodeContext
 from lora_nodes.errors import LoRAError, NodeError
-from lora_nodes.lora.formats import SUFFIXES, read_lora
+from lora_nodes.lora.files import read_lora
+from lora_nodes.lora.formats import SUFFIXES
+from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe
 from lora_nodes.lora.save import COMMON_PARTS, KOHYA_PARTS, addnet_hashes, to_plain
 from lora_nodes.lora.synthetic import synthetic_lora
 from lora_nodes.models.loading import EMBEDDED_CONFIG_KEY, load_base
-from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe
 from lora_nodes.models.text_names import file_state_dict
 from lora_nodes.nodes.save import save_lora, save_model
 
@@ -39,13 +40,6 @@ def ctx(tmp_path):
     context = NodeContext("save", "Save", tmp_path / "out", tmp_path / "cache", events.append)
     context.events = events
     return context
-
-
-@pytest.fixture(autouse=True)
-def restore(tiny):
-    """Leave the shared base unpatched for the tests that come after."""
-    yield
-    ModelRecipe(tiny).materialize()
 
 
 def write(tmp_path: Path, name: str, tensors: dict, metadata: dict | None = None) -> Path:
@@ -94,7 +88,7 @@ def pipeline_over_copies(base):
 
     ModelRecipe(base).materialize()
     parts = {k: copy.deepcopy(v) for k, v in base.components.items()}
-    if base.architecture == "sdxl":
+    if base.family.id == "sdxl":
         return StableDiffusionXLPipeline(**parts)
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -270,9 +264,8 @@ def test_sdxl_kohya_to_diffusers_matches_diffusers_fuse_lora(ctx, sdxl, tmp_path
 
 def loha_and_dora(base, targets: list[str]) -> dict[str, torch.Tensor]:
     """LoHa on the first target, a DoRA LoRA on the second (kohya names)."""
-    from lora_nodes.lora.formats import kohya_module_names
 
-    names = kohya_module_names(base)
+    names = base.kohya_names
     g = torch.Generator().manual_seed(11)
     out, inp = base.lora_targets[targets[0]].weight.shape
     loha = names[targets[0]]

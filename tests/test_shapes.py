@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_nodes.datasets.shapes import (
+from lora_nodes.datasets.shape_images import (
     BASE_COLOURS,
     BASE_SHAPES,
     COLOURS,
@@ -15,9 +15,9 @@ from lora_nodes.datasets.shapes import (
 )
 from lora_nodes.engine.context import NodeContext
 from lora_nodes.engine.events import Collector
+from lora_nodes.lora.recipe import ModelRecipe
 from lora_nodes.models.base import BaseModel
-from lora_nodes.models.recipe import ModelRecipe
-from lora_nodes.models.shapes import WEIGHTS, build_shapes
+from lora_nodes.models.builtin import SHAPES_WEIGHTS, build_shapes
 from lora_nodes.nodes.sample import sample
 
 SEEDS = (0, 1)  # fixed: 12 prompts x 2 seeds, 20 steps each, a few seconds in all
@@ -40,8 +40,8 @@ def test_generator_draws_what_its_caption_says_and_the_classifier_reads_it_back(
 
 
 def test_weights_are_small_and_load_the_same_every_time(shapes_base):
-    assert WEIGHTS.stat().st_size <= 10_000_000
-    assert shapes_base.native_size == 64 and shapes_base.architecture == "sd1"
+    assert SHAPES_WEIGHTS.stat().st_size <= 10_000_000
+    assert shapes_base.native_size == 64 and shapes_base.family.id == "sd1"
     again = build_shapes()
     for name in ("unet", "vae", "text_encoder"):
         ours, theirs = shapes_base.components[name].state_dict(), again[name].state_dict()
@@ -88,8 +88,8 @@ def test_a_lora_on_shapes_changes_the_picture_only_by_its_strength(shapes_base):
     """LoRA behaviour on a base that really draws: strength 0 is the base picture, 1 changes it."""
     from conftest import WORKFLOWS
 
-    from lora_nodes.lora.formats import read_lora
-    from lora_nodes.models.recipe import AppliedLoRA
+    from lora_nodes.lora.files import read_lora
+    from lora_nodes.lora.recipe import AppliedLoRA
 
     lora = read_lora(WORKFLOWS / "loras" / "shapes_style.safetensors")
 

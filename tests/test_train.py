@@ -77,7 +77,7 @@ def star_fill() -> float:
     """How much of its bounding box the training images' shape fills (a star: about 0.4)."""
     from PIL import Image
 
-    from lora_nodes.datasets.shapes import classify
+    from lora_nodes.datasets.shape_images import classify
 
     return float(np.mean([classify(np.asarray(Image.open(p).convert("RGB")))[2] for p in STARS.glob("*.png")]))
 
@@ -85,9 +85,9 @@ def star_fill() -> float:
 def test_a_trained_lora_teaches_purple_stars_and_its_effect_grows_with_strength(trained_star):
     """Samples move toward the training images: colour (distance to purple) and shape (how much of
     its box the shape fills: a square 1, a star about 0.4)."""
-    from lora_nodes.datasets.shapes import classify
+    from lora_nodes.datasets.shape_images import classify
     from lora_nodes.engine.context import NodeContext
-    from lora_nodes.models.recipe import AppliedLoRA
+    from lora_nodes.lora.recipe import AppliedLoRA
     from lora_nodes.nodes.sample import sample
 
     result, events = trained_star
@@ -283,8 +283,8 @@ def test_diffusers_loads_a_trained_lora_saved_in_either_format(request, tmp_path
     from safetensors.torch import save_file
     from test_diffusers_parity import assert_same_weights, diffusers_pipeline
 
+    from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe
     from lora_nodes.lora.save import lora_file
-    from lora_nodes.models.recipe import AppliedLoRA, ModelRecipe
 
     base = request.getfixturevalue(base_name)
     dataset = read_folder(STARS)

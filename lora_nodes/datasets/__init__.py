@@ -1,6 +1,6 @@
 """Procedural datasets: images drawn in code, with their captions (no downloads)."""
 
-from .shapes import (
+from .shape_images import (
     BACKGROUNDS,
     BASE_COLOURS,
     BASE_SHAPES,

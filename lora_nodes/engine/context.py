@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import NodeError
+from ..fileio import work_folder
 from ..paths import output_name_problem
 from .events import EventSink, event
 
@@ -23,9 +25,9 @@ class NodeContext:
     cache_dir: Path
     emit: EventSink
     file_suffix: str = ""  # keeps the outputs of sweep variants apart
-    workflow: dict[str, Any] = field(default_factory=dict)  # the workflow being run, for embedding
-    comfy_prompt: dict[str, Any] | None = None  # inside ComfyUI: its prompt and editor graph, to embed
-    comfy_workflow: dict[str, Any] | None = None
+    # the text chunks the PNGs a node writes embed (lora_nodes.pngchunks), made by whoever runs it: the
+    # scheduler from the workflow (once per run, on the first call), the ComfyUI pack from ComfyUI's own
+    png_chunks: Callable[[], Mapping[str, str]] = dict
     files: list[str] = field(default_factory=list)
     cache_key: str = ""  # this node's cache key: names its work folders under cache_dir
     check_memory: bool = True  # refuse work estimated not to fit in memory (off: --no-memory-check)
@@ -36,7 +38,7 @@ class NodeContext:
         None where the node has no cache key (inside ComfyUI, which caches by its own rules): work
         that cannot be told apart from other work is not kept.
         """
-        return self.cache_dir / kind / self.node_type / self.cache_key if self.cache_key else None
+        return work_folder(self.cache_dir, kind, self.node_type, self.cache_key) if self.cache_key else None
 
     def output_path(self, name: str) -> Path:
         """Where a node writes ``name``: inside the output folder, never outside it.

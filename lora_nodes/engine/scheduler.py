@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-
-from ..fileio import describe_any_failure, exclusive_lock
+from ..fileio import describe_any_failure, exclusive_lock, work_folder
+from ..graph.embed import embeddable_workflow, png_chunks
+from ..graph.links import bound_graph, link_order, needed_by
 from ..graph.overrides import Override, bind_variants
 from ..graph.overrides import file_suffix as variant_file_suffix
 from ..graph.problems import WorkflowError
@@ -46,16 +47,9 @@ class RunResult:
 
 def execution_order(bound: dict[str, BoundNode]) -> list[str]:
     """The nodes that output nodes need, each after its inputs, in a stable order."""
-    graph = nx.DiGraph()
-    graph.add_nodes_from(bound)
-    for node in bound.values():
-        for upstream, _ in node.links.values():
-            graph.add_edge(upstream, node.id)
-    needed: set[str] = set()
-    for node in bound.values():
-        if node.spec.output_node:
-            needed |= {node.id} | nx.ancestors(graph, node.id)
-    return list(nx.lexicographical_topological_sort(graph.subgraph(needed)))
+    graph = bound_graph(bound)
+    needed = needed_by(graph, (node_id for node_id, node in bound.items() if node.spec.output_node))
+    return link_order(graph.subgraph(needed))
 
 
 class Runner:
@@ -99,12 +93,14 @@ class Runner:
         start = time.perf_counter()
         order = execution_order(bound)
         embedded = embeddable_workflow(workflow, bound)
+        # made on the first SaveImages of this run, once: most runs that write no PNG never need it
+        chunks = cache(lambda: png_chunks(embedded, self.output_dir, self.catalogue))
         self.emit(event("run_start", nodes=order, variant=variant))
         result = RunResult()
         keys: dict[str, str] = {}
         try:
             for node_id in order:
-                self._run_node(bound[node_id], keys, result, file_suffix, embedded)
+                self._run_node(bound[node_id], keys, result, file_suffix, chunks)
         except RunFailed:
             self.emit(event("run_end", ok=False, seconds=round(time.perf_counter() - start, 4),
                             executed=result.executed, cached=result.cached, files=result.files))
@@ -115,7 +111,7 @@ class Runner:
         return result
 
     def _run_node(self, node: BoundNode, keys: dict[str, str], result: RunResult, file_suffix: str,
-                  embedded: dict[str, Any]) -> None:
+                  chunks: Callable[[], Mapping[str, str]]) -> None:
         try:
             key = keys[node.id] = self._key(node, keys)
         except OSError as exc:  # a file that passed validation's stat but cannot be read (permissions, I/O)
@@ -131,7 +127,7 @@ class Runner:
                     result.cached.append(node.id)
                 else:
                     ctx = NodeContext(node.id, node.spec.id, self.output_dir, self.cache_dir, self.emit,
-                                      file_suffix, embedded, cache_key=key, check_memory=self.check_memory)
+                                      file_suffix, png_chunks=chunks, cache_key=key, check_memory=self.check_memory)
                     self._execute(node, ctx, key, keys)
                     result.executed.append(node.id)
         result.outputs[node.id] = self._results[key]
@@ -149,7 +145,7 @@ class Runner:
         if node.spec.disk_cache is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             yield
             return
-        lock = self.cache_dir / "locks" / node.spec.id / f"{key}.lock"
+        lock = work_folder(self.cache_dir, "locks", node.spec.id, f"{key}.lock")
 
         def waiting() -> None:
             self.emit(event("info", node=node.id, type=node.spec.id, lock=str(lock),
@@ -176,7 +172,7 @@ class Runner:
         return node_key(node.spec.id, node.spec.version, literals, upstream, files)
 
     def _disk_folder(self, node: BoundNode, key: str) -> Path:
-        return self.cache_dir / "results" / node.spec.id / key
+        return work_folder(self.cache_dir, "results", node.spec.id, key)
 
     def _load_from_disk(self, node: BoundNode, key: str) -> bool:
         """Take a result an earlier process kept on disk; False when there is none (or it is unreadable)."""
@@ -229,14 +225,3 @@ class Runner:
     def _fail(self, node: BoundNode, message: str, cause: BaseException) -> None:
         self.emit(event("error", node=node.id, type=node.spec.id, message=message))
         raise RunFailed(node.id, node.spec.id, message) from cause
-
-
-def embeddable_workflow(workflow: Workflow, bound: dict[str, BoundNode]) -> dict[str, Any]:
-    """The workflow as run (overrides applied, paths absolute), to embed in the files it writes."""
-    data = workflow.to_dict()
-    for node_id, node in bound.items():
-        inputs = data["nodes"][node_id]["inputs"]
-        for decl in node.spec.inputs:
-            if decl.path and decl.name in inputs and decl.name in node.literals:
-                inputs[decl.name] = node.literals[decl.name]
-    return data

@@ -1,4 +1,5 @@
-"""Workflow files: the model, loading, overrides and validation."""
+"""Workflow files: the model, loading (ours and ComfyUI's formats), the link graph, overrides,
+validation, conversion, and what a run's files embed."""
 
 from .load import load_workflow, parse_workflow
 from .problems import Problem, WorkflowError

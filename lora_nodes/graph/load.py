@@ -1,4 +1,7 @@
-"""Reading workflow files: our YAML/JSON format, ComfyUI API-format prompts, and PNGs.
+"""Reading workflow files: our YAML/JSON format, and dispatch to the other readers.
+
+A file is ours (YAML or JSON), ComfyUI's API or UI format (read by :mod:`.comfy.api` and
+:mod:`.comfy.ui`), or a PNG whose workflow chunk is read by :mod:`lora_nodes.pngchunks`.
 
 Workflow files are shared, so reading one is bounded: the file's size, a PNG's chunks, YAML alias
 expansion (in values and in text), nesting depth, and the value types (everything must be something
@@ -14,29 +17,23 @@ import math
 import os
 import stat
 from collections.abc import Iterator
-from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..nodes import catalogue
 from ..paths import kind_of
-from .comfy import from_ui, is_ui_format
-from .problems import Problem, WorkflowError, cut, shown
-from .workflow import FORMAT, Link, NodeCall, Workflow, is_link
+from ..pngchunks import CHUNK_KEYS, MAX_TEXT_BYTES, ChunkError, read_chunks
+from .comfy.api import from_api, is_api_format
+from .comfy.ui import from_ui, is_ui_format
+from .problems import Problem, WorkflowError, cut, describe, shown
+from .workflow import FORMAT, NodeCall, Workflow, node_ids, parse_inputs
 
-PNG_WORKFLOW_KEY = "lora-nodes"  # PNG text chunk that holds our workflow (JSON)
-# Chunks a PNG's workflow is read from, in order: ours, ComfyUI's API-format prompt, its editor graph.
-PNG_CHUNKS = (PNG_WORKFLOW_KEY, "prompt", "workflow")
-
-MAX_DOCUMENT_BYTES = 16 * 2**20  # a workflow file, or the text chunk of a PNG
+# a workflow file: as much as the workflow chunk of a PNG may hold, since the PNGs it makes embed it
+MAX_DOCUMENT_BYTES = MAX_TEXT_BYTES
 MAX_DEPTH = 64  # nesting levels of a document (ours needs 5; ComfyUI's editor files about 10)
 MAX_ALIAS_NODES = 100_000  # YAML nodes that aliases may add when expanded (a "billion laughs" adds 10^9)
-# PIL reads every chunk before a PNG's image data whole into memory (its text limits apply only after),
-# so those chunks are bounded first: each to a document's size, all together to room for our workflow,
-# ComfyUI's two, and a colour profile. The image data after them is never read.
-MAX_PNG_HEADER_BYTES = 4 * MAX_DOCUMENT_BYTES
-MAX_PNG_CHUNKS = 1000  # chunks before the image data (a real PNG has a dozen or so)
 MAX_SHAPE_PROBLEMS = 20  # problems reported about a document's values before the rest are left out
 OUR_KEYS = ("format", "nodes", "description")  # the other top-level keys of our format are kept as extras
 
@@ -318,64 +315,17 @@ def _decode(raw: bytes, path: Path) -> str:
 
 def _read_png_workflow(path: Path) -> Any:
     """The workflow a PNG embeds: ours if it has one, else ComfyUI's ``prompt``, else its ``workflow``."""
-    from PIL import Image, UnidentifiedImageError
-
-    _check_png_chunks(path)
     try:
-        with Image.open(path, formats=["PNG"]) as image:
-            info = dict(image.info)
-    except UnidentifiedImageError:
-        raise _fail("parse_error", f"{path} is not a PNG file") from None
-    except Exception as exc:  # noqa: BLE001 - PIL on a damaged file raises many kinds; each is the file's fault
-        raise _fail("parse_error", f"{path} is a PNG that cannot be read ({type(exc).__name__}: "
-                    f"{cut(str(exc))})") from None
-    for key in PNG_CHUNKS:
-        text = info.get(key)
-        if not isinstance(text, str):
-            continue
-        if len(text) > MAX_DOCUMENT_BYTES:
-            raise _fail("parse_error", f"{path}: its '{key}' text chunk is larger than "
-                        f"{MAX_DOCUMENT_BYTES // 2**20} MiB: too large for a workflow")
+        chunks = read_chunks(path)
+    except ChunkError as exc:
+        raise _fail(exc.code, str(exc)) from None
+    for key, text in chunks.items():  # in order of preference
         try:
             return parse_json(text)
         except ParseError as exc:
             raise _fail("parse_error", f"{path}: its '{key}' text chunk is not valid JSON: {exc}") from None
-    names = ", ".join(f"'{k}'" for k in PNG_CHUNKS)
+    names = ", ".join(f"'{k}'" for k in CHUNK_KEYS)
     raise _fail("no_workflow", f"{path} holds no workflow (none of the text chunks {names})")
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_IMAGE_DATA = (b"IDAT", b"fdAT", b"IEND")  # where PIL stops reading chunks when it opens a PNG
-
-
-def _png_chunks(f: Any) -> Iterator[tuple[bytes, int]]:
-    """(type, declared length) of each chunk before a PNG's image data, read from the 8-byte headers
-    alone (the data is skipped). Stops at a file that is not a PNG or a damaged header: PIL reports those."""
-    if f.read(len(_PNG_SIGNATURE)) != _PNG_SIGNATURE:
-        return
-    while len(header := f.read(8)) == 8 and header[4:] not in _PNG_IMAGE_DATA:
-        length = int.from_bytes(header[:4], "big")
-        yield header[4:], length
-        f.seek(length + 4, os.SEEK_CUR)  # past the data and its CRC
-
-
-def _check_png_chunks(path: Path) -> None:
-    """Refuse a PNG whose chunks PIL would read into memory on opening it are too large or too many:
-    a text chunk of gigabytes would cost gigabytes before PIL's own text limits apply."""
-    total = 0
-    try:
-        with open(path, "rb") as f:
-            for count, (kind, length) in enumerate(_png_chunks(f), 1):
-                total += length
-                if length > MAX_DOCUMENT_BYTES:
-                    raise _fail("parse_error", f"{path}: its {shown(kind.decode('latin-1'))} chunk is {length:,} "
-                                f"bytes, larger than {MAX_DOCUMENT_BYTES // 2**20} MiB: too large for a workflow PNG")
-                if count > MAX_PNG_CHUNKS or total > MAX_PNG_HEADER_BYTES:
-                    raise _fail("parse_error", f"{path} has more than {MAX_PNG_CHUNKS:,} chunks or "
-                                f"{MAX_PNG_HEADER_BYTES // 2**20} MiB before its image data: too much for a "
-                                "workflow PNG")
-    except OSError as exc:
-        raise _fail("file_not_found", f"cannot read {cut(str(path))}: {exc.strerror or exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,25 +334,6 @@ def _check_png_chunks(path: Path) -> None:
 
 _JSON_SCALARS = (str, int, float, bool, type(None))
 _NON_FINITE = "non-finite"  # what _shape_problems yields for NaN and infinities
-
-
-def _describe(value: Any) -> str:
-    """What kind of value ``value`` is, in words ("a date", "a list", "null")."""
-    simple = {type(None): "null", bool: "true or false", int: "a number", float: "a number", str: "text",
-              list: "a list", dict: "a mapping"}
-    if type(value) in simple:
-        return simple[type(value)]
-    if isinstance(value, datetime):
-        return "a date and time"
-    if isinstance(value, date):
-        return "a date"
-    if isinstance(value, (set, frozenset)):
-        return "a set"
-    if isinstance(value, (bytes, bytearray)):
-        return "binary data"
-    if isinstance(value, tuple):  # YAML's !!omap and !!pairs: lists of pairs
-        return "a list of pairs (!!omap or !!pairs)"
-    return f"a {type(value).__name__}"
 
 
 def _shape_problems(data: Any) -> Iterator[tuple[tuple[Any, ...], str]]:
@@ -417,7 +348,7 @@ def _shape_problems(data: Any) -> Iterator[tuple[tuple[Any, ...], str]]:
         elif isinstance(value, dict):
             for key, item in value.items():
                 if not isinstance(key, _JSON_SCALARS):
-                    yield path, f"has a key that is {_describe(key)} ({shown(key)}); quote it to make it text"
+                    yield path, f"has a key that is {describe(key)} ({shown(key)}); quote it to make it text"
                 elif isinstance(key, str) and (bad := _not_unicode(key)):
                     yield (*path, key), f"is a key that {bad}"
                 else:
@@ -431,7 +362,7 @@ def _shape_problems(data: Any) -> Iterator[tuple[tuple[Any, ...], str]]:
         elif not isinstance(value, _JSON_SCALARS):
             hint = ("write a list instead" if isinstance(value, (set, frozenset)) else "write a mapping instead"
                     if isinstance(value, tuple) else "quote it to keep it as text")
-            yield path, f"is {_describe(value)} ({shown(value)}), which a JSON workflow cannot hold: {hint}"
+            yield path, f"is {describe(value)} ({shown(value)}), which a JSON workflow cannot hold: {hint}"
 
 
 def _not_unicode(text: str) -> str | None:
@@ -504,18 +435,16 @@ def _get(data: Any, path: tuple[Any, ...]) -> Any:
 def parse_workflow(data: Any, base_dir: Path, source: Path | None = None) -> Workflow:
     """Build a :class:`Workflow` from parsed file contents: our format, or ComfyUI's API or UI format."""
     if not isinstance(data, dict):
-        found = "nothing" if data is None else _describe(data)
+        found = "nothing" if data is None else describe(data)
         raise _fail("parse_error", f"a workflow must be a mapping with a 'nodes' key, not {found}")
     form = _form_of(data)
     _check_shape(data, form)
     if form == "ours":
         return _parse_ours(data, base_dir, source)
     if form == "ui":
-        from ..nodes import catalogue
-
         return from_ui(data, base_dir, catalogue(), source)
     if form == "api":
-        return _parse_comfy_api(data, base_dir, source)
+        return from_api(data, base_dir, catalogue(), source)
     raise _fail("parse_error", f"not a workflow: expected 'format: {FORMAT}' with a 'nodes' mapping")
 
 
@@ -525,46 +454,9 @@ def _form_of(data: dict[Any, Any]) -> str | None:
         return "ui"
     if "nodes" in data:
         return "ours"
-    if data and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+    if is_api_format(data):
         return "api"
     return None
-
-
-def node_ids(mapping: dict[Any, Any]) -> tuple[dict[str, Any], list[Problem]]:
-    """The entries of a mapping keyed by node id, ids as text; problems for ids that are not text or
-    whole numbers, and for ids that collide once read as text (``1`` and ``'1'``)."""
-    result: dict[str, Any] = {}
-    problems: list[Problem] = []
-    written: dict[str, Any] = {}
-    for key, body in mapping.items():
-        if not isinstance(key, (str, int)) or isinstance(key, bool):
-            problems.append(Problem("parse_error", f"node id {shown(key)} is {_describe(key)}, not text: quote it"))
-            continue
-        node_id = str(key)
-        if node_id in written:
-            problems.append(Problem("parse_error", f"node ids {shown(written[node_id])} and {shown(key)} are the "
-                                    "same id once read as text: rename one", node_id))
-            continue
-        written[node_id], result[node_id] = key, body
-    return result, problems
-
-
-def _parse_inputs(inputs: Any, node_id: str, node_type: str | None) -> tuple[dict[str, Any], list[Problem]]:
-    """Input names to values (links as :class:`Link`), and problems with the mapping itself."""
-    if inputs is None:
-        return {}, []
-    if not isinstance(inputs, dict):
-        return {}, [Problem("parse_error", f"'inputs' must be a mapping of input names to values, not "
-                            f"{_describe(inputs)}", node_id, type=node_type)]
-    parsed: dict[str, Any] = {}
-    problems = []
-    for name, value in inputs.items():
-        if not isinstance(name, str):
-            problems.append(Problem("parse_error", f"input name {shown(name)} is {_describe(name)}, not text: quote "
-                                    "it", node_id, type=node_type))
-            continue
-        parsed[name] = Link(str(value[0]), value[1]) if is_link(value) else value
-    return parsed, problems
 
 
 def _parse_ours(data: dict[str, Any], base_dir: Path, source: Path | None) -> Workflow:
@@ -572,45 +464,20 @@ def _parse_ours(data: dict[str, Any], base_dir: Path, source: Path | None) -> Wo
     if fmt != FORMAT:
         raise _fail("unsupported_format", f"unknown workflow format {shown(fmt)} (this version reads '{FORMAT}')")
     if not isinstance(data["nodes"], dict):
-        raise _fail("parse_error", f"'nodes' must be a mapping of node ids to nodes, not {_describe(data['nodes'])}")
+        raise _fail("parse_error", f"'nodes' must be a mapping of node ids to nodes, not {describe(data['nodes'])}")
     description = data.get("description")
     if description is not None and not isinstance(description, str):
-        raise _fail("parse_error", f"'description' must be text, not {_describe(description)}")
+        raise _fail("parse_error", f"'description' must be text, not {describe(description)}")
     bodies, problems = node_ids(data["nodes"])
     nodes: dict[str, NodeCall] = {}
     for node_id, body in bodies.items():
         if not isinstance(body, dict) or not isinstance(body.get("type"), str):
             problems.append(Problem("parse_error", "each node needs a 'type' (text) and an 'inputs' mapping", node_id))
             continue
-        inputs, input_problems = _parse_inputs(body.get("inputs"), node_id, body["type"])
+        inputs, input_problems = parse_inputs(body.get("inputs"), node_id, body["type"])
         problems += input_problems
         nodes[node_id] = NodeCall(body["type"], inputs)
     if problems:
         raise WorkflowError(problems)
     extra = {k: v for k, v in data.items() if k not in OUR_KEYS}
     return Workflow(nodes, base_dir, description or "", source, extra)
-
-
-def _parse_comfy_api(data: dict[str, Any], base_dir: Path, source: Path | None) -> Workflow:
-    from ..nodes import catalogue
-    from .comfy import unsupported_nodes_error
-
-    bodies, problems = node_ids(data)
-    nodes: dict[str, NodeCall] = {}
-    unknown: dict[str, str] = {}
-    for node_id, body in bodies.items():
-        node_type = body["class_type"]
-        if not isinstance(node_type, str):
-            problems.append(Problem("parse_error", f"'class_type' must be text, not {_describe(node_type)}", node_id))
-            continue
-        inputs, input_problems = _parse_inputs(body.get("inputs"), node_id, node_type)
-        problems += input_problems
-        if node_type not in catalogue():
-            unknown[node_id] = node_type
-        nodes[node_id] = NodeCall(node_type, inputs)
-    if problems:
-        raise WorkflowError(problems)
-    if unknown:
-        raise unsupported_nodes_error(unknown)
-    return Workflow(nodes, base_dir, "", source)
-

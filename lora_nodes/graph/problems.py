@@ -10,6 +10,7 @@ from __future__ import annotations
 import reprlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from datetime import date, datetime
 from typing import Any
 
 from ..paths import cut as cut_text
@@ -56,6 +57,25 @@ def shown(value: Any) -> str:
 def cut(text: str, limit: int = VALUE_LIMIT) -> str:
     """``text`` cut to ``limit`` characters (for text shown without quotes, like a node id)."""
     return cut_text(text, limit)
+
+
+def describe(value: Any) -> str:
+    """What kind of value ``value`` is, in words ("a date", "a list", "null")."""
+    simple = {type(None): "null", bool: "true or false", int: "a number", float: "a number", str: "text",
+              list: "a list", dict: "a mapping"}
+    if type(value) in simple:
+        return simple[type(value)]
+    if isinstance(value, datetime):
+        return "a date and time"
+    if isinstance(value, date):
+        return "a date"
+    if isinstance(value, (set, frozenset)):
+        return "a set"
+    if isinstance(value, (bytes, bytearray)):
+        return "binary data"
+    if isinstance(value, tuple):  # YAML's !!omap and !!pairs: lists of pairs
+        return "a list of pairs (!!omap or !!pairs)"
+    return f"a {type(value).__name__}"
 
 
 def listing(items: Iterable[Any], limit: int = 12) -> str:

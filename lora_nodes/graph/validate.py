@@ -6,16 +6,16 @@ indices. The scheduler only ever sees bound nodes, so what it runs is what was c
 
 from __future__ import annotations
 
+import difflib
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-
 from ..nodes.spec import BOOLEAN, COMBO, FLOAT, INT, STRING, Catalogue, Input, NodeSpec
 from ..paths import expand_input_path, input_path_problem, output_name_problem
+from .links import bound_graph, cycles, link_order
 from .problems import Problem, WorkflowError, listing, shown
 from .workflow import Link, Workflow
 
@@ -112,8 +112,6 @@ def _spec(catalogue: Catalogue, node_type: Any) -> NodeSpec | None:
 
 
 def _unknown_type_message(node_type: Any, catalogue: Catalogue) -> str:
-    import difflib
-
     if not isinstance(node_type, str):
         return f"the node type must be text, not {shown(node_type)}"
     # difflib is quadratic in the length: a long bogus name gets no suggestion
@@ -244,13 +242,9 @@ def _preflight(bound: dict[str, BoundNode], flawed: set[str | None]) -> list[Pro
 
     Nodes in ``flawed`` already have problems: they are skipped and tell nothing downstream.
     """
-    graph = nx.DiGraph()
-    graph.add_nodes_from(bound)
-    for node in bound.values():
-        graph.add_edges_from((upstream, node.id) for upstream, _ in node.links.values() if upstream in bound)
     facts: dict[str, dict[str, Any]] = {}
     problems: list[Problem] = []
-    for node_id in nx.lexicographical_topological_sort(graph):
+    for node_id in link_order(bound_graph(bound)):
         node = bound[node_id]
         facts[node_id] = {}
         if node.spec.preflight is None or node_id in flawed:
@@ -266,15 +260,5 @@ def _preflight(bound: dict[str, BoundNode], flawed: set[str | None]) -> list[Pro
 
 
 def _cycles(workflow: Workflow) -> list[Problem]:
-    graph = nx.DiGraph()
-    for node_id, call in workflow.nodes.items():
-        for value in call.inputs.values():
-            if isinstance(value, Link) and value.node in workflow.nodes:
-                graph.add_edge(value.node, node_id)
-    problems = []
-    for cycle in nx.simple_cycles(graph):
-        nodes = " -> ".join([*cycle, cycle[0]])
-        problems.append(Problem("cycle", f"the links form a cycle: {nodes}", cycle[0]))
-        if len(problems) >= 10:
-            break
-    return problems
+    return [Problem("cycle", f"the links form a cycle: {' -> '.join([*cycle, cycle[0]])}", cycle[0])
+            for cycle in cycles(workflow)]

@@ -1,4 +1,5 @@
-"""The in-memory workflow: node ids mapped to a node type and its raw inputs."""
+"""The in-memory workflow: node ids mapped to a node type and its raw inputs, and how a document's
+node mapping is read into one (the part our format and ComfyUI's API format share)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .problems import Problem, describe, shown
 
 FORMAT = "lora-nodes/1"
 
@@ -68,3 +71,44 @@ class Workflow:
         }
         data.update(self.extra)
         return data
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the nodes of a document (our format and ComfyUI's API format)
+
+
+def node_ids(mapping: dict[Any, Any]) -> tuple[dict[str, Any], list[Problem]]:
+    """The entries of a mapping keyed by node id, ids as text; problems for ids that are not text or
+    whole numbers, and for ids that collide once read as text (``1`` and ``'1'``)."""
+    result: dict[str, Any] = {}
+    problems: list[Problem] = []
+    written: dict[str, Any] = {}
+    for key, body in mapping.items():
+        if not isinstance(key, (str, int)) or isinstance(key, bool):
+            problems.append(Problem("parse_error", f"node id {shown(key)} is {describe(key)}, not text: quote it"))
+            continue
+        node_id = str(key)
+        if node_id in written:
+            problems.append(Problem("parse_error", f"node ids {shown(written[node_id])} and {shown(key)} are the "
+                                    "same id once read as text: rename one", node_id))
+            continue
+        written[node_id], result[node_id] = key, body
+    return result, problems
+
+
+def parse_inputs(inputs: Any, node_id: str, node_type: str | None) -> tuple[dict[str, Any], list[Problem]]:
+    """Input names to values (links as :class:`Link`), and problems with the mapping itself."""
+    if inputs is None:
+        return {}, []
+    if not isinstance(inputs, dict):
+        return {}, [Problem("parse_error", f"'inputs' must be a mapping of input names to values, not "
+                            f"{describe(inputs)}", node_id, type=node_type)]
+    parsed: dict[str, Any] = {}
+    problems = []
+    for name, value in inputs.items():
+        if not isinstance(name, str):
+            problems.append(Problem("parse_error", f"input name {shown(name)} is {describe(name)}, not text: quote "
+                                    "it", node_id, type=node_type))
+            continue
+        parsed[name] = Link(str(value[0]), value[1]) if is_link(value) else value
+    return parsed, problems

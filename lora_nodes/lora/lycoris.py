@@ -2,7 +2,7 @@
 
 Every function here is pure tensor math: no model, key or file knowledge. The ``*_delta``
 functions return the *unscaled* delta shaped like the target weight; the caller multiplies it
-by ``strength * scale`` where ``scale`` comes from :func:`adapter_scale` (or :func:`lokr_scale`).
+by ``strength * scale`` with ``scale`` by the rules below (``Module.scale`` in :mod:`.model`).
 
 Scale rules (LyCORIS, kohya sd-scripts and ComfyUI agree unless noted):
 
@@ -11,8 +11,8 @@ Scale rules (LyCORIS, kohya sd-scripts and ComfyUI agree unless noted):
 * LoKr: ``alpha / rank`` with the rank of a factored side (``lokr_w1_b`` or ``lokr_w2_b``
   row count); ``1.0`` when neither side is factored (both ``lokr_w1`` and ``lokr_w2`` full).
 * A missing ``alpha`` means scale ``1.0`` everywhere. An explicit ``alpha == 0`` differs:
-  LyCORIS and kohya treat it as ``alpha = rank`` (scale 1), ComfyUI uses ``0 / rank`` (scale 0).
-  :func:`adapter_scale` follows ComfyUI by default (``zero_alpha_is_rank=False``).
+  LyCORIS and kohya treat it as ``alpha = rank`` (scale 1), ComfyUI uses ``0 / rank`` (scale 0);
+  we follow ComfyUI.
 
 See ``docs/formats-notes.md`` for tensor layouts, key names and tool differences.
 """
@@ -25,14 +25,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "adapter_scale",
     "dora_apply",
-    "dora_apply_lycoris",
     "locon_delta",
     "loha_delta",
     "lokr_delta",
     "lokr_rank",
-    "lokr_scale",
     "tucker_rebuild",
 ]
 
@@ -166,31 +163,6 @@ def lokr_rank(
     return None
 
 
-def adapter_scale(alpha: float | Tensor | None, rank: int | None, *, zero_alpha_is_rank: bool = False) -> float:
-    """``alpha / rank``, or 1.0 when ``alpha`` or ``rank`` is missing.
-
-    ``zero_alpha_is_rank=True`` gives LyCORIS/kohya's reading of ``alpha == 0`` (scale 1.0);
-    the default keeps ComfyUI's ``0 / rank`` (scale 0.0).
-    """
-    if alpha is None or rank is None:
-        return 1.0
-    a = float(alpha.item()) if isinstance(alpha, Tensor) else float(alpha)
-    if a == 0.0 and zero_alpha_is_rank:
-        return 1.0
-    return a / rank
-
-
-def lokr_scale(
-    alpha: float | Tensor | None,
-    w1b: Tensor | None = None,
-    w2b: Tensor | None = None,
-    *,
-    zero_alpha_is_rank: bool = False,
-) -> float:
-    """LoKr scale: ``alpha / lokr_rank(...)``; 1.0 when no side is factored or alpha is missing."""
-    return adapter_scale(alpha, lokr_rank(w1b, w2b), zero_alpha_is_rank=zero_alpha_is_rank)
-
-
 def _as_column_scale(dora_scale: Tensor, weight: Tensor) -> tuple[Tensor, bool]:
     """Return ``dora_scale`` broadcastable to ``weight`` and whether it is on the output axis."""
     m = _f32(dora_scale)
@@ -218,9 +190,6 @@ def dora_apply(
     delta: Tensor,
     dora_scale: Tensor,
     strength: float = 1.0,
-    eps: float | None = None,
-    *,
-    out_axis_norm_of_updated: bool = False,
 ) -> Tensor:
     """The new weight for a DoRA adapter, as ComfyUI computes it (float32).
 
@@ -231,47 +200,18 @@ def dora_apply(
       with the norm per input channel of the *updated* weight.
     * ``dora_scale`` ``[out, 1, ...]`` (or 1-D ``[out]``; LyCORIS ``wd_on_out``):
       ``D = W' * m / (||W||_row + eps)`` with the norm per output channel of the *original*
-      weight -- ComfyUI's current behaviour. ``out_axis_norm_of_updated=True`` uses ``||W'||_row``
-      instead (LyCORIS, PEFT, and the DoRA paper).
+      weight -- ComfyUI's current behaviour (LyCORIS, PEFT and the DoRA paper use ``||W'||_row``).
 
     The result is ``weight + strength * (D - weight)`` (exactly ``D`` at strength 1), so strength 0
-    leaves the weight unchanged. ``eps`` defaults to ``torch.finfo(float32).eps``, added to the norm.
+    leaves the weight unchanged. ``eps`` is ``torch.finfo(float32).eps``, added to the norm.
     Which axis is meant is decided like ComfyUI: ``dora_scale.shape[0] == weight.shape[0]``.
     """
     w = _f32(weight)
-    eps = torch.finfo(torch.float32).eps if eps is None else eps
+    eps = torch.finfo(torch.float32).eps
     updated = w + _f32(delta).reshape(w.shape)
     m, on_out = _as_column_scale(dora_scale, w)
-    if on_out:
-        norm = _row_norm(updated if out_axis_norm_of_updated else w)
-    else:
-        norm = _col_norm(updated)
+    norm = _row_norm(w) if on_out else _col_norm(updated)
     decomposed = updated * (m / (norm + eps))
     if strength == 1.0:
         return decomposed
     return w + strength * (decomposed - w)
-
-
-def dora_apply_lycoris(
-    weight: Tensor,
-    delta: Tensor,
-    dora_scale: Tensor,
-    strength: float = 1.0,
-    eps: float | None = None,
-) -> Tensor:
-    """The merged weight as LyCORIS' ``get_merged_weight`` computes it, for comparison only.
-
-    Norms always come from ``W' = weight + delta`` on the axis ``dora_scale`` names, and strength
-    ``s`` blends the per-channel factor instead of the weight: ``W' * (s * (m / ||W'|| - 1) + 1)``.
-    At strength 1 this equals :func:`dora_apply` on the input axis; at other strengths it keeps the
-    full ``delta`` (strength 0 returns ``weight + delta``, not ``weight``).
-    """
-    w = _f32(weight)
-    eps = torch.finfo(torch.float32).eps if eps is None else eps
-    updated = w + _f32(delta).reshape(w.shape)
-    m, on_out = _as_column_scale(dora_scale, w)
-    norm = _row_norm(updated) if on_out else _col_norm(updated)
-    factor = m / (norm + eps)
-    if strength != 1.0:
-        factor = strength * (factor - 1.0) + 1.0
-    return updated * factor

@@ -14,7 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .math import add_lora_
+from .. import families
+from ..families import Family
+from .lycoris import dora_apply, locon_delta, loha_delta, lokr_delta, lokr_rank
+from .metadata import BASE_MODEL_VERSION, training_summary, trigger_words
+from .ops import add_lora_
 
 # alpha / rank beyond this is refused: trainers write alpha <= rank (kohya, PEFT defaults), some
 # 2-16x rank, rsLoRA files alpha * sqrt(rank); a thousandfold scale only ever comes from a broken
@@ -56,6 +60,11 @@ class Module:
         return None
 
     @property
+    def is_plain(self) -> bool:
+        """A low-rank pair without Tucker core or DoRA: what every LoRA file format can hold."""
+        return False
+
+    @property
     def scale(self) -> float:
         """alpha / rank; 1 for formats without a rank."""
         rank = self.rank
@@ -92,8 +101,6 @@ class Module:
         """Update a float32 weight in place to this module's result at ``strength``."""
         delta = self.delta(tuple(weight32.shape), weight32.device)
         if self.dora_scale is not None:
-            from .lycoris import dora_apply
-
             weight32.copy_(dora_apply(weight32, delta, self.dora_scale.to(weight32.device).float(), strength))
         else:
             weight32.add_(delta, alpha=strength)
@@ -177,23 +184,21 @@ class LoRAModule(Module):
 
     def unscaled_delta(self, shape: tuple[int, ...]) -> Tensor:
         if self.mid is not None:
-            from .lycoris import locon_delta
-
             return locon_delta(self.up.float(), self.down.float(), self.mid.float(), shape)
         return add_lora_(torch.zeros(shape), self.up, self.down, 1.0)
 
     @property
-    def _plain(self) -> bool:
+    def is_plain(self) -> bool:
         return self.mid is None and self.dora_scale is None
 
     def apply_(self, weight32: Tensor, strength: float) -> None:
-        if self._plain:  # the common case: one fused addmm_
+        if self.is_plain:  # the common case: one fused addmm_
             add_lora_(weight32, self.up, self.down, strength * self.scale)
         else:
             super().apply_(weight32, strength)
 
     def write_(self, out: Tensor, original: Tensor, strength: float) -> None:
-        if self._plain:  # out = original + s * up @ down in one pass, no copy first
+        if self.is_plain:  # out = original + s * up @ down in one pass, no copy first
             up, down = (t.to(out.device, torch.float32).flatten(1) for t in (self.up, self.down))
             torch.addmm(original.view(up.shape[0], -1), up, down, alpha=strength * self.scale,
                         out=out.view(up.shape[0], -1))
@@ -260,8 +265,6 @@ class LoHaModule(Module):
         return (self.w1a.shape[0], *self.w1b.shape[1:])  # conv kernels may be stored flattened
 
     def unscaled_delta(self, shape: tuple[int, ...]) -> Tensor:
-        from .lycoris import loha_delta
-
         f = _float
         return loha_delta(f(self.w1a), f(self.w1b), f(self.w2a), f(self.w2b), f(self.t1), f(self.t2), shape=shape)
 
@@ -283,8 +286,6 @@ class LoKrModule(Module):
     @property
     def rank(self) -> int | None:
         """The factored side's rank; None when neither side is factored (then scale is 1)."""
-        from .lycoris import lokr_rank
-
         return lokr_rank(self.w1b, self.w2b)
 
     def _factor_error(self) -> str | None:
@@ -326,8 +327,6 @@ class LoKrModule(Module):
         return (a * c, b * d, *kernel)
 
     def unscaled_delta(self, shape: tuple[int, ...]) -> Tensor:
-        from .lycoris import lokr_delta
-
         f = _float
         return lokr_delta(w1=f(self.w1), w1a=f(self.w1a), w1b=f(self.w1b), w2=f(self.w2), w2a=f(self.w2a),
                           w2b=f(self.w2b), t2=f(self.t2), shape=shape)
@@ -384,15 +383,16 @@ class LoRA:
     warnings: list[str] = field(default_factory=list)  # metadata that did not parse (the weights are fine)
 
     def components(self) -> list[str]:
-        from .formats import component_of
+        return sorted({families.component_of(key) for key in self.modules})
 
-        return sorted({component_of(key) for key in self.modules})
+    @property
+    def family(self) -> Family | None:
+        """The model family it was made for, or None when nothing in the file tells."""
+        version = self.metadata.get(BASE_MODEL_VERSION, "")
+        return families.from_lora(version, self.modules, lambda key: self.modules[key].delta_shape)
 
     def describe(self) -> dict[str, Any]:
         """What ``inspect`` shows of a LoRA file."""
-        from .architecture import lora_architecture
-        from .metadata import training_summary, trigger_words
-
         ranked = [m for m in self.modules.values() if m.rank is not None]
         return {
             "path": self.path,
@@ -402,7 +402,7 @@ class LoRA:
             "ranks": sorted({m.rank for m in ranked}),
             "alphas": sorted({m.alpha if m.alpha is not None else float(m.rank) for m in ranked}),
             "components": self.components(),
-            "architecture": lora_architecture(self),
+            "architecture": self.family.id if self.family else None,
             "trigger_words": trigger_words(self.metadata),
             "training": training_summary(self.metadata),
             "metadata": self.metadata,

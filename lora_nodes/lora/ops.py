@@ -30,6 +30,18 @@ from torch import Tensor
 SignMethod = Literal["total", "frequency"]
 
 
+def add_lora_(weight32: Tensor, up: Tensor, down: Tensor, scale: float) -> Tensor:
+    """``weight32 += scale * up @ down`` in place with one fused ``addmm_``; returns ``weight32``.
+
+    ``weight32`` is float32; ``up`` and ``down`` are cast to it on its device, and conv kernels are
+    flattened to ``[out, in * kh * kw]``, which covers LoCon's 3x3 down with a 1x1 up.
+    """
+    up2 = up.to(weight32.device, torch.float32).flatten(1)
+    down2 = down.to(weight32.device, torch.float32).flatten(1)
+    weight32.view(up2.shape[0], -1).addmm_(up2, down2, alpha=scale)
+    return weight32
+
+
 @dataclass(frozen=True, eq=False)
 class LowRank:
     """One module's low-rank delta: ``(alpha / rank) * up @ down`` (conv kernels flattened)."""
@@ -115,19 +127,17 @@ def concat(parts: Sequence[tuple[LowRank, float]]) -> LowRank:
     return LowRank(up, down, float(rank))
 
 
-def svd_lowrank(delta: Tensor, rank: int, conv_rank: int | None = None) -> tuple[LowRank, float]:
+def svd_lowrank(delta: Tensor, rank: int) -> tuple[LowRank, float]:
     """Best rank-k LoRA of a full delta by truncated SVD; returns it and the energy kept.
 
-    Conv deltas ``[out, in, kh, kw]`` are flattened to ``[out, in*kh*kw]``; ``conv_rank`` (default
-    ``rank``) applies to kernels bigger than 1x1, as kohya's ``conv_dim``. The rank is clipped to
+    Conv deltas ``[out, in, kh, kw]`` are flattened to ``[out, in*kh*kw]`` (callers choose a rank for
+    kernels bigger than 1x1, as kohya's ``conv_dim``; see ExtractLoRA). The rank is clipped to
     ``min(out, in*kh*kw)``. Energy kept is ``sum(kept s^2) / sum(s^2)`` (1.0 for a zero delta). The SVD is
     ``torch.linalg.svd`` in float32, ``full_matrices=False``, so results are deterministic. kohya's
     extractor additionally clamps factor entries at a quantile (``clamp_quantile=0.99``); that is lossy and
-    not done here (see :func:`extract`).
+    not done here.
     """
     shape = tuple(delta.shape)
-    if len(shape) == 4 and shape[2:] != (1, 1) and conv_rank is not None:
-        rank = conv_rank
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     mat = delta.float().reshape(shape[0], -1)
@@ -270,20 +280,11 @@ def dare_ties(
     return _elect_and_merge(stacked, weights, majority_sign_method)
 
 
-def extract(
-    weight_a: Tensor, weight_b: Tensor, rank: int, conv_rank: int | None = None,
-    clamp_quantile: float | None = None,
-) -> tuple[LowRank, float]:
+def extract(weight_a: Tensor, weight_b: Tensor, rank: int) -> tuple[LowRank, float]:
     """LoRA approximating ``weight_b - weight_a`` (float32) by truncated SVD; returns it and the energy kept.
 
-    ``clamp_quantile`` (off by default) is in the spirit of kohya's extractor (which clamps at the 0.99
-    quantile): entries of both factors are clipped to ``+-quantile(|entries|, clamp_quantile)``, trimming
-    outliers at some cost in exactness; the energy reported is that of the exact truncation.
+    Unlike kohya's extractor, factor entries are not clamped at a quantile: the truncation stays exact.
     """
     if weight_a.shape != weight_b.shape:
         raise ValueError(f"shapes differ: {tuple(weight_a.shape)} vs {tuple(weight_b.shape)}")
-    lora, energy = svd_lowrank(weight_b.float() - weight_a.float().to(weight_b.device), rank, conv_rank)
-    if clamp_quantile is not None:
-        hi = torch.quantile(torch.cat([lora.up.flatten(), lora.down.flatten()]).abs(), clamp_quantile)
-        lora = LowRank(lora.up.clamp(-hi, hi), lora.down.clamp(-hi, hi), lora.alpha)
-    return lora, energy
+    return svd_lowrank(weight_b.float() - weight_a.float().to(weight_b.device), rank)

@@ -42,11 +42,6 @@ class Patcher:
         self._applied: dict[str, PatchList] = {}
         self.last = PatchStats()
 
-    @property
-    def backed_up(self) -> int:
-        """How many parameters have been patched (each keeps its original tensor, uncopied)."""
-        return len(self._original)
-
     def original(self, target: str) -> Tensor:
         """The unpatched weight of ``target``."""
         return self._original.get(f"{target}.weight", self._targets[target].weight)

@@ -1,6 +1,6 @@
 """State dicts (and metadata) for writing a :class:`LoRA` as a kohya or a diffusers/PEFT file.
 
-Names are converted only through the base model (:func:`place` and :func:`kohya_module_names`):
+Names are converted only through the base model (its placement and its ``kohya_names``):
 kohya's underscores are ambiguous, so a name is never guessed. Module formats that the target
 naming cannot express (LoHa, LoKr, DoRA, LoCon with a Tucker ``mid``, full diffs in diffusers
 files) become plain LoRA by an SVD of the module's delta; in kohya files every LyCORIS module is
@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .. import families
 from ..errors import LoRAError
-from .architecture import KOHYA_VERSIONS, lora_architecture
-from .formats import ADAPTER_METADATA_KEY, COMPONENT_PREFIXES, component_of, kohya_module_names, place
+from ..families import LoRATarget
+from .metadata import BASE_MODEL_VERSION, network_metadata, ss_metadata
 from .model import FullModule, LoHaModule, LoKrModule, LoRA, LoRAModule, Module
 from .ops import svd_lowrank
+from .peft import ADAPTER_METADATA_KEY
+from .placement import place
+from .recipe import patcher_of
 
 # Module class -> {attribute: kohya / LyCORIS key suffix}; the inverse of formats.SUFFIXES.
 KOHYA_PARTS: dict[type, dict[str, str]] = {
@@ -34,8 +38,6 @@ KOHYA_PARTS: dict[type, dict[str, str]] = {
 }
 COMMON_PARTS = {"dora_scale": ".dora_scale", "bias": ".diff_b"}
 
-# kohya sd-scripts' ss_base_model_version values (model_util.get_model_version_str_for_sd1_sd2 and
-# sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0).
 ENERGY_WARNING = 0.9999
 
 
@@ -56,10 +58,10 @@ def _is_kohya(key: str) -> bool:
 
 
 def _is_diffusers(key: str) -> bool:
-    return any(key.startswith(p) for p in COMPONENT_PREFIXES if p.endswith("."))
+    return families.naming_of(key) == "diffusers" and families.component_of(key) != families.UNKNOWN_COMPONENT
 
 
-def _targets(lora: LoRA, base) -> dict[str, str]:
+def _targets(lora: LoRA, base: LoRATarget | None) -> dict[str, str]:
     """file key -> target for every module of ``lora`` that has a place in ``base``."""
     if base is None:
         return {}
@@ -85,7 +87,7 @@ def _output_name(key: str, naming: str, targets: dict[str, str], kohya_names: di
                     f"{naming} file; is the LoRA for another model?")
 
 
-def output_names(lora: LoRA, naming: str, base=None) -> dict[str, str]:
+def output_names(lora: LoRA, naming: str, base: LoRATarget | None = None) -> dict[str, str]:
     """file key -> the module's name in ``naming`` (``kohya`` or ``diffusers``).
 
     Names already in that naming are kept when the module has no place in ``base`` (or there is no
@@ -93,7 +95,7 @@ def output_names(lora: LoRA, naming: str, base=None) -> dict[str, str]:
     without a base (or has no place in it) raises :class:`LoRAError`.
     """
     targets = _targets(lora, base)
-    kohya_names = kohya_module_names(base) if base is not None else {}
+    kohya_names = dict(base.kohya_names) if base is not None else {}
     names = {key: _output_name(key, naming, targets, kohya_names) for key in lora.modules}
     seen: dict[str, str] = {}
     for key, name in names.items():
@@ -106,24 +108,19 @@ def output_names(lora: LoRA, naming: str, base=None) -> dict[str, str]:
 # --------------------------------------------------------------------------- conversion to plain LoRA
 
 
-def is_plain(module: Module) -> bool:
-    """A low-rank pair without Tucker core or DoRA: what every LoRA file format can hold."""
-    return isinstance(module, LoRAModule) and module.mid is None and module.dora_scale is None
-
-
 def numerical_rank(delta: Tensor) -> int:
     """The rank of ``delta`` (conv kernels flattened) at float32 precision; at least 1."""
     matrix = delta.float().reshape(delta.shape[0], -1)
     return max(1, int(torch.linalg.matrix_rank(matrix)))
 
 
-def _target_shape(module: Module, target: str | None, base) -> tuple[int, ...]:
+def _target_shape(module: Module, target: str | None, base: LoRATarget | None) -> tuple[int, ...]:
     if target is not None and base is not None:
         return tuple(base.lora_targets[target].weight.shape)
     return tuple(module.delta_shape)
 
 
-def effective_delta(module: Module, target: str | None, base) -> Tensor:
+def effective_delta(module: Module, target: str | None, base: LoRATarget | None) -> Tensor:
     """The module's weight change at strength 1, in float32, shaped like its target weight.
 
     For DoRA this is the merged weight minus the base's original weight, which needs the base.
@@ -133,7 +130,7 @@ def effective_delta(module: Module, target: str | None, base) -> Tensor:
     if base is None or target is None:
         raise LoRAError(f"module '{module.key}' is DoRA: its change depends on the base weight, so it "
                         "becomes a plain LoRA only with the base: connect the model to SaveLoRA")
-    original = base.patcher.original(target).detach().to("cpu", torch.float32)
+    original = patcher_of(base).original(target).detach().to("cpu", torch.float32)
     merged = original.clone()
     module.apply_(merged, 1.0)
     return merged - original
@@ -146,7 +143,7 @@ def _dtype_of(module: Module) -> torch.dtype:
     return tensors[0].dtype if tensors else torch.float32
 
 
-def to_plain(module: Module, target: str | None, base, rank: int) -> tuple[LoRAModule, float]:
+def to_plain(module: Module, target: str | None, base: LoRATarget | None, rank: int) -> tuple[LoRAModule, float]:
     """``module`` as a plain LoRA by exact SVD of its delta; returns it and the energy kept.
 
     ``rank`` 0 takes the delta's numerical rank (exact up to float32 rounding).
@@ -168,13 +165,13 @@ def _in_layout(module: LoRAModule, shape: tuple[int, ...]) -> LoRAModule:
     return LoRAModule(key=module.key, alpha=module.alpha, bias=module.bias, down=down, up=up)
 
 
-def _plain_modules(lora: LoRA, base, rank: int) -> tuple[dict[str, LoRAModule], dict[str, float]]:
+def _plain_modules(lora: LoRA, base: LoRATarget | None, rank: int) -> tuple[dict[str, LoRAModule], dict[str, float]]:
     """Every module of ``lora`` as a plain LoRA (converted where needed), in its target's layout."""
     targets = _targets(lora, base)
     modules, energy = {}, {}
     for key, module in lora.modules.items():
         target = targets.get(key)
-        if is_plain(module):
+        if module.is_plain:
             plain = module
         else:
             plain, energy[key] = to_plain(module, target, base, rank)
@@ -205,45 +202,29 @@ def kohya_tensors(name: str, module: Module) -> dict[str, Tensor]:
     return tensors
 
 
-def base_model_version(lora: LoRA, base=None) -> str | None:
+def base_model_version(lora: LoRA, base: LoRATarget | None = None) -> str | None:
     """kohya's ``ss_base_model_version`` for the base (or, without one, what the LoRA says or shows).
 
     SD2 with v-prediction is ``sd_v2_v``, as sd-scripts writes it.
     """
     if base is None:
-        return lora.metadata.get("ss_base_model_version") or KOHYA_VERSIONS.get(lora_architecture(lora) or "")
+        family = lora.family
+        return lora.metadata.get(BASE_MODEL_VERSION) or (family.kohya_version if family else None)
     return kohya_version(base)
 
 
-def kohya_version(base) -> str:
-    """``ss_base_model_version`` of a loaded base: ``sd_v1``, ``sd_v2`` (``_v``), ``sdxl_base_v1-0``."""
-    version = KOHYA_VERSIONS[base.architecture]
+def kohya_version(base: LoRATarget) -> str:
+    """``ss_base_model_version`` of a loaded base, as sd-scripts writes it for its family."""
     scheduler = base.components.get("scheduler")
-    prediction = getattr(scheduler, "config", {}).get("prediction_type")
-    if base.architecture == "sd2" and prediction == "v_prediction":
-        version += "_v"
-    return version
+    return base.family.kohya_version_for(getattr(scheduler, "config", {}).get("prediction_type"))
 
 
-def _one_or_dynamic(values: set, kind: type) -> str:
-    """The one value as sd-scripts writes it (dim an int, alpha a float); ``Dynamic`` when modules
-    differ, as kohya's ``resize_lora.py`` writes it."""
-    return str(kind(values.pop())) if len(values) == 1 else "Dynamic"
-
-
-def kohya_metadata(lora: LoRA, modules: dict[str, Module], base=None) -> dict[str, str]:
+def kohya_metadata(lora: LoRA, modules: dict[str, Module], base: LoRATarget | None = None) -> dict[str, str]:
     """The ``ss_*`` metadata: the input file's, with network module, dim, alpha and base version set."""
-    metadata = {k: v for k, v in lora.metadata.items() if k.startswith("ss_")}
     ranked = [m for m in modules.values() if m.rank is not None]
-    lycoris = any(not is_plain(m) for m in modules.values())
-    metadata["ss_network_module"] = "lycoris.kohya" if lycoris else "networks.lora"
-    if ranked:
-        metadata["ss_network_dim"] = _one_or_dynamic({m.rank for m in ranked}, int)
-        metadata["ss_network_alpha"] = _one_or_dynamic({_alpha(m) for m in ranked}, float)
-    version = base_model_version(lora, base)
-    if version:
-        metadata["ss_base_model_version"] = version
-    return metadata
+    return network_metadata(lora.metadata, lycoris=any(not m.is_plain for m in modules.values()),
+                            dims={m.rank for m in ranked}, alphas={_alpha(m) for m in ranked},
+                            base_model_version=base_model_version(lora, base))
 
 
 def addnet_hashes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -256,14 +237,14 @@ def addnet_hashes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple
     """
     from safetensors.torch import save
 
-    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    data = save(tensors, ss_metadata(metadata))
     header = int.from_bytes(data[:8], "little")
     model_hash = hashlib.sha256(data[8 + header:]).hexdigest()
     legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     return model_hash, legacy_hash
 
 
-def kohya_file(lora: LoRA, base=None) -> LoRAFile:
+def kohya_file(lora: LoRA, base: LoRATarget | None = None) -> LoRAFile:
     """``lora`` in kohya naming: ``lora_unet_*`` / ``lora_te*_*`` keys, every module kept as it is.
 
     LoCon ``mid``, LoHa, LoKr, full diffs and DoRA keep their LyCORIS keys (``ss_network_module`` is
@@ -274,7 +255,7 @@ def kohya_file(lora: LoRA, base=None) -> LoRAFile:
     targets = _targets(lora, base)
     tensors: dict[str, Tensor] = {}
     for key, module in lora.modules.items():
-        if is_plain(module) and key in targets:
+        if module.is_plain and key in targets:
             module = _in_layout(module, _target_shape(module, targets[key], base))
         tensors.update(kohya_tensors(names[key], module))
     metadata = kohya_metadata(lora, lora.modules, base)
@@ -300,7 +281,7 @@ def _uniform(modules: dict[str, LoRAModule], names: dict[str, str]) -> dict[str,
     """component -> (rank, alpha) when every module of each component shares both; else None."""
     found: dict[str, set[tuple[int, float]]] = {}
     for key, module in modules.items():
-        found.setdefault(component_of(names[key]), set()).add((module.rank, _alpha(module)))
+        found.setdefault(families.component_of(names[key]), set()).add((module.rank, _alpha(module)))
     if any(len(pairs) != 1 for pairs in found.values()):
         return None
     return {component: pairs.pop() for component, pairs in found.items()}
@@ -311,7 +292,7 @@ def adapter_metadata(modules: dict[str, LoRAModule], names: dict[str, str],
     """diffusers' ``lora_adapter_metadata``: ``LoraConfig`` arguments per component, prefixed."""
     metadata: dict[str, object] = {}
     for component, (rank, alpha) in sorted(uniform.items()):
-        targets = sorted(_peft_name(names[k]) for k in modules if component_of(names[k]) == component)
+        targets = sorted(_peft_name(names[k]) for k in modules if families.component_of(names[k]) == component)
         config = {"r": rank, "lora_alpha": alpha, "target_modules": targets, "use_dora": False,
                   "lora_bias": False}
         metadata.update({f"{component}.{k}": v for k, v in config.items()})
@@ -324,7 +305,7 @@ def _folded(module: LoRAModule) -> LoRAModule:
     return LoRAModule(key=module.key, alpha=float(module.rank), down=module.down, up=up)
 
 
-def diffusers_file(lora: LoRA, base=None, rank: int = 0) -> LoRAFile:
+def diffusers_file(lora: LoRA, base: LoRATarget | None = None, rank: int = 0) -> LoRAFile:
     """``lora`` in diffusers/PEFT naming (``unet.<path>.lora_A.weight`` / ``.lora_B.weight``).
 
     Modules that are not plain LoRA become plain LoRA by SVD of their delta (``rank``; 0: exact).
@@ -367,7 +348,7 @@ BUILDERS: dict[str, Callable[..., LoRAFile]] = {
 }
 
 
-def lora_file(lora: LoRA, fmt: str, base=None, rank: int = 0) -> LoRAFile:
+def lora_file(lora: LoRA, fmt: str, base: LoRATarget | None = None, rank: int = 0) -> LoRAFile:
     """The tensors and metadata of ``lora`` as a ``kohya`` or ``diffusers`` file."""
     if fmt not in BUILDERS:
         raise LoRAError(f"unknown LoRA file format {fmt!r} (kohya or diffusers)")

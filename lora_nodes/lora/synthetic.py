@@ -10,12 +10,12 @@ import re
 import torch
 from torch import Tensor
 
-from .formats import kohya_module_names
+from ..families import LoRATarget
 
 ATTENTION = re.compile(r"(attn\d?\.(to_q|to_k|to_v|to_out\.0)|self_attn\.(q_proj|k_proj|v_proj|out_proj))$")
 
 
-def synthetic_lora(base, rank: int = 4, alpha: float | None = None, seed: int = 0, fmt: str = "kohya",
+def synthetic_lora(base: LoRATarget, rank: int = 4, alpha: float | None = None, seed: int = 0, fmt: str = "kohya",
                    pattern: re.Pattern[str] = ATTENTION, up_std: float = 0.5) -> dict[str, Tensor]:
     """A random LoRA state dict for every module of ``base`` whose path matches ``pattern``.
 
@@ -25,7 +25,7 @@ def synthetic_lora(base, rank: int = 4, alpha: float | None = None, seed: int = 
     """
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, Tensor] = {}
-    kohya_names = kohya_module_names(base)
+    kohya_names = base.kohya_names
     for target, module in base.lora_targets.items():
         if not pattern.search(target):
             continue

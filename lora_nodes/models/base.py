@@ -1,8 +1,7 @@
-"""A loaded base model: its components, what a LoRA can target in it, and its patcher."""
+"""A loaded base model: its components, its family, and the modules a LoRA can target in it."""
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -10,24 +9,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import families
+from ..families import Family
+from .ldm import unet_module_map
 from .text_names import to_file_name
-
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
-LORA_COMPONENTS = ("unet", *TEXT_COMPONENTS)
-
-
-def architecture_of(unet_config: Any) -> str:
-    """``sd1``, ``sd2`` or ``sdxl``, from a UNet config."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd2" if unet_config.get("cross_attention_dim") == 1024 else "sd1"
-
-
 
 
 @dataclass(eq=False)
 class BaseModel:
-    """One loaded base. Every variant made from it (LoRAs at any strength) shares these weights."""
+    """One loaded base. Every variant made from it (LoRAs at any strength) shares these weights.
+
+    It is a :class:`lora_nodes.families.LoRATarget`: the ``lora`` package places LoRAs on it and
+    patches it through that protocol alone.
+    """
 
     source: str
     components: dict[str, Any]
@@ -39,9 +33,10 @@ class BaseModel:
     def unet(self) -> nn.Module:
         return self.components["unet"]
 
-    @property
-    def architecture(self) -> str:
-        return architecture_of(self.unet.config)
+    @cached_property
+    def family(self) -> Family:
+        """The model family, from the UNet's config."""
+        return families.from_unet_config(self.unet.config)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -49,8 +44,8 @@ class BaseModel:
 
     @property
     def native_size(self) -> int:
-        """The image size (pixels) the UNet was built for."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        """The image size (pixels) the base was built for."""
+        return self.family.native_size(self.components)
 
     @cached_property
     def lora_targets(self) -> dict[str, nn.Module]:
@@ -59,7 +54,7 @@ class BaseModel:
         Paths are spelled as LoRA files spell them (see :mod:`.text_names`).
         """
         targets = {}
-        for component in LORA_COMPONENTS:
+        for component in self.family.lora_components:
             model = self.components.get(component)
             if model is None:
                 continue
@@ -69,49 +64,40 @@ class BaseModel:
         return targets
 
     @cached_property
+    def _original_unet_paths(self) -> dict[str, str]:
+        """UNet module path -> its path in the original (LDM/SGM) checkpoint tree."""
+        return unet_module_map(self.unet.config)
+
+    @cached_property
     def lora_name_index(self) -> dict[str, str]:
         """Every name a LoRA file may use for a target -> the target.
 
-        Built from the model's own module tree: our names (= diffusers/PEFT names), kohya's
-        underscore names of those, and kohya's names of the original (LDM/SGM) UNet tree, which
-        SDXL LoRAs use (``lora_unet_input_blocks_4_1_...``); text encoders as ``lora_te_``,
-        ``lora_te1_`` and ``lora_te2_``.
+        Built from the model's own module tree and the family's naming (our names = diffusers/PEFT
+        names, kohya's underscore names of those and of the original UNet tree, ...).
         """
-        from ..lora.formats import KOHYA_PREFIXES, KOHYA_SDXL_TE1
-        from .ldm import unet_module_map
-
-        sgm = unet_module_map(self.unet.config)
         index = {}
         for target in self.lora_targets:
             component, path = target.split(".", 1)
-            index[target] = target
-            index[KOHYA_PREFIXES[component] + path.replace(".", "_")] = target
-            if component == "text_encoder":  # kohya names the first text encoder te1 in SDXL files
-                index[KOHYA_SDXL_TE1 + path.replace(".", "_")] = target
-            if component == "unet" and path in sgm:
-                index["lora_unet_" + sgm[path].replace(".", "_")] = target
+            original = self._original_unet_paths.get(path) if component == "unet" else None
+            for name in self.family.naming.spellings(component, path, original):
+                index[name] = target
         return index
 
-    def placement(self, lora):
-        """Where ``lora``'s modules go in this model, worked out once per LoRA and kept while it lives."""
-        from ..lora.formats import place
-
-        cache = self.__dict__.setdefault("_placements", weakref.WeakKeyDictionary())
-        if lora not in cache:
-            cache[lora] = place(lora, self)
-        return cache[lora]
-
     @cached_property
-    def patcher(self):
-        from ..lora.patcher import Patcher
-
-        return Patcher(self.lora_targets)
+    def kohya_names(self) -> dict[str, str]:
+        """Target -> the name kohya's sd-scripts gives it in this family's files."""
+        names = {}
+        for target in self.lora_targets:
+            component, path = target.split(".", 1)
+            original = self._original_unet_paths.get(path) if component == "unet" else None
+            names[target] = self.family.kohya_name(component, path, original)
+        return names
 
     def describe(self) -> dict[str, Any]:
-        """What ``inspect`` shows of a base: architecture and every LoRA-targetable module."""
+        """What ``inspect`` shows of a base: family and every LoRA-targetable module."""
         return {
             "source": self.source,
-            "architecture": self.architecture,
+            "architecture": self.family.id,
             "dtype": str(self.dtype).replace("torch.", ""),
             "native_size": self.native_size,
             "modules": {

@@ -28,14 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import families
+from ..families import Family
 from .text_names import FILE_LEVEL, file_spelling
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-SD1_TEXT_PREFIX = "cond_stage_model.transformer."
-SD2_TEXT_PREFIX = "cond_stage_model.model."
-SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
-SDXL_TEXT_2_PREFIX = "conditioner.embedders.1.model."
 
 _RESNET_RENAMES = {
     "norm1": "in_layers.0",
@@ -376,13 +371,6 @@ def _open_clip_from_ldm(state: Mapping[str, Tensor], prefix: str) -> tuple[dict[
 # --------------------------------------------------------------------------- whole checkpoints
 
 
-def _architecture_of_config(unet_config: Mapping[str, Any]) -> str:
-    config = _plain_config(unet_config)
-    if config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd2" if config.get("cross_attention_dim") == 1024 else "sd1"
-
-
 def _some(keys: Iterable[str]) -> str:
     keys = sorted(keys)
     shown = ", ".join(repr(k) for k in keys[:_MAX_NAMED])
@@ -425,30 +413,28 @@ def to_ldm_checkpoint(
 ) -> dict[str, Tensor]:
     """diffusers component state dicts -> one single-file LDM checkpoint state dict.
 
-    The text-encoder layout follows the UNet config: SD1 writes HF CLIP names under
-    ``cond_stage_model.transformer.``; SDXL (``addition_embed_type='text_time'``) needs
-    ``text_encoder_2`` and writes both ``conditioner.embedders`` entries; SD2 (1024-wide context)
-    writes OpenCLIP names under ``cond_stage_model.model.`` for the layers it is given (diffusers'
-    SD2 text encoder has one layer fewer than the original and no projection, so the result has
-    only those). Tensors are shared with the inputs wherever no reshaping is needed.
+    The family (from the UNet config) says where each part goes and in which layout: e.g. SD1
+    writes HF CLIP names under ``cond_stage_model.transformer.``; SDXL needs ``text_encoder_2``
+    and writes both ``conditioner.embedders`` entries; SD2 writes OpenCLIP names under
+    ``cond_stage_model.model.`` for the layers it is given (diffusers' SD2 text encoder has one
+    layer fewer than the original and no projection, so the result has only those). Tensors are
+    shared with the inputs wherever no reshaping is needed.
     """
-    arch = _architecture_of_config(unet_config)
-    if (arch == "sdxl") != (text_encoder_2 is not None):
-        need = "needs" if arch == "sdxl" else "takes no"
-        raise ValueError(f"a {arch} checkpoint {need} text_encoder_2")
-    out = _rename(unet, unet_key_map(unet_config), UNET_PREFIX, "UNet")
-    vae_out = _rename(vae, vae_key_map(vae_config), VAE_PREFIX, "VAE")
+    family = families.from_unet_config(_plain_config(unet_config))
+    texts = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    if (text_encoder_2 is not None) != ("text_encoder_2" in family.text_components):
+        need = "needs" if text_encoder_2 is None else "takes no"
+        raise ValueError(f"a {family.display_name} checkpoint {need} text_encoder_2")
+    out = _rename(unet, unet_key_map(unet_config), family.denoiser_checkpoint_prefix, "UNet")
+    vae_prefix = family.vae_checkpoint_prefix
+    vae_out = _rename(vae, vae_key_map(vae_config), vae_prefix, "VAE")
     for name, ldm in vae_key_map(vae_config).items():
         if _is_vae_attention_linear(name) and vae[name].ndim == 2:
-            vae_out[VAE_PREFIX + ldm] = vae[name].reshape(*vae[name].shape, 1, 1)
+            vae_out[vae_prefix + ldm] = vae[name].reshape(*vae[name].shape, 1, 1)
     out.update(vae_out)
-    if arch == "sd1":
-        out.update(_clip_to_ldm(text_encoder, SD1_TEXT_PREFIX))
-    elif arch == "sd2":
-        out.update(_open_clip_to_ldm(text_encoder, SD2_TEXT_PREFIX))
-    else:
-        out.update(_clip_to_ldm(text_encoder, SDXL_TEXT_PREFIX))
-        out.update(_open_clip_to_ldm(text_encoder_2, SDXL_TEXT_2_PREFIX))  # type: ignore[arg-type]
+    for text in family.text_encoders:
+        convert = _open_clip_to_ldm if text.open_clip else _clip_to_ldm
+        out.update(convert(texts[text.component], text.checkpoint_prefix))  # type: ignore[arg-type]
     return out
 
 
@@ -473,9 +459,9 @@ def _text_from_ldm(
 
 def from_ldm_checkpoint(
     state: Mapping[str, Tensor],
+    family: Family,
     unet_config: Mapping[str, Any],
     vae_config: Mapping[str, Any],
-    has_text_encoder_2: bool = False,
 ) -> dict[str, dict[str, Tensor]]:
     """A single-file LDM checkpoint -> ``{'unet', 'vae', 'text_encoder'[, 'text_encoder_2']}`` state dicts.
 
@@ -487,51 +473,16 @@ def from_ldm_checkpoint(
     Raises ValueError naming the missing and unexpected keys (the first few and the counts) when
     the checkpoint does not fit the configs.
     """
-    unet, unet_problem = _component_from_ldm(state, unet_key_map(unet_config), UNET_PREFIX, "UNet")
-    vae, vae_problem = _component_from_ldm(state, vae_key_map(vae_config), VAE_PREFIX, "VAE")
+    unet, unet_problem = _component_from_ldm(state, unet_key_map(unet_config), family.denoiser_checkpoint_prefix, "UNet")
+    vae, vae_problem = _component_from_ldm(state, vae_key_map(vae_config), family.vae_checkpoint_prefix, "VAE")
     for name, value in list(vae.items()):
         if _is_vae_attention_linear(name) and value.ndim == 4:
             vae[name] = value.reshape(value.shape[0], value.shape[1])
     result = {"unet": unet, "vae": vae}
     problems = [unet_problem, vae_problem]
-    if has_text_encoder_2:
-        result["text_encoder"], problem = _text_from_ldm(state, SDXL_TEXT_PREFIX, False, "text encoder")
-        result["text_encoder_2"], problem_2 = _text_from_ldm(
-            state, SDXL_TEXT_2_PREFIX, True, "text encoder 2"
-        )
-        problems += [problem, problem_2]
-    else:
-        open_clip = any(key.startswith(SD2_TEXT_PREFIX) for key in state)
-        prefix = SD2_TEXT_PREFIX if open_clip else SD1_TEXT_PREFIX
-        result["text_encoder"], problem = _text_from_ldm(state, prefix, open_clip, "text encoder")
+    for number, text in enumerate(family.text_encoders, start=1):
+        what = "text encoder" + (f" {number}" if number > 1 else "")
+        result[text.component], problem = _text_from_ldm(state, text.checkpoint_prefix, text.open_clip, what)
         problems.append(problem)
     _raise_if(problems, "checkpoint does not fit the configs")
     return result
-
-
-def _context_width(state: Mapping[str, Tensor]) -> int | None:
-    """The cross-attention context width of the checkpoint's UNet, if it has one."""
-    for key, value in state.items():
-        if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight"):
-            return int(value.shape[-1])
-    return None
-
-
-def detect_ldm_architecture(state: Mapping[str, Tensor]) -> str:
-    """'sd1', 'sd2' or 'sdxl' for a single-file checkpoint, from its key names and shapes.
-
-    SDXL has a second text encoder (``conditioner.embedders.1``) and a ``label_emb``; SD2 has an
-    OpenCLIP text encoder (``cond_stage_model.model.``) and a 1024-wide context; SD1 has HF CLIP
-    under ``cond_stage_model.transformer.`` and a 768-wide context. Raises ValueError otherwise.
-    """
-    keys = list(state)
-    if _has(keys, "conditioner.embedders.1.") or _has(keys, UNET_PREFIX + "label_emb."):
-        return "sdxl"
-    if _has(keys, SD2_TEXT_PREFIX):
-        return "sd2"
-    if _has(keys, SD1_TEXT_PREFIX):
-        return "sd1"
-    width = _context_width(state)
-    if width in (768, 1024):
-        return "sd1" if width == 768 else "sd2"
-    raise ValueError("not a recognised SD1/SD2/SDXL single-file checkpoint (no known text encoder or UNet)")

@@ -10,10 +10,14 @@ from typing import Any
 
 import torch
 
+from .. import families, tensorfiles
 from ..errors import ModelLoadError
+from ..families import Family
 from .base import BaseModel
-from .builtin import BUILTINS
+from .builtin import BUILTINS, builtin_family
+from .ldm import from_ldm_checkpoint
 from .text_names import state_dict_for
+from .tokenizer import build_tokenizer, tokenizer_from_files
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # or one tokenizer.json (what transformers 5 writes)
@@ -52,9 +56,9 @@ def load_base(source: str, dtype: str = "auto", device: str = "auto", config: st
         components = _load_single_file(Path(source), Path(config) if config else None)
     else:
         raise ModelLoadError(f"no base model at '{source}' (give builtin:NAME, a diffusers folder or a .safetensors file)")
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if name in components:
-            _place(components[name], target_device, target_dtype)
+    for part in components.values():
+        if isinstance(part, torch.nn.Module):
+            _place(part, target_device, target_dtype)
     return BaseModel(source, components, target_dtype, target_device)
 
 
@@ -66,34 +70,20 @@ def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
         model.to(device=device)
 
 
-def pipeline_parts(sdxl: bool) -> tuple[str, ...]:
-    """The components of an SD1/SD2 pipeline, or of an SDXL one (two text encoders, two tokenizers)."""
-    extra = ("text_encoder_2", "tokenizer_2") if sdxl else ()
-    return ("unet", "vae", "text_encoder", "tokenizer", *extra, "scheduler")
-
-
-def _is_sdxl_folder(folder: Path) -> bool:
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return (folder / "text_encoder_2").is_dir()
-    return "XL" in str(index.get("_class_name", ""))
-
-
-def missing_pipeline_files(folder: Path, sdxl: bool | None = None) -> list[str]:
-    """The files a diffusers SD/SDXL pipeline folder needs that ``folder`` lacks."""
-    sdxl = _is_sdxl_folder(folder) if sdxl is None else sdxl
-    models = [p for p in pipeline_parts(sdxl) if not p.startswith(("tokenizer", "scheduler"))]
-    needed = ["model_index.json", *(f"{part}/config.json" for part in models), "scheduler/scheduler_config.json"]
-    for tokenizer in [p for p in pipeline_parts(sdxl) if p.startswith("tokenizer")]:
+def missing_pipeline_files(folder: Path, family: Family | None = None) -> list[str]:
+    """The files a diffusers pipeline folder of ``family`` (default: the one its layout says) lacks."""
+    family = families.from_pipeline_folder(folder) if family is None else family
+    needed = ["model_index.json", *(f"{part}/config.json" for part in family.model_parts),
+              "scheduler/scheduler_config.json"]
+    for tokenizer in family.tokenizers:
         if not (folder / tokenizer / "tokenizer.json").is_file():
             needed += [f"{tokenizer}/{name}" for name in TOKENIZER_FILES]
     return [name for name in needed if not (folder / name).is_file()]
 
 
-def _folder_problem(folder: Path, sdxl: bool) -> str | None:
+def _folder_problem(folder: Path, family: Family) -> str | None:
     """Why ``folder`` is not a diffusers pipeline folder we can load, or None."""
-    missing = missing_pipeline_files(folder, sdxl)
+    missing = missing_pipeline_files(folder, family)
     if not missing:
         return None
     what = "a diffusers pipeline folder (it has no model_index.json)" if "model_index.json" in missing else \
@@ -103,24 +93,18 @@ def _folder_problem(folder: Path, sdxl: bool) -> str | None:
 
 
 def _load_diffusers_folder(folder: Path) -> dict[str, Any]:
-    import diffusers
-
-    sdxl = _is_sdxl_folder(folder)
-    problem = _folder_problem(folder, sdxl)
+    family = families.from_pipeline_folder(folder)
+    problem = _folder_problem(folder, family)
     if problem:
         raise ModelLoadError(problem)
-    pipeline_class = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-    extra = {} if sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipe = pipeline_class.from_pretrained(folder, local_files_only=True, **extra)
-    return {part: getattr(pipe, part) for part in pipeline_parts(sdxl)}
+    pipe = family.load_pipeline(folder)
+    return {part: getattr(pipe, part) for part in family.pipeline_parts}
 
 
 def _load_single_file(path: Path, config: Path | None) -> dict[str, Any]:
     """A single-file (LDM layout) checkpoint, with configs and tokenizer from a diffusers folder."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # deferred, as torch's own loaders are
     from safetensors.torch import load_file
-
-    from .ldm import detect_ldm_architecture, from_ldm_checkpoint
 
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(_NOT_SAFETENSORS.format(name=path.name))
@@ -128,18 +112,18 @@ def _load_single_file(path: Path, config: Path | None) -> dict[str, Any]:
         embedded = (f.metadata() or {}).get(EMBEDDED_CONFIG_KEY)
     state = load_file(str(path))
     try:
-        sdxl = detect_ldm_architecture(state) == "sdxl"
+        family = families.from_checkpoint({k: v.shape for k, v in state.items()})
     except ValueError as exc:
         raise ModelLoadError(f"{path.name} is not a Stable Diffusion checkpoint we can read: {exc}") from exc
-    configs = json.loads(embedded) if embedded and config is None else _configs_from_folder(path, config, sdxl)
+    configs = json.loads(embedded) if embedded and config is None else _configs_from_folder(path, config, family)
     try:
-        parts = from_ldm_checkpoint(state, configs["unet"], configs["vae"], has_text_encoder_2=sdxl)
+        parts = from_ldm_checkpoint(state, family, configs["unet"], configs["vae"])
     except ValueError as exc:
         raise ModelLoadError(f"{path.name} does not fit the configs in {config or 'its metadata'}: {exc}") from exc
-    components = _models_from_configs(configs)
+    components = _models_from_configs(configs, family)
     for name, model in components.items():
         _load_exact(model, state_dict_for(model, parts[name]), name, path)
-    return {**components, **_tokenizers_and_scheduler(configs, config, sdxl)}
+    return {**components, **_tokenizers_and_scheduler(configs, config, family)}
 
 
 EMBEDDED_CONFIG_KEY = "lora_nodes_configs"  # single files we write carry their configs (JSON)
@@ -147,32 +131,31 @@ _NOT_SAFETENSORS = ("{name}: single-file checkpoints are read from .safetensors 
                     "(pickle .ckpt files can run code when loaded; convert them first)")
 
 
-def _configs_from_folder(path: Path, config: Path | None, sdxl: bool) -> dict[str, Any]:
-    kind = "an SDXL" if sdxl else "an SD1.x/SD2.x"
+def _configs_from_folder(path: Path, config: Path | None, family: Family) -> dict[str, Any]:
+    kind = families.layout_name(family)
     if config is None:
         raise ModelLoadError(
             f"{path.name} is a single-file checkpoint, which holds weights but no configs or tokenizer, and "
             f"nothing is downloaded. Set LoadBase's 'config' input to {kind} diffusers folder of the same "
-            f"model family that has {', '.join(missing_pipeline_files(Path('/nonexistent'), sdxl)[1:])} "
+            f"model family that has {', '.join(missing_pipeline_files(Path('/nonexistent'), family)[1:])} "
             "(weights not needed)."
         )
-    missing = [m for m in missing_pipeline_files(config, sdxl) if m != "model_index.json"]
+    missing = [m for m in missing_pipeline_files(config, family) if m != "model_index.json"]
     if missing:
         raise ModelLoadError(f"config folder {config} lacks {', '.join(missing)}")
-    models = [p for p in pipeline_parts(sdxl) if not p.startswith(("tokenizer", "scheduler"))]
-    configs = {part: json.loads((config / part / "config.json").read_text()) for part in models}
+    configs = {part: json.loads((config / part / "config.json").read_text()) for part in family.model_parts}
     configs["scheduler"] = json.loads((config / "scheduler" / "scheduler_config.json").read_text())
     return configs
 
 
-def _models_from_configs(configs: dict[str, Any]) -> dict[str, torch.nn.Module]:
+def _models_from_configs(configs: dict[str, Any], family: Family) -> dict[str, torch.nn.Module]:
+    import transformers  # deferred: diffusers and transformers take seconds to import
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     models = {"unet": UNet2DConditionModel.from_config(configs["unet"]), "vae": AutoencoderKL.from_config(configs["vae"])}
-    models["text_encoder"] = CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"])))
-    if "text_encoder_2" in configs:
-        models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(configs["text_encoder_2"])))
+    for text in family.text_encoders:
+        config = transformers.CLIPTextConfig(**_clip_config(configs[text.component]))
+        models[text.component] = getattr(transformers, text.model_class)(config)
     return models
 
 
@@ -180,21 +163,18 @@ def _clip_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
 
 
-def _tokenizers_and_scheduler(configs: dict[str, Any], folder: Path | None, sdxl: bool) -> dict[str, Any]:
-    import diffusers
+def _tokenizers_and_scheduler(configs: dict[str, Any], folder: Path | None, family: Family) -> dict[str, Any]:
+    import diffusers  # deferred: diffusers and transformers take seconds to import
     from transformers import CLIPTokenizer
 
-    from .tokenizer import build_tokenizer
-
-    tokenizers = [p for p in pipeline_parts(sdxl) if p.startswith("tokenizer")]
+    tokenizers = family.tokenizers
     embedded = configs.get("tokenizer")
     if folder is not None:
         parts = {name: CLIPTokenizer.from_pretrained(folder / name) for name in tokenizers}
     elif embedded == "builtin":
         parts = {name: build_tokenizer() for name in tokenizers}
     elif isinstance(embedded, dict) and all(name in embedded for name in tokenizers):
-        from .save import tokenizer_from_files  # files SaveModel embedded: {part: {file name: text}}
-
+        # files SaveModel embedded: {part: {file name: text}}
         parts = {name: tokenizer_from_files(embedded[name]) for name in tokenizers}
     else:
         raise ModelLoadError("the checkpoint's metadata names no tokenizer; pass config: a diffusers folder")
@@ -214,15 +194,13 @@ def _load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], name: st
 # --------------------------------------------------------------------------- before loading
 
 
-def base_family(source: str, config: str = "") -> tuple[str | None, list[tuple[str, str]]]:
-    """A base's family (``sd1``, ``sd2``, ``sdxl``) without loading it, and what would stop it loading.
+def base_family(source: str, config: str = "") -> tuple[Family | None, list[tuple[str, str]]]:
+    """A base's family without loading it, and what would stop it loading.
 
     Built-ins by their configs, a diffusers folder by ``unet/config.json``, a single file by its
     ``.safetensors`` header (keys and shapes; no weights read). Problems are ``(input, message)``;
     a source that does not exist gives neither (the path check reports it). Never raises.
     """
-    from .builtin import builtin_family
-
     if source in BUILTINS:
         return builtin_family(source), []
     path = Path(source)
@@ -237,10 +215,8 @@ def base_family(source: str, config: str = "") -> tuple[str | None, list[tuple[s
     return None, []
 
 
-def _folder_family(folder: Path) -> tuple[str | None, list[tuple[str, str]]]:
-    from .base import architecture_of
-
-    problem = _folder_problem(folder, _is_sdxl_folder(folder))
+def _folder_family(folder: Path) -> tuple[Family | None, list[tuple[str, str]]]:
+    problem = _folder_problem(folder, families.from_pipeline_folder(folder))
     if problem:
         return None, [("source", problem)]
     try:
@@ -249,41 +225,35 @@ def _folder_family(folder: Path) -> tuple[str | None, list[tuple[str, str]]]:
         return None, [("source", f"{folder / 'unet' / 'config.json'} is not readable JSON: {exc}")]
     if not isinstance(unet, dict):
         return None, [("source", f"{folder / 'unet' / 'config.json'} is not a UNet config")]
-    return architecture_of(unet), []
+    return families.from_unet_config(unet), []
 
 
 @lru_cache(maxsize=64)
-def _single_file_family(path: str, size: int, mtime_ns: int, config: str) -> tuple[str | None, list[tuple[str, str]]]:
+def _single_file_family(path: str, size: int, mtime_ns: int, config: str) -> tuple[Family | None, list[tuple[str, str]]]:
     """The family of a single-file checkpoint from its header; cached while the file is unchanged."""
-    from safetensors import SafetensorError, safe_open
-
-    from .base import architecture_of
-    from .ldm import detect_ldm_architecture
-
     name = Path(path).name
     if not path.lower().endswith(".safetensors"):
         return None, [("source", _NOT_SAFETENSORS.format(name=name))]
     try:
-        with safe_open(path, framework="pt") as f:
-            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 - not a dict
-            embedded = (f.metadata() or {}).get(EMBEDDED_CONFIG_KEY)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        return None, [("source", f"{name} is not a readable .safetensors file (damaged or truncated?): {exc}")]
+        header = tensorfiles.read_header(path)
+    except tensorfiles.UnreadableTensorFile as exc:
+        return None, [("source", str(exc))]
+    embedded = header.metadata.get(EMBEDDED_CONFIG_KEY)
     try:
-        family = detect_ldm_architecture({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+        family = families.from_checkpoint(header.shapes)
     except ValueError as exc:
         return None, [("source", f"{name} is not a Stable Diffusion checkpoint we can read: {exc}")]
     if embedded and not config:
         try:
-            return architecture_of(json.loads(embedded)["unet"]), []
+            return families.from_unet_config(json.loads(embedded)["unet"]), []
         except (ValueError, KeyError, TypeError):
             return family, [("source", f"{name}: its embedded configs ({EMBEDDED_CONFIG_KEY}) are not readable JSON")]
     if not config:
-        kind = "an SDXL" if family == "sdxl" else "an SD1.x/SD2.x"
-        message = (f"{name} is a single-file checkpoint without configs or tokenizer: set config to {kind} "
+        message = (f"{name} is a single-file checkpoint without configs or tokenizer: set config to "
+                   f"{families.layout_name(family)} "
                    "diffusers folder of the same model family (weights not needed)")
         return family, [("config", message)]
-    missing = [m for m in missing_pipeline_files(Path(config), family == "sdxl") if m != "model_index.json"]
+    missing = [m for m in missing_pipeline_files(Path(config), family) if m != "model_index.json"]
     if missing:
         return family, [("config", f"config folder {config} lacks {', '.join(missing)}")]
     return family, []

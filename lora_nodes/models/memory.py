@@ -316,9 +316,9 @@ def _activation_bytes(dtype: torch.dtype) -> int:
 
 
 def _vae_upcast(base: Any) -> bool:
-    """Whether SDXL's pipeline decodes in float32 with a float16 VAE it must upcast (``force_upcast``)."""
+    """Whether the pipeline decodes in float32 with a float16 VAE it must upcast (SDXL's ``force_upcast``)."""
     vae = base.components["vae"]
-    return base.architecture == "sdxl" and base.dtype == torch.float16 and bool(vae.config.get("force_upcast", True))
+    return base.family.vae_upcast_in_fp16 and base.dtype == torch.float16 and bool(vae.config.get("force_upcast", True))
 
 
 def largest_weight(module: torch.nn.Module) -> int:
@@ -451,7 +451,7 @@ def train_estimate(base: Any, sizes: dict[tuple[int, int], int], batch_size: int
     size = 3 if autocast_dtype is not None else _activation_bytes(base.dtype)
     unet = batch_size * size * unet_training_elements(base, latent_h, latent_w, rank, gradient_checkpointing)
     if train_text_encoder:
-        encoders = [base.components[n] for n in ("text_encoder", "text_encoder_2") if n in base.components]
+        encoders = [base.components[n] for n in base.family.text_components if n in base.components]
         unet += batch_size * size * sum(text_training_elements(e) for e in encoders)
     vae = batch_size * _activation_bytes(base.dtype) * vae_encode_elements(
         base.components["vae"], height, width, base.device, base.dtype)

@@ -5,18 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from .base import BaseModel
-from .loading import pipeline_parts
 
 
-def pipeline_for(base: BaseModel, scheduler: Any | None = None):
-    """``StableDiffusionPipeline`` (or the XL one) over ``base``'s components, with ``scheduler``
-    (default: the base's own). No safety checker: images are the user's to judge."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    parts = {name: base.components[name] for name in pipeline_parts(base.architecture == "sdxl")}
+def pipeline_for(base: BaseModel, scheduler: Any | None = None) -> Any:
+    """The family's diffusers pipeline over ``base``'s components, with ``scheduler`` (default: the
+    base's own). No safety checker: images are the user's to judge."""
+    parts = {name: base.components[name] for name in base.family.pipeline_parts}
     if scheduler is not None:
         parts["scheduler"] = scheduler
-    if base.architecture == "sdxl":
-        return StableDiffusionXLPipeline(**parts)
-    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return base.family.make_pipeline(parts)

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,11 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..fileio import atomic_write, naming_write_failures, new_temporary_folder, remove_stale_temporaries
+from ..fileio import atomic_folder, atomic_write
 from .base import BaseModel
-from .loading import DTYPES, EMBEDDED_CONFIG_KEY, pipeline_parts
+from .ldm import to_ldm_checkpoint
+from .loading import DTYPES, EMBEDDED_CONFIG_KEY
 from .pipeline import pipeline_for
 from .text_names import file_state_dict
+from .tokenizer import tokenizer_files
 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -53,7 +52,7 @@ def write_diffusers_folder(base: BaseModel, folder: Path, dtype: torch.dtype) ->
     a dtype change holds at most one component's copy in memory.
     """
     pipeline_for(base).save_config(folder)
-    for name in pipeline_parts(base.architecture == "sdxl"):
+    for name in base.family.pipeline_parts:
         part = base.components[name]
         if isinstance(part, nn.Module):
             with cast(part, dtype) as saved:
@@ -62,68 +61,21 @@ def write_diffusers_folder(base: BaseModel, folder: Path, dtype: torch.dtype) ->
             part.save_pretrained(folder / name)
 
 
-def atomic_folder(path: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Call ``write(tmp_folder)`` beside ``path`` and rename the result to ``path`` when it succeeded.
-
-    An existing ``path`` is replaced only with ``overwrite`` (moved aside first, deleted once the
-    new folder is in place, put back if the rename fails); a failure leaves no temporary folder,
-    and one left by a killed process is removed by the next write into the same folder. A failure
-    of the disk raises WriteError saying why.
-    """
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists")
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise FileExistsError(f"{path} exists and is not a diffusers model folder: it is never replaced")
-    remove_stale_temporaries(path.parent)
-    tmp = new_temporary_folder(path)
-    old = path.parent / f"{tmp.name}.old"  # recognised as ours too: put back if we are killed in between
-    try:
-        with naming_write_failures(path):
-            write(tmp)
-            if path.exists():
-                if not overwrite:
-                    raise FileExistsError(f"{path} exists")
-                os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except OSError:
-                if old.exists():
-                    os.replace(old, path)
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        elif old.exists():
-            old.unlink()
-    return path
-
-
 def save_diffusers_folder(base: BaseModel, path: str | Path, dtype: str = "same",
                           overwrite: bool = False) -> Path:
-    """Write ``base`` (as its weights are now) as a diffusers pipeline folder at ``path``, atomically."""
+    """Write ``base`` (as its weights are now) as a diffusers pipeline folder at ``path``, atomically.
+
+    An existing ``path`` is replaced only with ``overwrite``, and only when it is a diffusers model
+    folder itself (FileExistsError otherwise).
+    """
     wanted = target_dtype(base, dtype)
-    return atomic_folder(Path(path), lambda tmp: write_diffusers_folder(base, tmp, wanted), overwrite)
+    path = Path(path)
+    if overwrite and path.exists() and not (path / "model_index.json").is_file():
+        raise FileExistsError(f"{path} exists and is not a diffusers model folder: it is never replaced")
+    return atomic_folder(path, lambda tmp: write_diffusers_folder(base, tmp, wanted), overwrite)
 
 
 # --------------------------------------------------------------------------- single file
-
-
-def tokenizer_files(tokenizer) -> dict[str, str]:
-    """The files ``tokenizer.save_pretrained`` writes, as ``{file name: text}``."""
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(folder).iterdir()) if p.is_file()}
-
-
-def tokenizer_from_files(files: dict[str, str]):
-    """A ``CLIPTokenizer`` from :func:`tokenizer_files`' output (as ``from_pretrained`` reads them)."""
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as folder:
-        for name, text in files.items():
-            Path(folder, Path(name).name).write_text(text, encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(folder)
 
 
 def _config(part: Any) -> dict[str, Any]:
@@ -138,21 +90,17 @@ def embedded_configs(base: BaseModel) -> dict[str, Any]:
     ``tokenizer`` is ``"builtin"`` for built-in bases (the loader builds ours); otherwise
     ``{"tokenizer": {file: text}, "tokenizer_2": ...}``, what ``save_pretrained`` writes.
     """
-    sdxl = base.architecture == "sdxl"
-    configs = {name: _config(base.components[name]) for name in MODEL_PARTS if name in base.components}
+    configs = {name: _config(base.components[name]) for name in base.family.model_parts}
     configs["scheduler"] = json.loads(base.components["scheduler"].to_json_string())
     if base.source.startswith("builtin:"):
         configs["tokenizer"] = "builtin"
     else:
-        names = [p for p in pipeline_parts(sdxl) if p.startswith("tokenizer")]
-        configs["tokenizer"] = {name: tokenizer_files(base.components[name]) for name in names}
+        configs["tokenizer"] = {name: tokenizer_files(base.components[name]) for name in base.family.tokenizers}
     return configs
 
 
 def single_file_state_dict(base: BaseModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The base's weights as one LDM/SGM checkpoint state dict, in ``dtype``, on the CPU."""
-    from .ldm import to_ldm_checkpoint
-
     parts = base.components
     text_2 = file_state_dict(parts["text_encoder_2"]) if "text_encoder_2" in parts else None
     state = to_ldm_checkpoint(parts["unet"].state_dict(), parts["vae"].state_dict(),

@@ -82,3 +82,20 @@ def build_tokenizer(max_length: int = 77):
         vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
         merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length)
+
+
+def tokenizer_files(tokenizer) -> dict[str, str]:
+    """The files ``tokenizer.save_pretrained`` writes, as ``{file name: text}``."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def tokenizer_from_files(files: dict[str, str]):
+    """A ``CLIPTokenizer`` from :func:`tokenizer_files`' output (as ``from_pretrained`` reads them)."""
+    from transformers import CLIPTokenizer  # deferred: transformers takes seconds to import
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in files.items():
+            Path(folder, Path(name).name).write_text(text, encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(folder)

@@ -10,7 +10,8 @@ from .spec import Catalogue
 @lru_cache(maxsize=1)
 def catalogue() -> Catalogue:
     """All node types of lora-nodes, by id."""
-    from . import base, dataset, io, lora, merge, sample, save, train
+    # deferred: the node modules import torch; ``nodes.spec`` alone (declarations) must stay cheap
+    from . import base, dataset, images, lora, merge, sample, save, train
 
     return Catalogue([
         base.load_base,
@@ -19,7 +20,7 @@ def catalogue() -> Catalogue:
         lora.lora_stack,
         lora.apply_lora_stack,
         sample.sample,
-        io.save_images,
+        images.save_images,
         save.save_lora,
         save.save_model,
         merge.merge_loras,

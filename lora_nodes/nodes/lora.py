@@ -5,26 +5,31 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 
-from ..lora.formats import PICKLE_SUFFIXES, read_lora
+from .. import families
+from ..errors import LoRAError
+from ..lora.files import PICKLE_SUFFIXES, read_lora, read_lora_header
 from ..lora.metadata import trigger_words
 from ..lora.model import LoRA
-from ..models.recipe import FAMILY_ADVICE, AppliedLoRA, ModelRecipe, check_placement
+from ..lora.placement import FAMILY_ADVICE, check_placement, module_namings
+from ..lora.recipe import AppliedLoRA, ModelRecipe
 from .spec import BOOLEAN, FLOAT, LORA, LORA_STACK, MODEL, STRING, Input, Output, Preflight, node
 
 STACK_SLOTS = 4
 
 
-def strength(name: str, what: str) -> Input:
-    return Input(name, FLOAT, 1.0, min=-10.0, max=10.0, step=0.01,
+def strength(what: str) -> Input:
+    """A LoRA strength input on the ``what`` it changes (the parameter gives its default, 1.0)."""
+    return Input(FLOAT, min=-10.0, max=10.0, step=0.01,
                  description=f"how strongly the LoRA changes the {what}; 0 leaves it as it was, negative inverts")
 
 
 # --------------------------------------------------------------------------- preflight
 #
-# Facts passed downstream: a model's {"family", "source"}; a LoRA's {"family", "name", "namings"}
-# (namings: component -> the key namings its modules use, see lora.formats.naming_of); a stack's
+# Facts passed downstream (plain data): a model's {"family", "source"}; a LoRA's {"family", "name",
+# "namings"} (family: its id, see lora_nodes.families; namings: component -> the key namings its
+# modules use, see families.naming_of); a stack's
 # {"loras": [LoRA facts + "input": the slot it came in by]}. Any fact may be missing (unknown).
 
 BAD_LORA = "bad_lora"  # a LoRA file that cannot be read as a LoRA (damaged, malformed, not a LoRA)
@@ -44,25 +49,20 @@ def load_lora_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, 
 @lru_cache(maxsize=256)
 def _lora_header_facts(path: str, size: int, mtime_ns: int) -> tuple[dict[str, Any], str | None]:
     """(facts, problem) of a LoRA file from its header only; cached while the file is unchanged."""
-    from ..errors import LoRAError
-    from ..lora.architecture import lora_architecture
-    from ..lora.formats import module_namings, read_lora_header
-
     try:
         lora = read_lora_header(path)
     except LoRAError as exc:
         return {}, str(exc)
     namings = {c: sorted(n) for c, n in module_namings(lora.modules).items()}
-    return {"family": lora_architecture(lora), "name": lora.name, "namings": namings}, None
+    family = lora.family
+    return {"family": family.id if family else None, "name": lora.name, "namings": namings}, None
 
 
 def lora_problems(lora_facts: list[dict[str, Any]], model: dict[str, Any], input_name: str) -> list[tuple[str, str, str]]:
     """A ``family_mismatch`` problem on ``input_name`` for each LoRA made for another family than ``model``'s."""
-    from ..lora.architecture import family_mismatch
-
     problems = []
     for lora in lora_facts:
-        mismatch = family_mismatch(lora.get("family"), model.get("family"))
+        mismatch = families.mismatch(families.by_id(lora.get("family")), families.by_id(model.get("family")))
         if mismatch:
             where = f"LoRA '{lora.get('name', '?')}'" + (f" in {lora['input']}" if lora.get("input") else "")
             on = f" on {model['source']}" if model.get("source") else ""
@@ -114,15 +114,18 @@ def train_lora_preflight(literals: dict[str, Any], upstream: dict[str, dict[str,
     "LoadLoRA",
     display_name="Load LoRA",
     category="lora",
-    inputs=[Input("path", STRING, path=True, path_kind="file", folder="loras",
-                  description="a LoRA file (.safetensors): kohya, diffusers/PEFT, LyCORIS, DoRA or full diffs")],
     outputs=[
         Output("lora", LORA, "the LoRA's weights, not yet applied to anything"),
         Output("trigger_words", STRING, "the words it was trained on, most frequent first, comma-separated"),
     ],
     preflight=load_lora_preflight,
 )
-def load_lora(ctx, path: str):
+def load_lora(
+    ctx,
+    path: Annotated[str, Input(STRING, path=True, path_kind="file", folder="loras",
+                               description="a LoRA file (.safetensors): kohya, diffusers/PEFT, LyCORIS, DoRA or "
+                                           "full diffs")],
+):
     """Read a LoRA file: kohya/A1111, diffusers/PEFT, LyCORIS (LoCon, LoHa, LoKr), DoRA, full diffs.
 
     Pickle files (.ckpt, .pt, .bin) load only as plain tensors, never running code. A file with
@@ -149,47 +152,68 @@ def apply_to(ctx, model: ModelRecipe, applied: list[AppliedLoRA]) -> ModelRecipe
     "ApplyLoRA",
     display_name="Apply LoRA",
     category="lora",
-    inputs=[
-        Input("model", MODEL),
-        Input("lora", LORA),
-        strength("strength_model", "UNet (the picture)"),
-        strength("strength_text", "text encoder (how the prompt is read)"),
-    ],
     outputs=[Output("model", MODEL, "the model with the LoRA; made real only when a node needs the weights")],
     preflight=apply_lora_preflight,
 )
-def apply_lora(ctx, model: ModelRecipe, lora: LoRA, strength_model: float, strength_text: float):
+def apply_lora(
+    ctx,
+    model: Annotated[ModelRecipe, Input(MODEL)],
+    lora: Annotated[LoRA, Input(LORA)],
+    strength_model: Annotated[float, strength("UNet (the picture)")] = 1.0,
+    strength_text: Annotated[float, strength("text encoder (how the prompt is read)")] = 1.0,
+):
     """Add a LoRA to a model at a strength. Costs nothing until sampling; the base is never copied."""
     return (apply_to(ctx, model, [AppliedLoRA(lora, strength_model, strength_text)]),)
 
 
-def _slot_inputs() -> list[Input]:
-    inputs = []
-    for i in range(1, STACK_SLOTS + 1):
-        inputs += [
-            Input(f"lora_{i}", LORA, optional=True, description=f"LoRA in slot {i} (leave unconnected to skip)"),
-            strength(f"strength_model_{i}", "UNet"),
-            strength(f"strength_text_{i}", "text encoder"),
-            Input(f"enabled_{i}", BOOLEAN, True, description=f"switch slot {i} on or off"),
-        ]
-    return inputs
+def slot_lora(i: int) -> Input:
+    """LoRAStack's LoRA input of slot ``i``: it may be left unconnected."""
+    return Input(LORA, optional=True, description=f"LoRA in slot {i} (leave unconnected to skip)")
+
+
+def slot_enabled(i: int) -> Input:
+    """LoRAStack's switch of slot ``i`` (the parameter gives its default, on)."""
+    return Input(BOOLEAN, description=f"switch slot {i} on or off")
 
 
 @node(
     "LoRAStack",
     display_name="LoRA Stack",
     category="lora",
-    inputs=[*_slot_inputs(), Input("stack", LORA_STACK, optional=True, description="a stack to extend")],
     outputs=[Output("stack", LORA_STACK, "the LoRAs in order, with their strengths")],
     preflight=lora_stack_preflight,
 )
-def lora_stack(ctx, **slots):
+def lora_stack(
+    ctx,
+    # STACK_SLOTS slots, each written out: the parameters are the node's inputs, in their order
+    lora_1: Annotated[LoRA | None, slot_lora(1)] = None,
+    strength_model_1: Annotated[float, strength("UNet")] = 1.0,
+    strength_text_1: Annotated[float, strength("text encoder")] = 1.0,
+    enabled_1: Annotated[bool, slot_enabled(1)] = True,
+    lora_2: Annotated[LoRA | None, slot_lora(2)] = None,
+    strength_model_2: Annotated[float, strength("UNet")] = 1.0,
+    strength_text_2: Annotated[float, strength("text encoder")] = 1.0,
+    enabled_2: Annotated[bool, slot_enabled(2)] = True,
+    lora_3: Annotated[LoRA | None, slot_lora(3)] = None,
+    strength_model_3: Annotated[float, strength("UNet")] = 1.0,
+    strength_text_3: Annotated[float, strength("text encoder")] = 1.0,
+    enabled_3: Annotated[bool, slot_enabled(3)] = True,
+    lora_4: Annotated[LoRA | None, slot_lora(4)] = None,
+    strength_model_4: Annotated[float, strength("UNet")] = 1.0,
+    strength_text_4: Annotated[float, strength("text encoder")] = 1.0,
+    enabled_4: Annotated[bool, slot_enabled(4)] = True,
+    stack: Annotated[tuple[AppliedLoRA, ...] | None, Input(LORA_STACK, optional=True,
+                                                          description="a stack to extend")] = None,
+):
     """Collect up to four LoRAs with their strengths (after an optional incoming stack), in order."""
-    stack = tuple(slots.pop("stack") or ())
-    for i in range(1, STACK_SLOTS + 1):
-        lora = slots[f"lora_{i}"]
-        if lora is not None and slots[f"enabled_{i}"]:
-            stack += (AppliedLoRA(lora, slots[f"strength_model_{i}"], slots[f"strength_text_{i}"]),)
+    slots = [(lora_1, strength_model_1, strength_text_1, enabled_1),
+             (lora_2, strength_model_2, strength_text_2, enabled_2),
+             (lora_3, strength_model_3, strength_text_3, enabled_3),
+             (lora_4, strength_model_4, strength_text_4, enabled_4)]
+    stack = tuple(stack or ())
+    for lora, strength_model, strength_text, enabled in slots:
+        if lora is not None and enabled:
+            stack += (AppliedLoRA(lora, strength_model, strength_text),)
     return (stack,)
 
 
@@ -197,10 +221,13 @@ def lora_stack(ctx, **slots):
     "ApplyLoRAStack",
     display_name="Apply LoRA Stack",
     category="lora",
-    inputs=[Input("model", MODEL), Input("stack", LORA_STACK)],
     outputs=[Output("model", MODEL)],
     preflight=apply_lora_stack_preflight,
 )
-def apply_lora_stack(ctx, model: ModelRecipe, stack: tuple[AppliedLoRA, ...]):
+def apply_lora_stack(
+    ctx,
+    model: Annotated[ModelRecipe, Input(MODEL)],
+    stack: Annotated[tuple[AppliedLoRA, ...], Input(LORA_STACK)],
+):
     """Add every LoRA of a stack to a model, in the stack's order."""
     return (apply_to(ctx, model, list(stack)),)

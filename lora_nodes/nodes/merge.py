@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import statistics
-from typing import Any
+from typing import Annotated, Any
 
+from .. import families
 from ..errors import LoRAError
 from ..lora import ops
-from ..lora.formats import module_namings, naming_conflict
-from ..lora.model import LoRA, LoRAModule, Module
+from ..lora.model import FullModule, LoRA, LoRAModule, Module
+from ..lora.placement import check_placement, module_namings, naming_conflict
+from ..lora.recipe import AppliedLoRA, ModelRecipe
 from ..lora.save import to_plain
-from ..models.recipe import AppliedLoRA, ModelRecipe, check_placement
 from .lora import FAMILY_MISMATCH, lora_problems
 from .spec import COMBO, FLOAT, INT, LORA, LORA_STACK, MODEL, STRING, Input, Output, Preflight, node
 
@@ -22,7 +23,7 @@ def to_lowrank(module: Module) -> ops.LowRank:
     if module.dora_scale is not None:
         raise LoRAError(f"module '{module.key}' is DoRA: its effect depends on the base weight, so it cannot be "
                         "merged or resized on its own; apply it to a model and use ExtractLoRA instead")
-    if not (isinstance(module, LoRAModule) and module.mid is None):
+    if not module.is_plain:
         module, _ = to_plain(module, None, None, 0)
     return ops.LowRank(module.up.float(), module.down.float(),
                        module.alpha if module.alpha is not None else float(module.rank))
@@ -63,18 +64,16 @@ def merge_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any]
         return Preflight(facts={"family": model.get("family"), "name": "merge"},
                          problems=lora_problems(loras, model, "stack"))
     problems = []
-    families = {lora["family"]: lora.get("name", "?") for lora in loras if lora.get("family")}
-    if len(families) > 1:
-        from ..lora.architecture import family_name
-
-        mixed = " and ".join(f"{family_name(f)} ('{name}')" for f, name in sorted(families.items()))
+    made_for = {lora["family"]: lora.get("name", "?") for lora in loras if lora.get("family")}
+    if len(made_for) > 1:
+        mixed = " and ".join(f"{families.describe(families.by_id(f))} ('{name}')" for f, name in sorted(made_for.items()))
         problems.append((FAMILY_MISMATCH, "stack", f"the stack mixes LoRAs for {mixed}; a merge of them fits no base"))
     named = [(lora.get("name", "?"), {c: set(n) for c, n in lora["namings"].items()}) for lora in loras
              if "namings" in lora]
     conflict = naming_conflict(named)
     if conflict:
         problems.append(("missing_input", "model", f"the LoRAs name modules differently ({conflict}): {CONNECT_MODEL}"))
-    family = next(iter(families)) if len(families) == 1 else None
+    family = next(iter(made_for)) if len(made_for) == 1 else None
     return Preflight(facts={"family": family, "name": "merge"}, problems=problems)
 
 
@@ -89,21 +88,25 @@ def _summary(name: str, energies: list[float], ranks: list[int]) -> str:
     "MergeLoRAs",
     display_name="Merge LoRAs",
     category="lora/tools",
-    inputs=[
-        Input("stack", LORA_STACK, description="the LoRAs to merge; each slot's strengths weight it"),
-        Input("method", COMBO, "concat", choices=MERGE_METHODS,
-              description="concat: exact (rank adds up); svd: exact sum cut to `rank`; ties/dare: PEFT's merges"),
-        Input("rank", INT, 0, min=0, max=4096,
-              description="svd: target rank (0: the largest input rank); ties/dare: 0 keeps full deltas"),
-        Input("density", FLOAT, 0.5, min=0.0, max=1.0, step=0.01, description="ties/dare: fraction of values kept"),
-        Input("seed", INT, 0, min=0, max=2**63 - 1, description="dare: the random drop pattern"),
-        Input("model", MODEL, optional=True,
-              description="the base the LoRAs are for: lets LoRAs with different key namings merge"),
-    ],
     outputs=[Output("lora", LORA), Output("report", STRING, "what the merge kept")],
     preflight=merge_preflight,
 )
-def merge_loras(ctx, stack, method: str, rank: int, density: float, seed: int, model: ModelRecipe | None):
+def merge_loras(
+    ctx,
+    stack: Annotated[tuple[AppliedLoRA, ...], Input(LORA_STACK, description="the LoRAs to merge; each slot's "
+                                                                            "strengths weight it")],
+    method: Annotated[str, Input(COMBO, choices=MERGE_METHODS,
+                                 description="concat: exact (rank adds up); svd: exact sum cut to `rank`; "
+                                             "ties/dare: PEFT's merges")] = "concat",
+    rank: Annotated[int, Input(INT, min=0, max=4096, description="svd: target rank (0: the largest input rank); "
+                                                                 "ties/dare: 0 keeps full deltas")] = 0,
+    density: Annotated[float, Input(FLOAT, min=0.0, max=1.0, step=0.01,
+                                    description="ties/dare: fraction of values kept")] = 0.5,
+    seed: Annotated[int, Input(INT, min=0, max=2**63 - 1, description="dare: the random drop pattern")] = 0,
+    model: Annotated[ModelRecipe | None, Input(MODEL, optional=True,
+                                               description="the base the LoRAs are for: lets LoRAs with different "
+                                                           "key namings merge")] = None,
+):
     """Merge a stack of LoRAs into one LoRA (strengths included), module by module.
 
     Without a model, modules are matched by their names in the files, so LoRAs of different
@@ -144,8 +147,6 @@ def _merge_module(key: str, parts: list[tuple[Module, float]], method: str, rank
         merge = ops.dare_linear if method == "dare_linear" else ops.dare_ties
         delta = merge(deltas, density, seed)
     if rank == 0:
-        from ..lora.model import FullModule
-
         return FullModule(key=key, diff=delta), 1.0
     lowrank, energy = ops.svd_lowrank(delta, rank)
     return from_lowrank(key, lowrank), energy
@@ -155,19 +156,21 @@ def _merge_module(key: str, parts: list[tuple[Module, float]], method: str, rank
     "ResizeLoRA",
     display_name="Resize LoRA",
     category="lora/tools",
-    inputs=[
-        Input("lora", LORA),
-        Input("rank", INT, 0, min=0, max=4096,
-              description="fixed: the new rank; sv_fro/sv_ratio: the most it may keep (0: the current rank)"),
-        Input("rule", COMBO, "fixed", choices=("fixed", "sv_fro", "sv_ratio"),
-              description="fixed rank; keep a Frobenius fraction; keep singular values above largest/threshold"),
-        Input("threshold", FLOAT, 0.9, min=0.0, max=10000.0, step=0.001,
-              description="sv_fro: the fraction to keep (0..1); sv_ratio: the ratio to the largest"),
-    ],
     outputs=[Output("lora", LORA), Output("report", STRING, "per-module ranks and error")],
     preflight=lambda literals, upstream: Preflight(facts=dict(upstream.get("lora", {}))),  # same modules, names, family
 )
-def resize_lora(ctx, lora: LoRA, rank: int, rule: str, threshold: float):
+def resize_lora(
+    ctx,
+    lora: Annotated[LoRA, Input(LORA)],
+    rank: Annotated[int, Input(INT, min=0, max=4096, description="fixed: the new rank; sv_fro/sv_ratio: the most "
+                                                                 "it may keep (0: the current rank)")] = 0,
+    rule: Annotated[str, Input(COMBO, choices=("fixed", "sv_fro", "sv_ratio"),
+                               description="fixed rank; keep a Frobenius fraction; keep singular values above "
+                                           "largest/threshold")] = "fixed",
+    threshold: Annotated[float, Input(FLOAT, min=0.0, max=10000.0, step=0.001,
+                                      description="sv_fro: the fraction to keep (0..1); sv_ratio: the ratio to "
+                                                  "the largest")] = 0.9,
+):
     """Change a LoRA's rank by SVD (as kohya's resize_lora does), reporting each module's new rank and error."""
     if rule == "fixed" and rank == 0:
         raise LoRAError("rule 'fixed' needs a rank above 0")
@@ -187,12 +190,11 @@ def resize_lora(ctx, lora: LoRA, rank: int, rule: str, threshold: float):
 
 def extract_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any]]) -> Preflight:
     """ExtractLoRA: both models of one family; the LoRA made is for it."""
-    from ..lora.architecture import family_mismatch, family_name
-
     a, b = upstream.get("model_a", {}), upstream.get("model_b", {})
     problems = []
-    if family_mismatch(b.get("family"), a.get("family")):
-        message = (f"model_b is {family_name(b['family'])}, model_a is {family_name(a['family'])}: "
+    family_a, family_b = families.by_id(a.get("family")), families.by_id(b.get("family"))
+    if families.mismatch(family_b, family_a):
+        message = (f"model_b is {families.describe(family_b)}, model_a is {families.describe(family_a)}: "
                    "a LoRA is extracted between two models of one family")
         problems.append((FAMILY_MISMATCH, "model_b", message))
     return Preflight(facts={"family": a.get("family"), "name": "extracted"}, problems=problems)
@@ -202,18 +204,20 @@ def extract_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, An
     "ExtractLoRA",
     display_name="Extract LoRA",
     category="lora/tools",
-    inputs=[
-        Input("model_a", MODEL, description="the model to start from (e.g. the base)"),
-        Input("model_b", MODEL, description="the model to reach (e.g. a fine-tune, or the base with LoRAs)"),
-        Input("rank", INT, 16, min=1, max=4096, description="rank for linear layers and 1x1 convs"),
-        Input("conv_rank", INT, 0, min=0, max=4096, description="rank for 3x3 convs (0: leave them out)"),
-        Input("min_diff", FLOAT, 1e-6, min=0.0, max=1.0, step=1e-6,
-              description="skip modules whose change is smaller than this fraction of their weight"),
-    ],
     outputs=[Output("lora", LORA), Output("report", STRING, "energy kept")],
     preflight=extract_preflight,
 )
-def extract_lora(ctx, model_a: ModelRecipe, model_b: ModelRecipe, rank: int, conv_rank: int, min_diff: float):
+def extract_lora(
+    ctx,
+    model_a: Annotated[ModelRecipe, Input(MODEL, description="the model to start from (e.g. the base)")],
+    model_b: Annotated[ModelRecipe, Input(MODEL, description="the model to reach (e.g. a fine-tune, or the base "
+                                                             "with LoRAs)")],
+    rank: Annotated[int, Input(INT, min=1, max=4096, description="rank for linear layers and 1x1 convs")] = 16,
+    conv_rank: Annotated[int, Input(INT, min=0, max=4096, description="rank for 3x3 convs (0: leave them out)")] = 0,
+    min_diff: Annotated[float, Input(FLOAT, min=0.0, max=1.0, step=1e-6,
+                                     description="skip modules whose change is smaller than this fraction of "
+                                                 "their weight")] = 1e-6,
+):
     """A LoRA approximating model_b minus model_a by truncated SVD, for the UNet and the text encoders."""
     targets_a, targets_b = model_a.base.lora_targets, model_b.base.lora_targets
     plan_a, plan_b = model_a.patch_plan(), model_b.patch_plan()

@@ -4,41 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Annotated
 
 import torch
 
+from .. import families
 from ..errors import NodeError
+from ..lora.recipe import ModelRecipe
+from ..models.base import BaseModel
 from ..models.memory import check_sample
 from ..models.pipeline import pipeline_for
-from ..models.recipe import ModelRecipe
-from .spec import COMBO, FLOAT, IMAGE, INT, MODEL, STRING, Input, Output, node
+from .spec import COMBO, FLOAT, IMAGE, INT, MAX_SEED, MODEL, STRING, Input, Output, node
 
-# sampler name -> (diffusers scheduler class, config changes); names follow ComfyUI's.
-SAMPLERS: dict[str, tuple[str, dict]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-}
-MAX_SEED = 2**64 - 1
+SAMPLERS = families.sampler_names()  # names follow ComfyUI's; each family says how it draws with them
 
 
-def make_scheduler(sampler: str, base_scheduler):
-    """A fresh scheduler of the named sampler on the base model's noise schedule."""
-    import diffusers
-
-    class_name, changes = SAMPLERS[sampler]
-    return getattr(diffusers, class_name).from_config(base_scheduler.config, **changes)
-
-
-def make_pipeline(base, sampler: str):
+def make_pipeline(base: BaseModel, sampler: str):
     """A diffusers pipeline over the base's components (no copy) with the sampler's scheduler."""
-    pipe = pipeline_for(base, make_scheduler(sampler, base.components["scheduler"]))
+    pipe = pipeline_for(base, base.family.make_scheduler(sampler, base.components["scheduler"]))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def image_size(base, width: int, height: int) -> tuple[int, int]:
+def image_size(base: BaseModel, width: int, height: int) -> tuple[int, int]:
     """Width and height in pixels; 0 means the model's native size. Both must be multiples of 8."""
     width, height = width or base.native_size, height or base.native_size
     if width % 8 or height % 8:
@@ -50,22 +38,21 @@ def image_size(base, width: int, height: int) -> tuple[int, int]:
     "Sample",
     display_name="Sample",
     category="sampling",
-    inputs=[
-        Input("model", MODEL),
-        Input("prompt", STRING, multiline=True, description="what to draw"),
-        Input("negative_prompt", STRING, "", multiline=True, description="what to steer away from"),
-        Input("seed", INT, 0, min=0, max=MAX_SEED, description="same seed and inputs give the same image"),
-        Input("steps", INT, 20, min=1, max=10000, description="denoising steps"),
-        Input("cfg", FLOAT, 7.0, min=0.0, max=100.0, step=0.1, description="classifier-free guidance scale"),
-        Input("sampler", COMBO, "euler", choices=tuple(SAMPLERS), description="the sampling method"),
-        Input("width", INT, 0, min=0, max=16384, step=8, description="pixels; 0 is the model's native size"),
-        Input("height", INT, 0, min=0, max=16384, step=8, description="pixels; 0 is the model's native size"),
-        Input("batch_size", INT, 1, min=1, max=64, description="images per prompt"),
-    ],
     outputs=[Output("images", IMAGE, "float32 [batch, height, width, 3] in 0..1, as ComfyUI's IMAGE")],
 )
-def sample(ctx, model: ModelRecipe, prompt: str, negative_prompt: str, seed: int, steps: int, cfg: float,
-           sampler: str, width: int, height: int, batch_size: int):
+def sample(
+    ctx,
+    model: Annotated[ModelRecipe, Input(MODEL)],
+    prompt: Annotated[str, Input(STRING, multiline=True, description="what to draw")],
+    negative_prompt: Annotated[str, Input(STRING, multiline=True, description="what to steer away from")] = "",
+    seed: Annotated[int, Input(INT, min=0, max=MAX_SEED, description="same seed and inputs give the same image")] = 0,
+    steps: Annotated[int, Input(INT, min=1, max=10000, description="denoising steps")] = 20,
+    cfg: Annotated[float, Input(FLOAT, min=0.0, max=100.0, step=0.1, description="classifier-free guidance scale")] = 7.0,
+    sampler: Annotated[str, Input(COMBO, choices=tuple(SAMPLERS), description="the sampling method")] = "euler",
+    width: Annotated[int, Input(INT, min=0, max=16384, step=8, description="pixels; 0 is the model's native size")] = 0,
+    height: Annotated[int, Input(INT, min=0, max=16384, step=8, description="pixels; 0 is the model's native size")] = 0,
+    batch_size: Annotated[int, Input(INT, min=1, max=64, description="images per prompt")] = 1,
+):
     """Draw images from a prompt with the model's weights (LoRAs merged in place, then reused)."""
     width, height = image_size(model.base, width, height)
     # before any work: an image too big for the machine is refused, not swapped to death or killed

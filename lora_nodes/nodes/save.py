@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from ..errors import NodeError
 from ..fileio import atomic_write
 from ..lora.model import LoRA
+from ..lora.placement import check_placement
+from ..lora.recipe import ModelRecipe
 from ..lora.save import ENERGY_WARNING, lora_file
-from ..models.recipe import ModelRecipe, check_placement
 from ..models.save import save_diffusers_folder, save_single_file
 from .lora import save_lora_preflight
 from .spec import BOOLEAN, COMBO, INT, LORA, MODEL, STRING, Input, node
@@ -36,31 +38,33 @@ def exists_error(target: Path) -> NodeError:
     return NodeError(f"{target} already exists; set overwrite to true to replace it, or choose another path")
 
 
-def overwrite_input() -> Input:
-    return Input("overwrite", BOOLEAN, False, description="replace an existing file or folder at path")
+# the overwrite input of every node that saves (its default, False, is each parameter's)
+OVERWRITE = Input(BOOLEAN, description="replace an existing file or folder at path")
 
 
 @node(
     "SaveLoRA",
     display_name="Save LoRA",
     category="io",
-    inputs=[
-        Input("lora", LORA),
-        Input("path", STRING, "loras/lora.safetensors", writes=True,
-              description="file to write; relative paths go under the output folder; .safetensors is added"),
-        Input("format", COMBO, "kohya", choices=("kohya", "diffusers"),
-              description="kohya: lora_unet_*/lora_te*_* keys (A1111, ComfyUI, sd-scripts); "
-                          "diffusers: unet.*.lora_A/lora_B keys (load_lora_weights)"),
-        Input("model", MODEL, optional=True,
-              description="the base the LoRA is for: needed to convert names between namings, and for DoRA"),
-        Input("rank", INT, 0, min=0, max=4096,
-              description="rank for modules that must become plain LoRA (LoHa, LoKr, DoRA, full); 0: exact"),
-        overwrite_input(),
-    ],
     preflight=save_lora_preflight,
     output_node=True,
 )
-def save_lora(ctx, lora: LoRA, path: str, format: str, model: ModelRecipe | None, rank: int, overwrite: bool):
+def save_lora(
+    ctx,
+    lora: Annotated[LoRA, Input(LORA)],
+    path: Annotated[str, Input(STRING, writes=True,
+                               description="file to write; relative paths go under the output folder; "
+                                           ".safetensors is added")] = "loras/lora.safetensors",
+    format: Annotated[str, Input(COMBO, choices=("kohya", "diffusers"),
+                                 description="kohya: lora_unet_*/lora_te*_* keys (A1111, ComfyUI, sd-scripts); "
+                                             "diffusers: unet.*.lora_A/lora_B keys (load_lora_weights)")] = "kohya",
+    model: Annotated[ModelRecipe | None, Input(MODEL, optional=True,
+                                               description="the base the LoRA is for: needed to convert names "
+                                                           "between namings, and for DoRA")] = None,
+    rank: Annotated[int, Input(INT, min=0, max=4096, description="rank for modules that must become plain LoRA "
+                                                                 "(LoHa, LoKr, DoRA, full); 0: exact")] = 0,
+    overwrite: Annotated[bool, OVERWRITE] = False,
+):
     """Write a LoRA as a .safetensors file in kohya or diffusers naming.
 
     Names are converted through the connected model only (never guessed). kohya files keep
@@ -92,20 +96,21 @@ def save_lora(ctx, lora: LoRA, path: str, format: str, model: ModelRecipe | None
     "SaveModel",
     display_name="Save Model",
     category="io",
-    inputs=[
-        Input("model", MODEL),
-        Input("path", STRING, "models/merged", writes=True,
-              description="folder (diffusers) or file (single_file; .safetensors is added) to write; "
-                          "relative paths go under the output folder"),
-        Input("format", COMBO, "diffusers", choices=("diffusers", "single_file"),
-              description="diffusers: a pipeline folder; single_file: one checkpoint (A1111/ComfyUI layout)"),
-        Input("dtype", COMBO, "same", choices=("same", "float16", "bfloat16", "float32"),
-              description="weight precision of the written model; same keeps the model's"),
-        overwrite_input(),
-    ],
     output_node=True,
 )
-def save_model(ctx, model: ModelRecipe, path: str, format: str, dtype: str, overwrite: bool):
+def save_model(
+    ctx,
+    model: Annotated[ModelRecipe, Input(MODEL)],
+    path: Annotated[str, Input(STRING, writes=True, description="folder (diffusers) or file (single_file; "
+                                                                ".safetensors is added) to write; relative paths "
+                                                                "go under the output folder")] = "models/merged",
+    format: Annotated[str, Input(COMBO, choices=("diffusers", "single_file"),
+                                 description="diffusers: a pipeline folder; single_file: one checkpoint "
+                                             "(A1111/ComfyUI layout)")] = "diffusers",
+    dtype: Annotated[str, Input(COMBO, choices=("same", "float16", "bfloat16", "float32"),
+                                description="weight precision of the written model; same keeps the model's")] = "same",
+    overwrite: Annotated[bool, OVERWRITE] = False,
+):
     """Write the model with its LoRAs merged in, as a diffusers folder or one .safetensors file.
 
     Single files carry their configs and tokenizer in the metadata, so Load Base reads them back

@@ -6,10 +6,11 @@ ComfyUI class attributes and the cache keys are all derived from the spec, never
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
 # Literal (widget) types, named as ComfyUI names them.
 INT, FLOAT, STRING, BOOLEAN, COMBO = "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"
@@ -19,6 +20,8 @@ LITERAL_TYPES = frozenset({INT, FLOAT, STRING, BOOLEAN, COMBO})
 # ComfyUI's MODEL or CLIP by mistake; IMAGE is ComfyUI's ([batch, height, width, 3] float32 in 0..1).
 MODEL, LORA, LORA_STACK, IMAGE = "LN_MODEL", "LN_LORA", "LN_LORA_STACK", "IMAGE"
 DATASET = "LN_DATASET"
+
+MAX_SEED = 2**64 - 1  # the largest seed an input accepts (Sample's, TrainLoRA's)
 
 CATEGORY_ROOT = "lora-nodes"
 # In ComfyUI our node ids carry this prefix so they never collide with core nodes or other packs
@@ -36,9 +39,14 @@ REQUIRED: Any = _Required()
 
 @dataclass(frozen=True)
 class Input:
-    """One declared input. Link inputs carry a value type; literal inputs a widget type."""
+    """One declared input. Link inputs carry a value type; literal inputs a widget type.
 
-    name: str
+    Declared in a node function's signature, ``rank: Annotated[int, Input(INT, min=1)] = 8``:
+    :func:`node` fills in ``name`` and ``default`` from the parameter, so neither is given here.
+    """
+
+    # keyword-only, so that a declaration starts with the type; first, so fields and repr keep their order
+    name: str = field(default="", kw_only=True)
     type: str
     default: Any = REQUIRED
     description: str = ""
@@ -125,48 +133,12 @@ class NodeSpec:
         names = [o.name for o in self.outputs]
         return names.index(output) if output in names else None
 
-    def object_info(self) -> dict[str, Any]:
-        """This node described the way ComfyUI's ``/object_info`` describes a node."""
-        required = {i.name: _input_info(i) for i in self.inputs if not i.optional}
-        optional = {i.name: _input_info(i) for i in self.inputs if i.optional}
-        return {
-            "input": {"required": required, "optional": optional},
-            "input_order": {"required": list(required), "optional": list(optional)},
-            "output": [o.type for o in self.outputs],
-            "output_is_list": [False for _ in self.outputs],
-            "output_name": [o.name for o in self.outputs],
-            "output_tooltips": [o.description for o in self.outputs],
-            "name": self.id,
-            "display_name": self.display_name,
-            "description": self.description,
-            "python_module": "custom_nodes.lora-nodes",
-            "category": self.category,
-            "output_node": self.output_node,
-            "version": self.version,
-        }
-
-
-def _input_info(spec: Input) -> list[Any]:
-    options: dict[str, Any] = {}
-    if spec.default is not REQUIRED:
-        options["default"] = spec.default
-    for key in ("min", "max", "step"):
-        if getattr(spec, key) is not None:
-            options[key] = getattr(spec, key)
-    if spec.multiline:
-        options["multiline"] = True
-    if spec.description:
-        options["tooltip"] = spec.description
-    kind: Any = list(spec.choices) if spec.type == COMBO else spec.type
-    return [kind, options]
-
 
 def node(
     id: str,
     *,
     display_name: str,
     category: str,
-    inputs: tuple[Input, ...] | list[Input],
     outputs: tuple[Output, ...] | list[Output] = (),
     version: int = 1,
     output_node: bool = False,
@@ -175,24 +147,26 @@ def node(
 ) -> Callable[[Callable[..., Any]], NodeSpec]:
     """Declare a node: decorates its run function (``fn(ctx, **inputs)``) and returns the spec.
 
-    The function's docstring becomes the node's description. It returns a tuple with one value
-    per declared output (or ``None`` for a node without outputs).
+    The function's parameters after ``ctx`` are the node's inputs, in order. Each is annotated
+    ``Annotated[type, Input(...)]``; its name is the input's name and its default the input's
+    default (no default: required). An ``optional=True`` input whose parameter defaults to None
+    has no default: left out, the function gets None. A parameter annotated with a dataclass whose
+    fields are declared the same way is a group: its fields are inputs at that place, in field
+    order, and the function gets the dataclass built from them (callers still pass every input by
+    its own name). The docstring becomes the node's description. The function returns a tuple
+    with one value per declared output (or ``None`` for a node without outputs).
     """
 
     def declare(fn: Callable[..., Any]) -> NodeSpec:
-        params = list(inspect.signature(fn).parameters.values())[1:]
-        names = [i.name for i in inputs]
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
-        if not takes_any and [p.name for p in params] != names:
-            raise TypeError(f"node {id}: function parameters {[p.name for p in params]} differ from declared inputs {names}")
+        inputs, groups = _signature_inputs(id, fn)
         return NodeSpec(
             id=id,
             display_name=display_name,
             category=f"{CATEGORY_ROOT}/{category}",
             description=inspect.getdoc(fn) or "",
-            inputs=tuple(inputs),
+            inputs=inputs,
             outputs=tuple(outputs),
-            run=fn,
+            run=_with_groups(fn, groups, [i.name for i in inputs]) if groups else fn,
             version=version,
             output_node=output_node,
             disk_cache=disk_cache,
@@ -200,6 +174,92 @@ def node(
         )
 
     return declare
+
+
+def _hints(node_id: str, owner: Any) -> dict[str, Any]:
+    """The evaluated annotations of a function or dataclass (its module's names resolve them)."""
+    try:
+        return get_type_hints(owner, include_extras=True)
+    except Exception as exc:  # any failure to evaluate (usually a NameError): name the node it declares
+        raise TypeError(f"node {node_id}: the annotations of {owner.__qualname__} do not evaluate "
+                        f"({type(exc).__name__}: {exc}); every name they use must be defined at the top of "
+                        f"module {owner.__module__}") from exc
+
+
+def _signature_inputs(node_id: str, fn: Callable[..., Any]) -> tuple[tuple[Input, ...], dict[str, type]]:
+    """The inputs ``fn``'s parameters after ``ctx`` declare, and its groups (parameter -> dataclass)."""
+    hints = _hints(node_id, fn)
+    inputs: list[Input] = []
+    groups: dict[str, type] = {}
+    for param in list(inspect.signature(fn).parameters.values())[1:]:
+        hint = hints.get(param.name)
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"node {node_id}: parameter '{param}' declares no input; "
+                            "write each input as its own Annotated parameter")
+        field_hints = _group_hints(node_id, hint)
+        if field_hints is not None:
+            if param.default is not param.empty:
+                raise TypeError(f"node {node_id}: group '{param.name}' takes no default (its fields have theirs)")
+            groups[param.name] = hint
+            for item in fields(hint):
+                if item.default_factory is not MISSING:
+                    raise TypeError(f"node {node_id}: field '{item.name}' of {hint.__name__} has a default_factory; "
+                                    "an input's default is a plain value")
+                inputs.append(_declared(node_id, item.name, field_hints.get(item.name), item.default,
+                                        f"field '{item.name}' of {hint.__name__}"))
+        else:
+            inputs.append(_declared(node_id, param.name, hint, param.default, f"parameter '{param.name}'"))
+    names = [i.name for i in inputs]
+    if len(set(names)) != len(names):
+        raise TypeError(f"node {node_id}: inputs {names} repeat a name (a group's field is also a parameter?)")
+    return tuple(inputs), groups
+
+
+def _group_hints(node_id: str, hint: Any) -> dict[str, Any] | None:
+    """The evaluated field annotations of ``hint`` when it is a group (a dataclass with a field declaring
+    an Input), else None: a parameter typed with some other dataclass is an undeclared parameter."""
+    if not (isinstance(hint, type) and is_dataclass(hint)):
+        return None
+    hints = _hints(node_id, hint)
+    declares = any(get_origin(h) is Annotated and any(isinstance(m, Input) for m in get_args(h)[1:])
+                   for h in hints.values())
+    return hints if declares else None
+
+
+def _declared(node_id: str, name: str, hint: Any, default: Any, where: str) -> Input:
+    """The Input that ``hint`` (``Annotated[type, Input(...)]``) declares, named ``name``, with ``default``."""
+    declared = [m for m in get_args(hint)[1:] if isinstance(m, Input)] if get_origin(hint) is Annotated else []
+    if len(declared) != 1:
+        raise TypeError(f"node {node_id}: {where} declares no input: annotate it as Annotated[type, Input(...)] "
+                        "(or with a dataclass of such fields, a group)")
+    decl = declared[0]
+    if decl.name or decl.default is not REQUIRED:
+        raise TypeError(f"node {node_id}: {where} gives a name or default in Input(...); they come from the "
+                        "parameter (its name, its default)")
+    if default is inspect.Parameter.empty or default is MISSING:
+        default = REQUIRED
+    elif default is None:
+        if not decl.optional:
+            raise TypeError(f"node {node_id}: {where} defaults to None; an input that may be left out is "
+                            "declared optional=True")
+        default = REQUIRED  # an optional input has no default: left out, the function gets None
+    return replace(decl, name=name, default=default)
+
+
+def _with_groups(fn: Callable[..., Any], groups: dict[str, type], names: list[str]) -> Callable[..., Any]:
+    """``fn`` called as every node is, ``(ctx, *inputs)`` or ``(ctx, **inputs)`` by input name, with each
+    group's inputs built into its dataclass first (a group input left out takes the field's default)."""
+
+    @functools.wraps(fn)
+    def run(ctx: Any, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > len(names) or set(names[:len(args)]) & set(kwargs):
+            raise TypeError(f"{fn.__qualname__}: inputs given twice, or more than {len(names)} inputs")
+        values = {**dict(zip(names, args)), **kwargs}
+        for param, group in groups.items():
+            values[param] = group(**{f.name: values.pop(f.name) for f in fields(group) if f.name in values})
+        return fn(ctx, **values)
+
+    return run
 
 
 class Catalogue(Mapping[str, NodeSpec]):
@@ -218,6 +278,3 @@ class Catalogue(Mapping[str, NodeSpec]):
 
     def __len__(self) -> int:
         return len(self._specs)
-
-    def object_info(self) -> dict[str, dict[str, Any]]:
-        return {node_id: spec.object_info() for node_id, spec in self._specs.items()}

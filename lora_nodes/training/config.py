@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from ..errors import NodeError
+from ..nodes.spec import BOOLEAN, COMBO, FLOAT, INT, MAX_SEED, STRING, Input
+from .network import TARGETS
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
@@ -17,32 +20,59 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """TrainLoRA's hyperparameters. ``steps`` counts optimizer updates (as kohya's max_train_steps)."""
+    """TrainLoRA's hyperparameters. ``steps`` counts optimizer updates (as kohya's max_train_steps).
 
-    rank: int = 8
-    alpha: float = 8.0
-    target: str = "attention_mlp"
-    train_text_encoder: bool = False
-    learning_rate: float = 1e-4
-    text_encoder_lr: float = 0.0  # 0: the same as learning_rate
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    optimizer: str = "adamw"
-    steps: int = 500
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    seed: int = 0
-    min_snr_gamma: float = 0.0  # 0: off
-    noise_offset: float = 0.0
-    max_grad_norm: float = 1.0  # 0: no clipping
-    mixed_precision: str = "auto"
-    gradient_checkpointing: bool = False
-    cache_latents: bool = True
-    cache_text_embeddings: bool = True
-    save_every_n_steps: int = 100
-    sample_every_n_steps: int = 0
-    sample_prompts: str = ""
-    resume: bool = True
+    Each field declares TrainLoRA's input of that name (type, range, choices, description) and its
+    default: the node takes the whole class as one group of inputs, so they are written only here.
+    """
+
+    rank: Annotated[int, Input(INT, min=1, max=1024, description="the LoRA's rank (kohya network_dim)")] = 8
+    alpha: Annotated[float, Input(FLOAT, min=0.0, max=4096.0, step=0.5,
+                                  description="scale is alpha / rank (kohya network_alpha)")] = 8.0
+    target: Annotated[str, Input(COMBO, choices=tuple(TARGETS),
+                                 description="attention projections; plus feed-forward layers (kohya's default); "
+                                             "or every layer incl. convs")] = "attention_mlp"
+    train_text_encoder: Annotated[bool, Input(BOOLEAN, description="also train LoRA on the text encoder(s)")] = False
+    learning_rate: Annotated[float, Input(FLOAT, min=0.0, max=1.0, step=1e-5,
+                                          description="the UNet's learning rate")] = 1e-4
+    text_encoder_lr: Annotated[float, Input(FLOAT, min=0.0, max=1.0, step=1e-5,
+                                            description="the text encoders' learning rate; "
+                                                        "0 is the same as learning_rate")] = 0.0
+    lr_scheduler: Annotated[str, Input(COMBO, choices=LR_SCHEDULERS,
+                                       description="how the rate changes over steps")] = "constant"
+    lr_warmup_steps: Annotated[int, Input(INT, min=0, max=1_000_000, description="steps the rate ramps up from 0")] = 0
+    optimizer: Annotated[str, Input(COMBO, choices=OPTIMIZERS,
+                                    description="adamw (weight decay 0.01) or sgd")] = "adamw"
+    steps: Annotated[int, Input(INT, min=1, max=1_000_000, description="optimizer steps")] = 500
+    batch_size: Annotated[int, Input(INT, min=1, max=256, description="images per batch (per GPU)")] = 1
+    gradient_accumulation: Annotated[int, Input(INT, min=1, max=1024, description="batches per optimizer step")] = 1
+    seed: Annotated[int, Input(INT, min=0, max=MAX_SEED, description="same seed and inputs train the same LoRA")] = 0
+    min_snr_gamma: Annotated[float, Input(FLOAT, min=0.0, max=100.0, step=0.5,
+                                          description="Min-SNR loss weighting; 5 is common, 0 is off")] = 0.0
+    noise_offset: Annotated[float, Input(FLOAT, min=0.0, max=1.0, step=0.01,
+                                         description="extra per-channel noise (helps very dark/bright images); "
+                                                     "0.05 is common")] = 0.0
+    max_grad_norm: Annotated[float, Input(FLOAT, min=0.0, max=1000.0, step=0.1,
+                                          description="gradient clipping; 0 is off")] = 1.0
+    mixed_precision: Annotated[str, Input(COMBO, choices=MIXED_PRECISION,
+                                          description="auto: bf16 (or fp16) on a GPU, none on the CPU")] = "auto"
+    # in_key=False: these change how the work is done, not the LoRA it makes
+    gradient_checkpointing: Annotated[bool, Input(BOOLEAN, in_key=False,
+                                                  description="less GPU memory for about 30% more time")] = False
+    cache_latents: Annotated[bool, Input(BOOLEAN, in_key=False, description="encode each image with the VAE once")] = True
+    cache_text_embeddings: Annotated[bool, Input(BOOLEAN, in_key=False,
+                                                 description="encode each caption once (not when training the "
+                                                             "text encoder)")] = True
+    save_every_n_steps: Annotated[int, Input(INT, min=0, max=1_000_000, in_key=False,
+                                             description="checkpoint under the cache dir so a stopped run "
+                                                         "resumes; 0 is never")] = 100
+    sample_every_n_steps: Annotated[int, Input(INT, min=0, max=1_000_000, in_key=False,
+                                               description="write preview images every n steps; 0 is never")] = 0
+    sample_prompts: Annotated[str, Input(STRING, multiline=True, in_key=False,
+                                         description="preview prompts, one per line; empty: the first caption")] = ""
+    resume: Annotated[bool, Input(BOOLEAN, in_key=False,
+                                  description="continue from the last checkpoint of this same training, "
+                                              "if it was stopped")] = True
 
     def lr_factor(self, step: int) -> float:
         """The learning rate at optimizer step ``step`` (0-based) as a fraction of the set one."""

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import NodeError
-from ..lora.formats import kohya_module_names, parse_lora
+from ..lora.formats import parse_lora
 from ..lora.model import LoRA, LoRAModule
+from ..lora.placement import placement_of
+from ..models.base import BaseModel
 
 _UNET_ATTENTION = r"attn\d\.(to_q|to_k|to_v|to_out\.0)"
 _UNET_MLP = r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))"
@@ -33,7 +35,7 @@ TARGETS: dict[str, tuple[str, str]] = {
 }
 
 
-def select_targets(base, target: str, train_text_encoder: bool) -> dict[str, nn.Module]:
+def select_targets(base: BaseModel, target: str, train_text_encoder: bool) -> dict[str, nn.Module]:
     """The base's modules a new LoRA trains for ``target``, by their file-spelled names.
 
     ``attention``: the attention projections (as diffusers' training scripts do); ``attention_mlp``:
@@ -99,7 +101,7 @@ class LoRALayer(nn.Module):
 
     def load(self, module: LoRAModule) -> None:
         """Start from an existing LoRA's factors (continue training it)."""
-        if module.mid is not None or module.dora_scale is not None or not module.fits(tuple(self.delta_shape)):
+        if not module.is_plain or not module.fits(tuple(self.delta_shape)):
             raise NodeError(f"initial_lora module '{module.key}' is not a plain LoRA of this layer's shape")
         down = module.down.detach().reshape(module.down.shape[0], *self.down.shape[1:])
         up = module.up.detach().reshape(self.up.shape[0], module.down.shape[0], *self.up.shape[2:])
@@ -140,9 +142,9 @@ class LoRANetwork(nn.Module):
             for handle in handles:
                 handle.remove()
 
-    def load_lora(self, lora: LoRA, base) -> None:
+    def load_lora(self, lora: LoRA, base: BaseModel) -> None:
         """Start from ``lora``'s factors wherever it has a plain LoRA module on one of our targets."""
-        placement = base.placement(lora)
+        placement = placement_of(lora, base)
         for target, module in placement.placed.items():
             if target in self.targets:
                 if not isinstance(module, LoRAModule):
@@ -150,9 +152,9 @@ class LoRANetwork(nn.Module):
                                     "not a plain LoRA; only LoRA/LoCon factors can be trained further")
                 self.layer(target).load(module)
 
-    def to_lora(self, base, name: str, metadata: dict[str, str]) -> LoRA:
+    def to_lora(self, base: BaseModel, name: str, metadata: dict[str, str]) -> LoRA:
         """The trained factors as a :class:`LoRA` in kohya naming (what SaveLoRA and ApplyLoRA take)."""
-        names = kohya_module_names(base)
+        names = base.kohya_names
         tensors: dict[str, Tensor] = {}
         for target in self.targets:
             layer, key = self.layer(target), names[target]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import NodeError
+from ..models.base import BaseModel
 from ..models.memory import check_training
 from ..models.pipeline import pipeline_for
 from .checkpoint import load_latest, remove_checkpoints, save_checkpoint
@@ -73,18 +74,19 @@ def batch_generator(seed: int, batch_number: int) -> torch.Generator:
 class Trainer:
     """One training run of a LoRA on a frozen base (see :func:`train_lora`)."""
 
-    def __init__(self, base, dataset, config: TrainConfig, checkpoint_dir: Path | None,
+    def __init__(self, base: BaseModel, dataset, config: TrainConfig, checkpoint_dir: Path | None,
                  callbacks: TrainCallbacks, initial_lora=None, check_memory: bool = True):
         self.base, self.dataset, self.config, self.callbacks = base, dataset, config, callbacks
         self.checkpoint_dir = checkpoint_dir
         self.device = base.device
-        self.sdxl = base.architecture == "sdxl"
+        # the UNet also takes the pooled text embedding and size ids (SDXL): the pipeline encodes both
+        self.pooled_text = base.family.pooled_text_conditioning
         if next(base.unet.parameters()).is_inference():
             raise NodeError("the base's weights were loaded under torch.inference_mode() and cannot take part in "
                             "training: load the base outside inference mode (torch.no_grad() is fine)")
         self.rank, self.world = process_group(self.device)
         self.autocast_dtype = config.autocast_dtype(self.device)
-        self.pipe = pipeline_for(base) if self.sdxl else None  # SDXL's two encoders are encoded by the pipeline
+        self.pipe = pipeline_for(base) if self.pooled_text else None
         targets = select_targets(base, config.target, config.train_text_encoder)
         if not targets:
             raise NodeError(f"target '{config.target}' matches no layer of this model")
@@ -106,7 +108,7 @@ class Trainer:
         schedule = base.components["scheduler"].config
         # the noise levels the model was trained with, whatever its sampler: DDPM's over the same betas
         self.alphas_cumprod = DDPMScheduler.from_config(schedule).alphas_cumprod.float().to(self.device)
-        self.v_prediction = schedule.get("prediction_type", "epsilon") == "v_prediction"
+        self.v_prediction = base.family.training_objective(schedule) == "v_prediction"
         self.latent_cache: dict[tuple[int, bool], Tensor] = {}
         self.text_cache: dict[str, tuple[Tensor, Tensor | None]] = {}
         self._epoch_batches: tuple[int, list[list[int]]] | None = None
@@ -182,15 +184,15 @@ class Trainer:
                     embeds, pooled = self._encode_text([caption])
                 self.text_cache[caption] = (embeds[0], None if pooled is None else pooled[0])
         embeds = torch.stack([self.text_cache[c][0] for c in captions])
-        pooled = None if not self.sdxl else torch.stack([self.text_cache[c][1] for c in captions])
+        pooled = None if not self.pooled_text else torch.stack([self.text_cache[c][1] for c in captions])
         return embeds, pooled
 
     def _encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor | None]:
-        if self.sdxl:
+        if self.pooled_text:
             embeds, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=captions, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
             return embeds, pooled
-        # SD 1/2: what the pipeline's encode_prompt does when sampling, without its per-call checks
+        # one text encoder: what the pipeline's encode_prompt does when sampling, without its per-call checks
         tokenizer, encoder = self.base.components["tokenizer"], self.base.components["text_encoder"]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(self.device)
@@ -227,7 +229,7 @@ class Trainer:
         with self._autocast():
             embeds, pooled = self._text(captions)
             extra = {}
-            if self.sdxl:
+            if self.pooled_text:
                 extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self._time_ids(indices, embeds.dtype)}
             dtype = self.base.dtype  # not unet.dtype, which walks every module on each call
             prediction = self.base.unet(noisy.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype),
@@ -327,7 +329,7 @@ class Trainer:
         if checkpointing:
             self.base.unet.enable_gradient_checkpointing()
             if self.config.train_text_encoder:
-                for name in ("text_encoder", "text_encoder_2"):
+                for name in self.base.family.text_components:
                     encoder = self.base.components.get(name)
                     if encoder is not None:
                         encoder.gradient_checkpointing_enable()
@@ -337,7 +339,7 @@ class Trainer:
         finally:
             if checkpointing:
                 self.base.unet.disable_gradient_checkpointing()
-                for name in ("text_encoder", "text_encoder_2"):
+                for name in self.base.family.text_components:
                     encoder = self.base.components.get(name)
                     if encoder is not None and getattr(encoder, "is_gradient_checkpointing", False):
                         encoder.gradient_checkpointing_disable()
@@ -384,7 +386,7 @@ class Trainer:
         return step, state["losses"].tolist()
 
 
-def train_lora(base, dataset, config: TrainConfig, checkpoint_dir: Path | None = None,
+def train_lora(base: BaseModel, dataset, config: TrainConfig, checkpoint_dir: Path | None = None,
                callbacks: TrainCallbacks | None = None, initial_lora=None, check_memory: bool = True) -> TrainResult:
     """Train a LoRA for ``base`` on ``dataset``; the base's weights are bitwise the same afterwards.
 

@@ -36,9 +36,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black
 BASE_COLOURS = ("red", "green", "blue", "yellow")
 BASE_SHAPES = ("circle", "square", "triangle")
 
-# How much of its bounding box each shape fills (the star's inner radius is STAR_INNER of its outer one).
-STAR_INNER = 0.45
-FILL_RATIO = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "star": 0.38}
+STAR_INNER = 0.45  # the star's inner radius, as a fraction of its outer one
 
 
 @dataclass(frozen=True)

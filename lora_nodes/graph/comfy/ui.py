@@ -1,32 +1,28 @@
-"""ComfyUI's file formats: the editor's UI format (``workflow.json``) and the API format (prompt).
+"""ComfyUI's UI format (the editor's ``workflow.json``): reading it.
 
-Reading a UI-format file follows what ComfyUI's frontend does before it queues a graph: muted
-nodes (mode 2) are left out together with the nodes that need their outputs, bypassed nodes
-(mode 4) pass each output on from an input of the same type, ``Reroute`` passes its input
-through, a ``PrimitiveNode`` sets the widgets it is linked to, and notes and groups are ignored.
-Writing gives files a ComfyUI with our pack installed opens: namespaced node types, every widget
-value present, and a left-to-right layout when the workflow carries no positions.
+Reading follows what ComfyUI's frontend does before it queues a graph: muted nodes (mode 2) are
+left out together with the nodes that need their outputs, bypassed nodes (mode 4) pass each output
+on from an input of the same type, ``Reroute`` passes its input through, a ``PrimitiveNode`` sets
+the widgets it is linked to, and notes and groups are ignored. Each node's position, size and title
+are kept (see :mod:`.shared`), so the graph written back looks as the user left it.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-import yaml
+from ...nodes.spec import INT, Catalogue, Input, NodeSpec
+from ..links import users
+from ..problems import Problem, WorkflowError, cut, shown
+from ..workflow import Link, NodeCall, Workflow
+from .shared import kept_layout, layout_extra, unsupported_nodes_error
+from .widgets import CONTROL_VALUES, has_control_widget, widget_inputs
 
-from ..nodes.spec import BOOLEAN, COMBO, FLOAT, INT, REQUIRED, STRING, Catalogue, Input, NodeSpec
-from .problems import Problem, WorkflowError, cut, listing, shown
-from .workflow import Link, NodeCall, Workflow
-
-FORMATS = ("yaml", "json", "comfyui-api", "comfyui-ui")
-UI_VERSION = 0.4
 MODE_MUTED, MODE_BYPASSED = 2, 4
 REROUTE, PRIMITIVE = "Reroute", "PrimitiveNode"
+
 # Left out: notes, and PreviewImage (a viewer in the editor; a headless run has no one to show it to).
 IGNORED_TYPES = frozenset({"Note", "MarkdownNote", "PreviewImage"})
 # ComfyUI core nodes with an exact counterpart here: type -> (our type, [(their widget, our input)]).
@@ -34,15 +30,6 @@ CORE_EQUIVALENTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "SaveImage": ("SaveImages", [("filename_prefix", "prefix")]),
 }
 VIRTUAL_TYPES = frozenset({REROUTE, PRIMITIVE}) | IGNORED_TYPES
-SEED_NAMES = frozenset({"seed", "noise_seed"})  # INT widgets the frontend gives a control widget
-CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
-WRITTEN_CONTROL = "fixed"  # what we write after a seed: the file reproduces the same image
-STRUCTURAL_CODES = frozenset({"unknown_node_type", "missing_node", "missing_output", "type_mismatch", "cycle"})
-_ZERO = {INT: 0, FLOAT: 0.0, STRING: "", BOOLEAN: False}
-
-
-# ---------------------------------------------------------------------------------------------
-# shared helpers
 
 
 def is_ui_format(data: Any) -> bool:
@@ -52,47 +39,6 @@ def is_ui_format(data: Any) -> bool:
         and isinstance(data.get("nodes"), list)
         and any(key in data for key in ("links", "last_node_id", "version"))
     )
-
-
-def widget_inputs(spec: NodeSpec) -> list[Input]:
-    """The literal inputs of ``spec`` in ComfyUI's widget order (required, then optional)."""
-    return [i for i in _comfy_order(spec) if not i.is_link]
-
-
-def socket_inputs(spec: NodeSpec) -> list[Input]:
-    """The link inputs of ``spec`` in ComfyUI's slot order (required, then optional)."""
-    return [i for i in _comfy_order(spec) if i.is_link]
-
-
-def _comfy_order(spec: NodeSpec) -> list[Input]:
-    order = spec.object_info()["input_order"]
-    return [spec.input(name) for name in [*order["required"], *order["optional"]]]
-
-
-def has_control_widget(decl: Input) -> bool:
-    """ComfyUI's frontend adds a ``control_after_generate`` widget after INT ``seed`` inputs."""
-    return decl.type == INT and decl.name in SEED_NAMES
-
-
-def unsupported_nodes_error(types_by_id: dict[str, str]) -> WorkflowError:
-    """One problem that lists every node type we do not implement, with the ids of its nodes."""
-    by_type: dict[str, list[str]] = {}
-    for node_id, node_type in types_by_id.items():
-        by_type.setdefault(node_type, []).append(node_id)
-    groups = [f"{cut(t, 80)} (node{'s' * (len(ids) > 1)} {listing(ids, 5)})" for t, ids in sorted(by_type.items())]
-    listed = "; ".join(groups[:12]) + (f"; ... ({len(groups) - 12} more types)" if len(groups) > 12 else "")
-    message = (f"this workflow uses node types that lora-nodes does not implement: {listed}. "
-               "They run inside ComfyUI; build the graph from lora-nodes nodes ('lora-nodes nodes' lists them) "
-               "to run it here")
-    return WorkflowError([Problem("unsupported_nodes", message)])
-
-
-def _fail(code: str, message: str, node: str | None = None) -> WorkflowError:
-    return WorkflowError([Problem(code, message, node)])
-
-
-# ---------------------------------------------------------------------------------------------
-# reading the UI format
 
 
 @dataclass(frozen=True)
@@ -349,8 +295,7 @@ def from_ui(data: dict, base_dir: Path, catalogue: Catalogue, source: Path | Non
         raise unsupported_nodes_error(unsupported)
     built = {node_id: _build_node(graph, node_id, catalogue) for node_id in real}
     _leave_out_unfed(graph, built)
-    layout = {node_id: _layout_of(graph.nodes[node_id]) for node_id in built}
-    extra = {"ui": {"nodes": layout}} if layout else {}
+    extra = layout_extra({node_id: kept_layout(graph.nodes[node_id]) for node_id in built})
     return Workflow({i: b.call for i, b in built.items()}, base_dir, "", source, extra)
 
 
@@ -409,11 +354,7 @@ def _leave_out_unfed(graph: _UiGraph, built: dict[str, _Built]) -> None:
     """
     reasons: dict[str, tuple[str, str]] = {}  # left-out node -> (input, upstream node)
     order = {node_id: n for n, node_id in enumerate(built)}
-    users: dict[str, list[str]] = {}  # node -> the nodes that link to it
-    for node_id, node in built.items():
-        for value in node.call.inputs.values():
-            if isinstance(value, Link):
-                users.setdefault(value.node, []).append(node_id)
+    linked_from = users({node_id: node.call for node_id, node in built.items()})  # node -> the nodes that use it
     # a work list, not passes until nothing changes: a long chain in reverse file order stays linear
     pending = list(reversed(order))
     outputs: list[str] = []
@@ -424,7 +365,7 @@ def _leave_out_unfed(graph: _UiGraph, built: dict[str, _Built]) -> None:
             reasons[node_id] = missing
             outputs += [node_id] if node.spec.output_node else []
             del built[node_id]
-            pending += users.get(node_id, [])
+            pending += linked_from.get(node_id, [])
     outputs.sort(key=order.__getitem__)
     if outputs:
         raise WorkflowError([_unfed_problem(graph, node_id, reasons) for node_id in outputs])
@@ -463,250 +404,3 @@ def _unfed_problem(graph: _UiGraph, node_id: str, reasons: dict[str, tuple[str, 
 
 def _describe(graph: _UiGraph, node_id: str) -> str:
     return f"node {node_id} ({graph.nodes[node_id]['type']})"
-
-
-def _layout_of(node: dict[str, Any]) -> dict[str, Any]:
-    """What we keep of a UI node's appearance: position, size, and a title the user gave it."""
-    kept = {key: list(node[key]) for key in ("pos", "size") if _is_pair(node.get(key))}
-    if isinstance(node.get("title"), str):
-        kept["title"] = node["title"]
-    return kept
-
-
-def _is_pair(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_coordinate(v) for v in value)
-
-
-def _is_coordinate(value: Any) -> bool:
-    """A finite number a float can hold (a position from a file may be anything)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
-# ---------------------------------------------------------------------------------------------
-# writing both ComfyUI formats
-
-
-def _check_convertible(workflow: Workflow, catalogue: Catalogue) -> dict[str, NodeSpec]:
-    """The spec of every node; raises on what no ComfyUI file can express (files need not exist)."""
-    from .validate import check
-
-    problems, _ = check(workflow, catalogue)
-    structural = [p for p in problems if p.code in STRUCTURAL_CODES]
-    if structural:
-        raise WorkflowError(structural)
-    return {node_id: catalogue[call.type] for node_id, call in workflow.nodes.items()}
-
-
-def comfy_ids(workflow: Workflow) -> dict[str, int]:
-    """Integer ids for ComfyUI: kept when every id already is one, else 1, 2, ... in file order."""
-    ids = list(workflow.nodes)
-    # at most 15 digits: ComfyUI's ids are JavaScript numbers, exact up to 2**53
-    if all(i.isascii() and i.isdigit() and len(i) <= 15 and str(int(i)) == i and int(i) > 0 for i in ids):
-        return {i: int(i) for i in ids}
-    return {node_id: n for n, node_id in enumerate(ids, start=1)}
-
-
-def _title(workflow: Workflow, node_id: str, ids: dict[str, int]) -> str | None:
-    """The title a node gets in ComfyUI: one it had there, else our id when ComfyUI's id differs."""
-    kept = _ui_nodes(workflow).get(node_id, {}).get("title")
-    if isinstance(kept, str):
-        return kept
-    return None if str(ids[node_id]) == node_id else node_id
-
-
-def _ui_nodes(workflow: Workflow) -> dict[str, dict[str, Any]]:
-    ui = workflow.extra.get("ui")
-    nodes = ui.get("nodes") if isinstance(ui, dict) else None
-    return {str(k): v for k, v in nodes.items() if isinstance(v, dict)} if isinstance(nodes, dict) else {}
-
-
-def _literal(call: NodeCall, decl: Input) -> Any:
-    """The value a widget shows: the workflow's, else the default, else the type's empty value."""
-    value = call.inputs.get(decl.name, REQUIRED)
-    if value is REQUIRED or isinstance(value, Link):
-        value = decl.default
-    if value is REQUIRED:
-        return decl.choices[0] if decl.type == COMBO and decl.choices else _ZERO.get(decl.type, "")
-    return value
-
-
-def to_api(workflow: Workflow, catalogue: Catalogue) -> dict:
-    """The workflow as a ComfyUI API-format prompt: ``{"<id>": {"class_type", "inputs", "_meta"}}``.
-
-    Types are namespaced, links are ``[source_id, output_index]``, and every input that has a
-    default is written out (ComfyUI needs each required widget value).
-    """
-    specs = _check_convertible(workflow, catalogue)
-    ids = comfy_ids(workflow)
-    prompt: dict[str, Any] = {}
-    for node_id, call in workflow.nodes.items():
-        spec = specs[node_id]
-        inputs: dict[str, Any] = {}
-        for decl in spec.inputs:
-            value = call.inputs.get(decl.name, REQUIRED)
-            if isinstance(value, Link):
-                inputs[decl.name] = [str(ids[value.node]), _output_index(workflow, catalogue, value)]
-            elif value is not REQUIRED:
-                inputs[decl.name] = value
-            elif decl.default is not REQUIRED and not decl.optional:
-                inputs[decl.name] = decl.default
-        title = _title(workflow, node_id, ids) or spec.display_name
-        prompt[str(ids[node_id])] = {"class_type": spec.comfy_id, "inputs": inputs, "_meta": {"title": title}}
-    return prompt
-
-
-def _output_index(workflow: Workflow, catalogue: Catalogue, link: Link) -> int:
-    index = catalogue[workflow.nodes[link.node].type].output_index(link.output)
-    assert index is not None  # checked by _check_convertible
-    return index
-
-
-@dataclass
-class _UiWriter:
-    """Builds the UI-format dict: nodes with their slots and widgets, and the link table."""
-
-    workflow: Workflow
-    catalogue: Catalogue
-    specs: dict[str, NodeSpec]
-    ids: dict[str, int]
-    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    links: list[list[Any]] = field(default_factory=list)
-
-    def node(self, node_id: str, order: int, pos: list[float], size: list[float]) -> None:
-        spec, call = self.specs[node_id], self.workflow.nodes[node_id]
-        node: dict[str, Any] = {
-            "id": self.ids[node_id], "type": spec.comfy_id, "pos": pos, "size": size, "flags": {},
-            "order": order, "mode": 0,
-            "inputs": [{"name": d.name, "type": d.type, "link": None} for d in socket_inputs(spec)],
-            "outputs": [{"name": o.name, "type": o.type, "links": None, "slot_index": n}
-                        for n, o in enumerate(spec.outputs)],
-            "properties": {"Node name for S&R": spec.comfy_id},
-            "widgets_values": self._widgets(spec, call),
-        }
-        title = _title(self.workflow, node_id, self.ids)
-        if title is not None:
-            node["title"] = title
-        self.nodes[node_id] = node
-
-    @staticmethod
-    def _widgets(spec: NodeSpec, call: NodeCall) -> list[Any]:
-        values: list[Any] = []
-        for decl in widget_inputs(spec):
-            values.append(_literal(call, decl))
-            if has_control_widget(decl):
-                values.append(WRITTEN_CONTROL)
-        return values
-
-    def connect(self, node_id: str) -> None:
-        """Add a link for every linked input of ``node_id`` (a linked widget becomes a socket)."""
-        spec, target = self.specs[node_id], self.nodes[node_id]
-        for decl in spec.inputs:
-            value = self.workflow.nodes[node_id].inputs.get(decl.name)
-            if not isinstance(value, Link):
-                continue
-            slots = target["inputs"]
-            slot = next((n for n, s in enumerate(slots) if s["name"] == decl.name), None)
-            if slot is None:
-                slots.append({"name": decl.name, "type": decl.type, "widget": {"name": decl.name}, "link": None})
-                slot = len(slots) - 1
-            index = _output_index(self.workflow, self.catalogue, value)
-            link_id = len(self.links) + 1
-            output = self.nodes[value.node]["outputs"][index]
-            output["links"] = [*(output["links"] or []), link_id]
-            slots[slot]["link"] = link_id
-            self.links.append([link_id, self.ids[value.node], index, self.ids[node_id], slot, output["type"]])
-
-
-def to_ui(workflow: Workflow, catalogue: Catalogue) -> dict:
-    """The workflow as a ComfyUI editor file (version 0.4), laid out from ``extra["ui"]`` or by depth."""
-    specs = _check_convertible(workflow, catalogue)
-    writer = _UiWriter(workflow, catalogue, specs, comfy_ids(workflow))
-    order = _topological(workflow)
-    placed = layout(workflow, specs)
-    for node_id in workflow.nodes:
-        pos, size = placed[node_id]
-        writer.node(node_id, order.index(node_id), pos, size)
-    for node_id in workflow.nodes:
-        writer.connect(node_id)
-    return {
-        "last_node_id": max(writer.ids.values(), default=0),
-        "last_link_id": len(writer.links),
-        "nodes": [writer.nodes[node_id] for node_id in workflow.nodes],
-        "links": writer.links,
-        "groups": [],
-        "config": {},
-        "extra": {"ds": {"scale": 1, "offset": [0, 0]}},
-        "version": UI_VERSION,
-    }
-
-
-def _graph(workflow: Workflow) -> nx.DiGraph:
-    graph = nx.DiGraph()
-    graph.add_nodes_from(workflow.nodes)
-    for node_id, call in workflow.nodes.items():
-        for value in call.inputs.values():
-            if isinstance(value, Link) and value.node in workflow.nodes:
-                graph.add_edge(value.node, node_id)
-    return graph
-
-
-def _topological(workflow: Workflow) -> list[str]:
-    position = {node_id: n for n, node_id in enumerate(workflow.nodes)}
-    return list(nx.lexicographical_topological_sort(_graph(workflow), key=position.__getitem__))
-
-
-def estimated_size(spec: NodeSpec) -> list[float]:
-    """About the size ComfyUI draws a node at: a title, a row per slot, a row per widget."""
-    widgets = widget_inputs(spec)
-    rows = max(len(socket_inputs(spec)), len(spec.outputs))
-    controls = sum(has_control_widget(d) for d in widgets)
-    text_boxes = sum(d.multiline for d in widgets)
-    height = 30 + 22 * rows + 24 * (len(widgets) + controls) + 60 * text_boxes
-    return [400.0 if text_boxes else 315.0, float(height)]
-
-
-def layout(workflow: Workflow, specs: dict[str, NodeSpec]) -> dict[str, tuple[list[float], list[float]]]:
-    """Each node's position and size: kept from ``extra["ui"]``, else left to right by graph depth.
-
-    A node's column is the longest path to it from a node without inputs; a column's nodes are
-    stacked top to bottom in file order.
-    """
-    kept = _ui_nodes(workflow)
-    graph = _graph(workflow)
-    depth: dict[str, int] = {}
-    for node_id in _topological(workflow):
-        depth[node_id] = max((depth[p] + 1 for p in graph.predecessors(node_id)), default=0)
-    sizes = {i: _pair(kept.get(i, {}).get("size")) or estimated_size(specs[i]) for i in workflow.nodes}
-    columns = [[i for i in workflow.nodes if depth[i] == col] for col in range(max(depth.values(), default=-1) + 1)]
-    placed: dict[str, tuple[list[float], list[float]]] = {}
-    x = 50.0
-    for column in columns:
-        y = 50.0
-        for node_id in column:
-            pos = _pair(kept.get(node_id, {}).get("pos")) or [x, y]
-            placed[node_id] = (pos, sizes[node_id])
-            y += sizes[node_id][1] + 60
-        x += max(sizes[i][0] for i in column) + 80
-    return placed
-
-
-def _pair(value: Any) -> list[float] | None:
-    return [float(v) for v in value] if _is_pair(value) else None
-
-
-def convert(workflow: Workflow, to: str, catalogue: Catalogue) -> str:
-    """The workflow as the text of a file in format ``to``: yaml, json, comfyui-api or comfyui-ui."""
-    if to == "yaml":
-        return yaml.safe_dump(workflow.to_dict(), sort_keys=False, default_flow_style=None, allow_unicode=True)
-    if to == "json":
-        return json.dumps(workflow.to_dict(), indent=2) + "\n"
-    if to == "comfyui-api":
-        return json.dumps(to_api(workflow, catalogue), indent=2) + "\n"
-    if to == "comfyui-ui":
-        return json.dumps(to_ui(workflow, catalogue), indent=2) + "\n"
-    raise ValueError(f"unknown format {to!r} (formats: {', '.join(FORMATS)})")

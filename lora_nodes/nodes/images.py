@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from ..fileio import write_new_file
-from ..graph.load import PNG_WORKFLOW_KEY
+from ..pngchunks import png_info
 from .sample import non_finite_rows
 from .spec import IMAGE, STRING, Input, node
 
@@ -36,40 +35,18 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
-def png_chunks(ctx) -> dict[str, str]:
-    """Text chunks: our workflow, and ComfyUI's ``prompt`` (API) and ``workflow`` (editor) graphs.
-
-    Inside ComfyUI, its own prompt and graph are embedded as its SaveImage would; headless, they
-    are made from our workflow, so a PNG of ours dropped into ComfyUI opens the graph.
-    """
-    from ..graph.comfy import to_api, to_ui
-    from ..graph.load import parse_workflow
-    from . import catalogue
-
-    chunks = {}
-    workflow = parse_workflow(ctx.workflow, ctx.output_dir) if ctx.workflow else None
-    if workflow is not None:
-        chunks[PNG_WORKFLOW_KEY] = json.dumps(ctx.workflow)
-    prompt = ctx.comfy_prompt or (to_api(workflow, catalogue()) if workflow else None)
-    graph = ctx.comfy_workflow or (to_ui(workflow, catalogue()) if workflow else None)
-    if prompt:
-        chunks["prompt"] = json.dumps(prompt)
-    if graph:
-        chunks["workflow"] = json.dumps(graph)
-    return chunks
-
-
 @node(
     "SaveImages",
     display_name="Save Images",
     category="io",
-    inputs=[
-        Input("images", IMAGE),
-        Input("prefix", STRING, "lora-nodes", writes=True, description="file name start; may include sub-folders"),
-    ],
     output_node=True,
 )
-def save_images(ctx, images: torch.Tensor, prefix: str):
+def save_images(
+    ctx,
+    images: Annotated[torch.Tensor, Input(IMAGE)],
+    prefix: Annotated[str, Input(STRING, writes=True,
+                                 description="file name start; may include sub-folders")] = "lora-nodes",
+):
     """Write each image as a PNG under the output folder, with the workflow embedded to re-run it."""
     stem_path = ctx.output_path(f"{prefix}{ctx.file_suffix}")
     folder, stem = stem_path.parent, stem_path.name
@@ -78,9 +55,9 @@ def save_images(ctx, images: torch.Tensor, prefix: str):
         ctx.warn(f"{bad} of {len(images)} images have non-finite pixel values (NaN or infinity: usually a diverged "
                  "model or too high a LoRA strength); they are written with NaN as black and infinities clamped",
                  images=bad)
-    info = PngInfo()
-    for key, text in png_chunks(ctx).items():
-        info.add_text(key, text)
+    # the workflow, to re-run it (ours, and ComfyUI's prompt and editor graph): made once per run by
+    # whoever runs this node, not here, so a node never reads workflows (see lora_nodes.pngchunks)
+    info = png_info(ctx.png_chunks())
     numbers = itertools.count(next_free_index(folder, stem))  # shared: each image goes on from the last
     for image in images:
         picture = to_pil(image)

@@ -1,33 +1,33 @@
-"""The ComfyUI custom-node pack: one ComfyUI class per node declaration, generated, not written.
+"""The pack's node classes: one ComfyUI class per node declaration, generated, not written.
 
-ComfyUI finds ``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS`` in the pack's
-``__init__``. Every class attribute it reads (``INPUT_TYPES``, ``RETURN_TYPES``, ``RETURN_NAMES``,
+Every class attribute ComfyUI reads (``INPUT_TYPES``, ``RETURN_TYPES``, ``RETURN_NAMES``,
 ``FUNCTION``, ``CATEGORY``, ``DESCRIPTION``, ``OUTPUT_NODE``, ``OUTPUT_TOOLTIPS``) comes from our
-:class:`~lora_nodes.nodes.spec.NodeSpec`. Importing this module imports neither ComfyUI nor any
-model library, and builds nothing: ComfyUI's hooks (``folder_paths``, ``comfy.utils``,
-``comfy.model_management``) are looked up when a node runs or lists its inputs, and are optional.
+:class:`~lora_nodes.nodes.spec.NodeSpec`, through its ``/object_info`` entry
+(:mod:`.object_info`). Importing this module imports neither ComfyUI nor any model library:
+ComfyUI's hooks (``folder_paths``, ``comfy.utils``, ``comfy.model_management``) are looked up when
+a node runs or lists its inputs, and are optional.
 """
-
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from .engine.context import NodeContext
-from .engine.events import Event
-from .graph.comfy import SEED_NAMES
-from .nodes import catalogue
-from .nodes.spec import COMBO, INT, REQUIRED, NodeSpec
+from ..engine.context import NodeContext
+from ..engine.events import Event
+from ..graph.comfy.widgets import has_control_widget
+from ..nodes import catalogue
+from ..nodes.spec import COMBO, REQUIRED, NodeSpec
+from ..pngchunks import chunk_texts
+from .object_info import object_info
 
 log = logging.getLogger("lora_nodes")
 
 
 def _comfy(module: str) -> Any | None:
     """A ComfyUI module when running inside ComfyUI, else None."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -48,7 +48,7 @@ def _file_choices(spec_input) -> list[str] | None:
 
 def input_types(spec: NodeSpec) -> dict[str, dict[str, Any]]:
     """``INPUT_TYPES()`` for a node: our declaration in ComfyUI's shape, file inputs as choices."""
-    info = spec.object_info()["input"]
+    info = object_info(spec)["input"]
     types: dict[str, dict[str, Any]] = {"required": {}, "optional": {}}
     for decl in spec.inputs:
         kind, options = info["optional" if decl.optional else "required"][decl.name]
@@ -58,7 +58,7 @@ def input_types(spec: NodeSpec) -> dict[str, dict[str, Any]]:
             kind = choices
             if decl.default is not REQUIRED and decl.default not in choices:
                 options.pop("default", None)
-        if decl.type == INT and decl.name in SEED_NAMES:
+        if has_control_widget(decl):
             options["control_after_generate"] = True
         if decl.type == COMBO:
             kind = list(decl.choices)
@@ -117,13 +117,16 @@ def _run(spec: NodeSpec, self: Any, **inputs: Any) -> Any:
     prompt, extra = inputs.pop("comfy_prompt", None), inputs.pop("comfy_extra_pnginfo", None)
     values = {d.name: _resolve_file(spec, d.name, inputs.get(d.name)) for d in spec.inputs}
     output_dir = _output_dir()
-    # imported here, not with the pack: importing the pack imports no torch
-    from .models.memory import MEMORY_CHECK_VARIABLE
+    # imported here, not with the pack: importing the pack imports no torch (this module does)
+    from ..models.memory import MEMORY_CHECK_VARIABLE
 
+    graph = (extra or {}).get("workflow")
     ctx = NodeContext(spec.comfy_id, spec.id, output_dir, output_dir.parent / "cache" / "lora-nodes",
-                      _ComfyProgress(), comfy_prompt=prompt, comfy_workflow=(extra or {}).get("workflow"),
+                      _ComfyProgress(),
+                      # inside ComfyUI, PNGs embed ComfyUI's own prompt and editor graph, as its SaveImage does
+                      png_chunks=lambda: chunk_texts(prompt=prompt, graph=graph),
                       check_memory=os.environ.get(MEMORY_CHECK_VARIABLE, "1") != "0")
-    import torch
+    import torch  # deferred, as above: the pack loads without torch
 
     # ComfyUI runs nodes in inference mode; tensors made there can never take part in training, so
     # ours run in plain no-grad mode (TrainLoRA turns gradients on for itself)
@@ -161,7 +164,7 @@ def comfy_class(spec: NodeSpec) -> type:
         "OUTPUT_NODE": spec.output_node,
         "run": run,
         "__doc__": spec.description,
-        "__module__": __name__,
+        "__module__": __package__,  # the pack (lora_nodes.comfyui), as before it was split up
     })
 
 

@@ -1,0 +1,191 @@
+"""Model families, and how to tell which one a config, a checkpoint or a LoRA file is for.
+
+A new family is one module here declaring a :class:`Family`, added to :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .base import Family, LoRANaming, LoRATarget, TextEncoder
+from .sd1 import SD1
+from .sd2 import SD2
+from .sdxl import SDXL
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "LoRANaming",
+    "LoRATarget",
+    "TextEncoder",
+    "by_id",
+    "component_of",
+    "describe",
+    "from_checkpoint",
+    "from_lora",
+    "from_pipeline_folder",
+    "from_unet_config",
+    "layout_name",
+    "lora_components",
+    "mismatch",
+    "naming_of",
+    "normalize_key",
+    "sampler_names",
+    "text_components",
+]
+
+# Most specific first: detection takes the first family that fits.
+FAMILIES: tuple[Family, ...] = (SDXL, SD2, SD1)
+
+UNKNOWN_COMPONENT = "unknown"
+
+
+def by_id(family_id: str | None) -> Family | None:
+    """The family with this id (as files and ``inspect --json`` spell it), or None."""
+    return next((f for f in FAMILIES if f.id == family_id), None)
+
+
+def from_unet_config(config: Mapping[str, Any]) -> Family:
+    """The family of a diffusers UNet config (a dict or a diffusers FrozenDict)."""
+    return next(f for f in FAMILIES if f.matches_unet_config(config))
+
+
+def from_checkpoint(shapes: Mapping[str, Sequence[int]]) -> Family:
+    """The family of a single-file checkpoint, from its key names (and a UNet's context width).
+
+    Each family has key prefixes only it has (a text encoder's place, SDXL's ``label_emb``); a
+    checkpoint without a text encoder is told by the width its cross-attention reads. Raises
+    ValueError when nothing fits.
+    """
+    keys = list(shapes)
+    for family in FAMILIES:
+        if family.matches_checkpoint(keys):
+            return family
+    family = next((f for f in FAMILIES if _context_width(shapes, f.denoiser_checkpoint_prefix) in f.context_widths),
+                  None)
+    if family is None:
+        names = "/".join(f.display_name for f in reversed(FAMILIES))
+        raise ValueError(f"not a recognised {names} single-file checkpoint (no known text encoder or UNet)")
+    return family
+
+
+def _context_width(shapes: Mapping[str, Sequence[int]], denoiser_prefix: str) -> int | None:
+    """The width the checkpoint's cross-attention key projections read, if it has any."""
+    return next((int(shape[-1]) for key, shape in shapes.items()
+                 if key.startswith(denoiser_prefix) and key.endswith("attn2.to_k.weight")), None)
+
+
+def from_pipeline_folder(folder: Path) -> Family:
+    """The family whose pipeline layout a diffusers folder has (which parts it must hold).
+
+    By ``model_index.json``'s class name, else by which text encoder folders exist. Families that
+    share a layout are not told apart here (their UNet config does that).
+    """
+    import json
+
+    try:
+        class_name = str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return next((f for f in FAMILIES if (folder / f.text_components[-1]).is_dir()), FAMILIES[-1])
+    return next((f for f in FAMILIES if f.pipeline_class_marker in class_name), FAMILIES[-1])
+
+
+def lora_components() -> tuple[str, ...]:
+    """Every component a LoRA may change in any family, each once, in family order."""
+    return tuple(dict.fromkeys(c for f in reversed(FAMILIES) for c in f.lora_components))
+
+
+def sampler_names() -> tuple[str, ...]:
+    """Every sampler some family draws with, each once, in declaration order."""
+    return tuple(dict.fromkeys(name for f in reversed(FAMILIES) for name in f.samplers))
+
+
+def text_components() -> tuple[str, ...]:
+    """Every text-encoder component of any family, each once."""
+    return tuple(dict.fromkeys(c for f in reversed(FAMILIES) for c in f.text_components))
+
+
+def component_of(key: str) -> str:
+    """The model component a LoRA module key belongs to (``unet``, ``text_encoder``, ...)."""
+    for naming in _namings():
+        component = naming.component_of(key)
+        if component is not None:
+            return component
+    return UNKNOWN_COMPONENT
+
+
+def normalize_key(key: str) -> str:
+    """A LoRA file key in the one spelling its module is read by (every family naming's rules)."""
+    for naming in _namings():
+        key = naming.normalize(key)
+    return key
+
+
+def naming_of(key: str) -> str:
+    """Which naming a LoRA key uses (see :class:`LoRANaming`)."""
+    for naming in _namings():
+        if naming.component_of(key) is not None:
+            return naming.naming_of(key)
+    return _namings()[0].naming_of(key)
+
+
+def _namings() -> list[LoRANaming]:
+    seen: list[LoRANaming] = []
+    for family in FAMILIES:
+        if family.naming not in seen:
+            seen.append(family.naming)
+    return seen
+
+
+def from_lora(base_model_version: str, keys: Iterable[str],
+              delta_shape: Callable[[str], Sequence[int]]) -> Family | None:
+    """The family a LoRA was made for, or None when nothing in the file tells.
+
+    In order: the base model version its metadata records (kohya's spelling); a component only one family has (SDXL's second
+    text encoder); the width a cross-attention key projection reads (``attn2.to_k``; the shape of
+    a module's weight change is asked only for those).
+    """
+    version = str(base_model_version or "")
+    for family in FAMILIES:
+        if version.startswith(family.kohya_version_prefixes) and family.kohya_version_prefixes:
+            return family
+    keys = list(keys)
+    components = {component_of(key) for key in keys}
+    for family in FAMILIES:
+        others = {c for f in FAMILIES if f is not family for c in f.lora_components}
+        if components & (set(family.lora_components) - others):
+            return family
+    for key in keys:
+        if not key.replace(".", "_").endswith("attn2_to_k"):
+            continue
+        shape = delta_shape(key)
+        if len(shape) >= 2:  # 1-D: fits nothing
+            width = int(shape[1])
+            family = next((f for f in FAMILIES if width in (*f.context_widths, *f.builtin_context_widths)), None)
+            if family is not None:
+                return family
+    return None
+
+
+def layout_name(family: Family) -> str:
+    """The families whose pipeline folders look like ``family``'s, for messages: 'an SD1.5/SD2.x'."""
+    names = "/".join(f.display_name for f in reversed(FAMILIES) if f.same_layout(family))
+    return ("an " if names[:1] in "AEFHILMNORSX" else "a ") + names
+
+
+def describe(family: Family | None) -> str:
+    """A family as people write it (``SD1.5``, ``SDXL``), or 'an unknown model'."""
+    return family.display_name if family is not None else "an unknown model"
+
+
+def mismatch(lora_family: Family | None, base_family: Family | None) -> str | None:
+    """The sentence for a LoRA made for another family than the base's, or None when they fit or are unknown.
+
+    The same words at validation (from file headers) and at run time (from the loaded files).
+    """
+    if lora_family is None or base_family is None or lora_family is base_family:
+        return None
+    return f"this LoRA is for {describe(lora_family)}, the base is {describe(base_family)}"
+

@@ -1,0 +1,208 @@
+"""What a model family is: everything that differs between families, declared as data.
+
+Each family is one module of this package (``sd1.py``, ``sd2.py``, ``sdxl.py``) that declares one
+:class:`Family`. The rest of lora-nodes asks a family what it needs (its components, how LoRA
+files name its modules, where a single-file checkpoint keeps each part, which pipeline draws
+with it, what it is trained to predict) and never names one. The ``lora`` and ``models``
+packages meet here: ``lora`` works on anything that is a :class:`LoRATarget`, and
+``models.BaseModel`` is one, so neither package imports the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from torch import nn
+
+
+def kohya_spelling(prefix: str, path: str) -> str:
+    """kohya's name for a module: a prefix, then the module path with dots as underscores."""
+    return prefix + path.replace(".", "_")
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of a family: its component name and where files keep it."""
+
+    component: str  # "text_encoder", "text_encoder_2": the pipeline's name for it
+    tokenizer: str  # the pipeline's name for its tokenizer
+    checkpoint_prefix: str  # where a single-file (LDM/SGM) checkpoint keeps its weights
+    open_clip: bool  # kept there in OpenCLIP's layout (fused q/k/v, transposed), not HF CLIP's
+    kohya_prefix: str  # the prefix kohya's sd-scripts writes for it in this family's LoRAs
+    model_class: str = "CLIPTextModel"  # its transformers class
+
+
+@dataclass(frozen=True)
+class LoRANaming:
+    """How LoRA files name a family's modules: the prefixes that tell a key's component and the
+    spellings of each module, written as small functions so that a new layout is one declaration.
+
+    ``component_prefixes`` maps a key prefix to the component it names (longest prefix wins).
+    ``spellings(component, path, original_path)`` lists every name a file may use for a module
+    (``original_path``: the module's path in the original checkpoint tree, when it has one);
+    ``naming_of(key)`` says which naming a key uses (two keys of one naming spell a module alike);
+    ``normalize(key)`` gives a key without a component prefix one, and fixes old spellings.
+    """
+
+    component_prefixes: Mapping[str, str]
+    denoiser_kohya_prefix: str  # kohya's prefix for the denoiser's modules (text encoders: TextEncoder)
+    spellings: Callable[[str, str, str | None], list[str]]
+    naming_of: Callable[[str], str]
+    normalize: Callable[[str], str]  # a file key -> the one spelling of its module this naming reads
+
+    def component_of(self, key: str) -> str | None:
+        """The component a LoRA key belongs to, or None when no prefix of this naming fits."""
+        for prefix in sorted(self.component_prefixes, key=len, reverse=True):
+            if key.startswith(prefix):
+                return self.component_prefixes[prefix]
+        return None
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    """A model family. Compared by identity: there is one object per family.
+
+    Detection uses the ``*_markers`` and widths; a family with no marker of a kind matches any
+    input of that kind, so the registry tries families most specific first.
+    """
+
+    id: str  # as files, facts and ``inspect --json`` spell it
+    display_name: str  # as people write it
+    text_encoders: tuple[TextEncoder, ...]
+    naming: LoRANaming
+    # where a single-file checkpoint keeps the denoiser and the VAE
+    denoiser_checkpoint_prefix: str
+    vae_checkpoint_prefix: str
+    # UNet config entries that only this family has (all must match); empty: any UNet config
+    unet_config_markers: Mapping[str, Any]
+    # single-file checkpoint key prefixes only this family has (any one is enough)
+    checkpoint_markers: tuple[str, ...]
+    # width of the cross-attention context (what attn2.to_k reads): the released models', then
+    # those of the built-in tiny models, which are told apart the same way
+    context_widths: tuple[int, ...]
+    builtin_context_widths: tuple[int, ...] = ()
+    # kohya sd-scripts' ss_base_model_version: what we write, and the prefixes we recognise
+    kohya_version: str = ""
+    kohya_version_prefixes: tuple[str, ...] = ()
+    kohya_v_prediction_version: str = ""  # written instead for a v-prediction base ("" : the same)
+    kohya_original_unet_names: bool = False  # kohya names the UNet by the original (SGM) tree
+    pipeline_class: str = ""  # the diffusers pipeline that draws with it
+    pipeline_class_marker: str = ""  # text of a model_index.json ``_class_name`` that says this family
+    pipeline_options: Mapping[str, Any] = field(default_factory=dict)  # extra constructor arguments
+    # the UNet also takes the pooled text embedding and size/crop ids (SDXL's added conditioning)
+    pooled_text_conditioning: bool = False
+    # sampler name (ComfyUI's names) -> (diffusers scheduler class, config changes)
+    samplers: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
+    # the image size (pixels) a base was built for, from its components
+    native_size_of: Callable[[Mapping[str, Any]], int] | None = None
+    vae_upcast_in_fp16: bool = False  # its VAE overflows in float16 unless the config says otherwise
+
+    def __repr__(self) -> str:
+        return f"<family {self.id}>"
+
+    @property
+    def text_components(self) -> tuple[str, ...]:
+        """The text encoders' component names, in order."""
+        return tuple(t.component for t in self.text_encoders)
+
+    @property
+    def lora_components(self) -> tuple[str, ...]:
+        """The components a LoRA can change: the denoiser and the text encoders."""
+        return ("unet", *self.text_components)
+
+    @property
+    def pipeline_parts(self) -> tuple[str, ...]:
+        """The components of its diffusers pipeline, in ``model_index.json`` order."""
+        text = [name for t in self.text_encoders for name in (t.component, t.tokenizer)]
+        return ("unet", "vae", *text, "scheduler")
+
+    @property
+    def model_parts(self) -> tuple[str, ...]:
+        """The pipeline parts that are torch modules with a ``config.json`` of their own."""
+        return tuple(p for p in self.pipeline_parts if not p.startswith(("tokenizer", "scheduler")))
+
+    @property
+    def tokenizers(self) -> tuple[str, ...]:
+        return tuple(t.tokenizer for t in self.text_encoders)
+
+    def same_layout(self, other: Family) -> bool:
+        """Whether pipelines of both families hold the same parts (their folders look alike)."""
+        return self.pipeline_parts == other.pipeline_parts
+
+    def matches_unet_config(self, config: Mapping[str, Any]) -> bool:
+        return all(config.get(key) == value for key, value in self.unet_config_markers.items())
+
+    def matches_checkpoint(self, keys: list[str]) -> bool:
+        return any(key.startswith(self.checkpoint_markers) for key in keys)
+
+    def kohya_name(self, component: str, path: str, original_path: str | None) -> str:
+        """The name kohya's sd-scripts writes for a module in this family's LoRA files."""
+        if component == "unet":
+            if self.kohya_original_unet_names and original_path is not None:
+                path = original_path
+            prefix = self.naming.denoiser_kohya_prefix
+        else:
+            prefix = next(t.kohya_prefix for t in self.text_encoders if t.component == component)
+        return kohya_spelling(prefix, path)
+
+    def kohya_version_for(self, prediction_type: str | None) -> str:
+        """``ss_base_model_version`` for a base of this family (sd-scripts' spelling)."""
+        if prediction_type == "v_prediction" and self.kohya_v_prediction_version:
+            return self.kohya_v_prediction_version
+        return self.kohya_version
+
+    def training_objective(self, scheduler_config: Mapping[str, Any]) -> str:
+        """What the denoiser learns to predict: ``epsilon`` (the noise) or ``v_prediction``."""
+        return "v_prediction" if scheduler_config.get("prediction_type") == "v_prediction" else "epsilon"
+
+    def native_size(self, components: Mapping[str, Any]) -> int:
+        """The image size (pixels) a base of this family with these components was built for."""
+        if self.native_size_of is None:
+            raise NotImplementedError(f"{self.display_name} declares no native size")
+        return self.native_size_of(components)
+
+    def make_scheduler(self, sampler: str, base_scheduler: Any) -> Any:
+        """A fresh scheduler of the named sampler on the base's own noise schedule."""
+        import diffusers  # deferred: diffusers takes seconds to import
+
+        class_name, changes = self.samplers[sampler]
+        return getattr(diffusers, class_name).from_config(base_scheduler.config, **changes)
+
+    def make_pipeline(self, parts: Mapping[str, Any]) -> Any:
+        """Its diffusers pipeline over ``parts`` (components; nothing is copied)."""
+        import diffusers  # deferred: diffusers takes seconds to import
+
+        return getattr(diffusers, self.pipeline_class)(**parts, **self.pipeline_options)
+
+    def load_pipeline(self, folder: Any) -> Any:
+        """Its diffusers pipeline from a local folder (nothing is downloaded)."""
+        import diffusers  # deferred: diffusers takes seconds to import
+
+        pipeline_class = getattr(diffusers, self.pipeline_class)
+        return pipeline_class.from_pretrained(folder, local_files_only=True, **self.pipeline_options)
+
+
+class LoRATarget(Protocol):
+    """What the ``lora`` package needs of a loaded base (``models.BaseModel`` is one)."""
+
+    source: str
+
+    @property
+    def family(self) -> Family: ...
+
+    @property
+    def lora_targets(self) -> Mapping[str, nn.Module]:
+        """Every module a LoRA can change, as ``component.module_path`` (file spelling)."""
+
+    @property
+    def lora_name_index(self) -> Mapping[str, str]:
+        """Every name a LoRA file may use for a target -> the target."""
+
+    @property
+    def kohya_names(self) -> Mapping[str, str]:
+        """Target -> the name kohya's sd-scripts writes for it in this family's files."""
+
+    @property
+    def components(self) -> Mapping[str, Any]: ...

@@ -1,0 +1,42 @@
+"""How ComfyUI's editor shows one of our nodes: its inputs, the widgets and sockets they become.
+
+ComfyUI groups a node's inputs as required, then optional (the ``input_order`` of its
+``/object_info``); literal inputs become widgets, whose values a UI-format file lists in that order,
+and links become sockets. The pack's ``INPUT_TYPES`` and ``/object_info``, and both UI-format
+readers and writers, take the order and the seed rule from here.
+"""
+
+from __future__ import annotations
+
+from ...nodes.spec import INT, Input, NodeSpec
+
+# INT widgets that ComfyUI's editor follows with a "control_after_generate" widget: the pack asks for
+# it, and a UI-format file holds its value (one of CONTROL_VALUES) right after the seed's
+SEED_NAMES = frozenset({"seed", "noise_seed"})
+CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
+
+
+def input_groups(spec: NodeSpec) -> tuple[list[Input], list[Input]]:
+    """The inputs of ``spec`` as ComfyUI groups them: (required, optional), each in declaration order."""
+    return [i for i in spec.inputs if not i.optional], [i for i in spec.inputs if i.optional]
+
+
+def comfy_order(spec: NodeSpec) -> list[Input]:
+    """The inputs of ``spec`` in ComfyUI's order: required, then optional."""
+    required, optional = input_groups(spec)
+    return required + optional
+
+
+def widget_inputs(spec: NodeSpec) -> list[Input]:
+    """The literal inputs of ``spec`` in ComfyUI's widget order (required, then optional)."""
+    return [i for i in comfy_order(spec) if not i.is_link]
+
+
+def socket_inputs(spec: NodeSpec) -> list[Input]:
+    """The link inputs of ``spec`` in ComfyUI's slot order (required, then optional)."""
+    return [i for i in comfy_order(spec) if i.is_link]
+
+
+def has_control_widget(decl: Input) -> bool:
+    """Whether ComfyUI's editor puts a ``control_after_generate`` widget after this one: INT seeds."""
+    return decl.type == INT and decl.name in SEED_NAMES

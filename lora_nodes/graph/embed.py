@@ -1,0 +1,41 @@
+"""What the files a run writes embed, to re-run it: the workflow as run, and ComfyUI's views of it.
+
+The PNGs SaveImages writes carry the workflow three times (see :mod:`lora_nodes.pngchunks`): in our
+format, and as ComfyUI's API-format prompt and editor graph, so a PNG dropped into ComfyUI opens
+the graph. They are made here, once per run, and handed to the node through its context: a node
+never reads or converts workflows itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..nodes.spec import Catalogue
+from ..pngchunks import chunk_texts
+from .comfy.api import to_api
+from .comfy.ui_write import to_ui
+from .load import parse_workflow
+from .validate import BoundNode
+from .workflow import Workflow
+
+
+def embeddable_workflow(workflow: Workflow, bound: dict[str, BoundNode]) -> dict[str, Any]:
+    """The workflow as run (overrides applied, paths absolute), to embed in the files it writes."""
+    data = workflow.to_dict()
+    for node_id, node in bound.items():
+        inputs = data["nodes"][node_id]["inputs"]
+        for decl in node.spec.inputs:
+            if decl.path and decl.name in inputs and decl.name in node.literals:
+                inputs[decl.name] = node.literals[decl.name]
+    return data
+
+
+def png_chunks(embedded: dict[str, Any], base_dir: Path, catalogue: Catalogue) -> dict[str, str]:
+    """The PNG text chunks for a run of ``embedded`` (an :func:`embeddable_workflow`): ours, and
+    ComfyUI's prompt and editor graph made from it (nothing for an empty one)."""
+    if not embedded:
+        return {}
+    # read back from what is embedded, not the run's Workflow: ComfyUI's views then hold what ours does
+    workflow = parse_workflow(embedded, base_dir)
+    return chunk_texts(embedded, to_api(workflow, catalogue), to_ui(workflow, catalogue))

@@ -1,0 +1,101 @@
+"""Where a LoRA's modules go in a base: matched through the base's own index of module names
+(never by guessing where kohya's underscores were dots), checked for fit, and kept per LoRA."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .. import families
+from ..errors import LoRAError
+from ..families import LoRATarget
+from .model import LoRA, Module
+
+FAMILY_ADVICE = "Use a base of the LoRA's family, or a LoRA trained for this base."
+
+
+@dataclass
+class Placement:
+    """Which LoRA modules land on which base modules, and why the rest do not."""
+
+    placed: dict[str, Module] = field(default_factory=dict)  # target -> module
+    unplaced: dict[str, str] = field(default_factory=dict)  # file key -> reason
+
+    def summary(self, lora: LoRA) -> str:
+        return f"{len(self.placed)} of {len(lora.modules)} modules of LoRA '{lora.name}' placed"
+
+
+def place(lora: LoRA, base: LoRATarget) -> Placement:
+    """Match every module of ``lora`` to a module of ``base`` (see :func:`placement_of`, which keeps it)."""
+    placement = Placement()
+    index, targets = base.lora_name_index, base.lora_targets
+    for key, module in lora.modules.items():
+        target = index.get(key)
+        if target is None:
+            placement.unplaced[key] = "no module of that name in the base"
+            continue
+        misfit = module.fit_error(tuple(targets[target].weight.shape))
+        if misfit:
+            placement.unplaced[key] = misfit
+            continue
+        if target in placement.placed:  # e.g. lora_te_ and lora_te1_ for one module: applying both is wrong
+            placement.unplaced[key] = f"a second module for {target} (the first is '{placement.placed[target].key}')"
+            continue
+        placement.placed[target] = module
+    return placement
+
+
+# base -> (LoRA -> its placement): kept while both live, so a LoRA is placed once per base
+_PLACEMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def placement_of(lora: LoRA, base: LoRATarget) -> Placement:
+    """Where ``lora``'s modules go in ``base``, worked out once per LoRA and base while they live."""
+    cache = _PLACEMENTS.setdefault(base, weakref.WeakKeyDictionary())
+    if lora not in cache:
+        cache[lora] = place(lora, base)
+    return cache[lora]
+
+
+def check_placement(lora: LoRA, base: LoRATarget) -> Placement:
+    """Place ``lora`` on ``base``; a LoRA for another model family, or that places nothing, is an error."""
+    mismatch = families.mismatch(lora.family, base.family)
+    if mismatch:
+        raise LoRAError(f"{mismatch} (LoRA '{lora.name}' on {base.source}). {FAMILY_ADVICE}")
+    placement = placement_of(lora, base)
+    if not placement.placed:
+        components = sorted({families.component_of(k) for k in lora.modules})
+        first = min(placement.unplaced)
+        examples = ", ".join(sorted(placement.unplaced)[:3])
+        raise LoRAError(
+            f"LoRA '{lora.name}' matches nothing in the base {base.source} "
+            f"({families.describe(base.family)}): none of its {len(lora.modules)} "
+            f"modules ({', '.join(components)}) has a place, e.g. {examples} "
+            f"({placement.unplaced[first]}). "
+            f"Is it for another model? 'lora-nodes inspect LORA --base SOURCE' lists what fits."
+        )
+    return placement
+
+
+def module_namings(keys: Iterable[str]) -> dict[str, set[str]]:
+    """component -> the namings its module keys use (see :func:`lora_nodes.families.naming_of`)."""
+    namings: dict[str, set[str]] = {}
+    for key in keys:
+        namings.setdefault(families.component_of(key), set()).add(families.naming_of(key))
+    return namings
+
+
+def naming_conflict(namings: list[tuple[str, dict[str, set[str]]]]) -> str | None:
+    """Whether LoRAs (name, :func:`module_namings`) spell the same component's modules differently.
+
+    Merged by key, such LoRAs would keep one module per spelling, and only one of them would be
+    applied: the names must be matched through the base. Returns a sentence saying which, or None.
+    """
+    for i, (name_a, a) in enumerate(namings):
+        for name_b, b in namings[i + 1:]:
+            for component in sorted(set(a) & set(b)):
+                if a[component] != b[component]:
+                    return (f"'{name_a}' names its {component} modules with {' and '.join(sorted(a[component]))} "
+                            f"names, '{name_b}' with {' and '.join(sorted(b[component]))} names")
+    return None

@@ -5,12 +5,12 @@ Linked (or copied) into ``ComfyUI/custom_nodes/``, this package is also a ComfyU
 ``import lora_nodes`` stays cheap.
 """
 
+from . import comfyui  # cheap: the pack's classes are built only when asked for
+
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"):
-        from . import comfyui
-
+    if name in comfyui.MAPPINGS:
         return getattr(comfyui, name)
     raise AttributeError(f"module 'lora_nodes' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """The ``lora-nodes`` command line: run, validate, nodes, inspect.
 
-Each command imports what it needs when it runs (the engine, the graph, the nodes): those bring
-torch and diffusers, and ``lora-nodes --help`` must not wait seconds for them.
+Each command imports the heavy parts it needs when it runs (the workflow graph, the scheduler, the
+inspector: they bring networkx, torch and diffusers), so ``lora-nodes --help`` does not wait for them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+from .cli_display import ProgressDisplay
+from .engine.events import JsonLines, event, ignore
+from .errors import NodeError
+from .fileio import atomic_write_text
+from .nodes import catalogue
 
 EXAMPLES = """\
 examples:
@@ -116,7 +122,6 @@ def _load(args: argparse.Namespace):
     """The workflow of ``args.file`` with ``--set`` applied, and the sweep variants."""
     from .graph import load_workflow
     from .graph.overrides import apply_overrides, parse_set, parse_sweep, sweep_variants
-    from .nodes import catalogue
 
     workflow = load_workflow(args.file)
     sets = [parse_set(text) for text in args.set]
@@ -139,7 +144,6 @@ def _print_problems(problems, as_json: bool, stream=None) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .graph import WorkflowError
     from .graph.overrides import bind_variants
-    from .nodes import catalogue
 
     problems = []
     try:
@@ -157,8 +161,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .cli_display import ProgressDisplay
-    from .engine.events import JsonLines, event, ignore
     from .engine.scheduler import RunFailed, Runner
     from .graph import WorkflowError
 
@@ -193,11 +195,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .fileio import atomic_write_text
     from .graph import WorkflowError, load_workflow
     from .graph.convert import convert
     from .graph.validate import rebase_paths
-    from .nodes import catalogue
 
     try:
         workflow = load_workflow(args.file)
@@ -221,7 +221,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     from .comfyui.object_info import catalogue_object_info
-    from .nodes import catalogue
 
     cat = catalogue()
     if args.json:
@@ -242,7 +241,6 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .errors import NodeError
     from .inspection import format_inspection, inspect_source
 
     try:

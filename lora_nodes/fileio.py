@@ -363,9 +363,11 @@ def atomic_folder(path: str | Path, write: Callable[[Path], None],
                 os.replace(path, old)
             try:
                 os.replace(tmp, path)
-            except OSError:
+            except OSError as exc:
                 if old.exists():
                     os.replace(old, path)
+                elif exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another writer got there in between
+                    raise FileExistsError(f"{path} exists") from exc
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

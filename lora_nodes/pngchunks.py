@@ -57,9 +57,9 @@ class ChunkError(ValueError):
 def read_chunks(path: str | Path) -> dict[str, str]:
     """The workflow chunks (:data:`CHUNK_KEYS`) a PNG holds, in that order, by key.
 
-    Raises :class:`ChunkError` for a file that is not a readable PNG, whose chunks before the image
-    data are too large or too many (checked before PIL reads them), or whose workflow text is larger
-    than :data:`MAX_TEXT_BYTES`. A PNG without any of the chunks gives an empty mapping.
+    Raises :class:`ChunkError` for a file that is not a readable PNG, or whose chunks before the image
+    data are too large or too many (checked before PIL reads them). A PNG without any of the chunks
+    gives an empty mapping.
     """
     # deferred: PIL is heavy, and only reading or writing a PNG needs it
     from PIL import Image, UnidentifiedImageError
@@ -74,12 +74,21 @@ def read_chunks(path: str | Path) -> dict[str, str]:
     except Exception as exc:  # noqa: BLE001 - PIL on a damaged file raises many kinds; each is the file's fault
         raise ChunkError("parse_error", f"{path} is a PNG that cannot be read ({type(exc).__name__}: "
                          f"{cut(str(exc), _PATH_SHOWN)})") from None
-    chunks = {key: text for key in CHUNK_KEYS if isinstance(text := info.get(key), str)}
-    for key, text in chunks.items():
+    return {key: text for key in CHUNK_KEYS if isinstance(text := info.get(key), str)}
+
+
+def preferred_chunk(path: str | Path, chunks: Mapping[str, str]) -> tuple[str, str] | None:
+    """The chunk a workflow is read from (ours, else ComfyUI's prompt, else its graph) as (key, text),
+    or None; :class:`ChunkError` when that one is larger than :data:`MAX_TEXT_BYTES`."""
+    for key in CHUNK_KEYS:
+        text = chunks.get(key)
+        if text is None:
+            continue
         if len(text) > MAX_TEXT_BYTES:
             raise ChunkError("parse_error", f"{path}: its '{key}' text chunk is larger than "
                              f"{MAX_TEXT_BYTES // 2**20} MiB: too large for a workflow")
-    return chunks
+        return key, text
+    return None
 
 
 def _chunk_headers(f: Any) -> Iterator[tuple[bytes, int]]:

@@ -158,18 +158,34 @@ def _string_literals(path: Path) -> list[tuple[int, str]]:
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
 
 
+# How people and files spell the families, written here rather than taken from the code under test.
+COMMON_SPELLINGS = {
+    "sd1": {"sd1", "SD1", "SD1.x", "SD1.5", "SD 1.5", "sd15", "sd_v1", "v1-5"},
+    "sd2": {"sd2", "SD2", "SD2.x", "SD2.1", "SD 2.1", "sd21", "sd_v2", "sd_v2_v", "v2-1"},
+    "sdxl": {"sdxl", "SDXL", "sd_xl", "sdxl_base_v1-0"},
+}
+
+
 def _family_names() -> dict[str, set[str]]:
-    """family id (= its module's name) -> the words that name it: id, display name, kohya version."""
+    """family id (= its module's name) -> the words that name it: the common spellings, and what
+    the family declares (id, display name, kohya versions)."""
     from lora_nodes.families import FAMILIES
 
-    return {family.id: {family.id, family.display_name, family.kohya_version} for family in FAMILIES}
+    names = {}
+    for family in FAMILIES:
+        declared = {family.id, family.display_name, family.kohya_version, family.kohya_v_prediction_version,
+                    *family.kohya_version_prefixes}
+        names[family.id] = (declared | COMMON_SPELLINGS.get(family.id, set())) - {""}
+    return names
 
 
 def _named_families(text: str, names: dict[str, set[str]]) -> set[str]:
+    """The families ``text`` names: a spelling not inside a longer word or a dashed name
+    (``builtin:tiny-sdxl`` names a built-in model, not the family)."""
     found = set()
     for family_id, words in names.items():
         for word in words:
-            if re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text):
+            if re.search(rf"(?<![A-Za-z0-9-]){re.escape(word)}(?![A-Za-z0-9-])", text):
                 found.add(family_id)
     return found
 
@@ -179,6 +195,10 @@ def test_the_family_check_sees_a_name_in_a_message():
     assert _named_families("this needs an SDXL base", names) == {"sdxl"}
     assert _named_families("builtin:tiny-sdxl", names) == set()  # a built-in's name is not the family's
     assert _named_families("sd1", names) == {"sd1"}
+    assert _named_families("sd1_version", names) == {"sd1"}  # followed by an underscore: still the family
+    from lora_nodes.families import FAMILIES
+
+    assert set(COMMON_SPELLINGS) == {f.id for f in FAMILIES}
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))

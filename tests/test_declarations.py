@@ -125,3 +125,16 @@ def test_lora_stack_declares_each_of_its_slots():
     spec = catalogue()["LoRAStack"]
     assert [i.name for i in spec.inputs if i.type == LORA] == [f"lora_{i}" for i in range(1, STACK_SLOTS + 1)]
     assert [i.name for i in spec.inputs][-1] == "stack"
+
+
+def test_the_catalogue_is_the_published_contract():
+    """Node ids, input names, order, defaults, ranges and descriptions are what workflow files and
+    ComfyUI graphs depend on: a change to any of them must be deliberate (update the fixture with
+    ``lora-nodes nodes --json > tests/fixtures/nodes_object_info.json`` and say so in the notes)."""
+    import json
+    from pathlib import Path
+
+    from lora_nodes.comfyui.object_info import catalogue_object_info
+
+    published = json.loads((Path(__file__).parent / "fixtures" / "nodes_object_info.json").read_text())
+    assert json.loads(json.dumps(catalogue_object_info(catalogue()))) == published

@@ -463,3 +463,22 @@ def test_a_killed_writers_temporaries_are_removed_by_the_next_write_and_nothing_
     assert names == {*kept, link.name, "model_b", "next_00001.png"}
     assert (out / "model_b" / "model_index.json").is_file()  # put back, not deleted
     assert all((out / name).read_text() == "keep" for name in kept)
+
+
+def test_a_folder_another_writer_stores_in_between_is_not_overwritten(tmp_path, monkeypatch):
+    """Two processes storing the same result without a lock: the one that renames second sees the
+    other's folder (the rename fails with ENOTEMPTY) and gets FileExistsError; the first one's stays."""
+    target = tmp_path / "entry"
+    real_replace = os.replace
+
+    def replace_after_another_writer(src, dst):
+        if Path(dst) == target and not target.exists():
+            target.mkdir()
+            (target / "theirs").write_text("stored first")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace_after_another_writer)
+    with pytest.raises(FileExistsError):
+        fileio.atomic_folder(target, lambda tmp: (tmp / "ours").write_text("late"), overwrite=lambda p: False)
+    assert sorted(p.name for p in target.iterdir()) == ["theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]  # no temporary folder left behind

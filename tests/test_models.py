@@ -148,3 +148,11 @@ def test_load_base_node_failure_names_the_node(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "node 'base' (LoadBase), input 'source'" in err and "[bad_model]" in err
     assert "missing model_index.json" in err and not (tmp_path / "out").exists()
+
+
+def test_a_damaged_single_file_is_named_even_without_validation(tmp_path):
+    """Inside ComfyUI nothing validates first: the loader itself says the file is damaged."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match=r"junk\.safetensors is not a readable \.safetensors file"):
+        load_base(str(junk))

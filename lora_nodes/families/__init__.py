@@ -5,6 +5,7 @@ A new family is one module here declaring a :class:`Family`, added to :data:`FAM
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ __all__ = [
     "component_of",
     "describe",
     "from_checkpoint",
+    "from_components",
     "from_lora",
-    "from_pipeline_folder",
     "from_unet_config",
     "layout_name",
     "lora_components",
@@ -34,6 +35,7 @@ __all__ = [
     "normalize_key",
     "sampler_names",
     "text_components",
+    "with_pipeline_layout_of",
 ]
 
 # Most specific first: detection takes the first family that fits.
@@ -52,6 +54,15 @@ def from_unet_config(config: Mapping[str, Any]) -> Family:
     return next(f for f in FAMILIES if f.matches_unet_config(config))
 
 
+def from_components(components: Mapping[str, Any]) -> Family:
+    """The family of a loaded pipeline's components, from its denoiser's config."""
+    for family in FAMILIES:
+        denoiser = components.get(family.denoiser)
+        if denoiser is not None and family.matches_unet_config(denoiser.config):
+            return family
+    raise ValueError(f"no model family has these components: {', '.join(sorted(components))}")
+
+
 def from_checkpoint(shapes: Mapping[str, Sequence[int]]) -> Family:
     """The family of a single-file checkpoint, from its key names (and a UNet's context width).
 
@@ -63,28 +74,27 @@ def from_checkpoint(shapes: Mapping[str, Sequence[int]]) -> Family:
     for family in FAMILIES:
         if family.matches_checkpoint(keys):
             return family
-    family = next((f for f in FAMILIES if _context_width(shapes, f.denoiser_checkpoint_prefix) in f.context_widths),
-                  None)
+    family = next((f for f in FAMILIES
+                   if _context_width(shapes, f.denoiser_checkpoint_prefix, f.context_key) in f.context_widths), None)
     if family is None:
         names = "/".join(f.display_name for f in reversed(FAMILIES))
         raise ValueError(f"not a recognised {names} single-file checkpoint (no known text encoder or UNet)")
     return family
 
 
-def _context_width(shapes: Mapping[str, Sequence[int]], denoiser_prefix: str) -> int | None:
+def _context_width(shapes: Mapping[str, Sequence[int]], denoiser_prefix: str, context_key: str) -> int | None:
     """The width the checkpoint's cross-attention key projections read, if it has any."""
     return next((int(shape[-1]) for key, shape in shapes.items()
-                 if key.startswith(denoiser_prefix) and key.endswith("attn2.to_k.weight")), None)
+                 if key.startswith(denoiser_prefix) and key.endswith(f"{context_key}.weight")), None)
 
 
-def from_pipeline_folder(folder: Path) -> Family:
-    """The family whose pipeline layout a diffusers folder has (which parts it must hold).
+def with_pipeline_layout_of(folder: Path) -> Family:
+    """A family whose pipeline folders look like ``folder`` (which parts it must hold).
 
     By ``model_index.json``'s class name, else by which text encoder folders exist. Families that
-    share a layout are not told apart here (their UNet config does that).
+    share a layout are not told apart here: use the result for its parts only (the family itself
+    is the UNet config's, see :func:`from_unet_config`).
     """
-    import json
-
     try:
         class_name = str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
     except (OSError, ValueError, AttributeError):
@@ -158,12 +168,14 @@ def from_lora(base_model_version: str, keys: Iterable[str],
         if components & (set(family.lora_components) - others):
             return family
     for key in keys:
-        if not key.replace(".", "_").endswith("attn2_to_k"):
+        spelled = key.replace(".", "_")
+        candidates = [f for f in FAMILIES if spelled.endswith(f.context_key.replace(".", "_"))]
+        if not candidates:
             continue
         shape = delta_shape(key)
         if len(shape) >= 2:  # 1-D: fits nothing
             width = int(shape[1])
-            family = next((f for f in FAMILIES if width in (*f.context_widths, *f.builtin_context_widths)), None)
+            family = next((f for f in candidates if width in (*f.context_widths, *f.builtin_context_widths)), None)
             if family is not None:
                 return family
     return None

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from torch import nn
+if TYPE_CHECKING:  # annotations only: importing the families must not import torch
+    from torch import nn
 
 
 def kohya_spelling(prefix: str, path: str) -> str:
@@ -83,6 +84,16 @@ class Family:
     # those of the built-in tiny models, which are told apart the same way
     context_widths: tuple[int, ...]
     builtin_context_widths: tuple[int, ...] = ()
+    # the denoiser and the VAE: their component names and diffusers classes
+    denoiser: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"
+    vae: str = "vae"
+    vae_class: str = "AutoencoderKL"
+    # how a single-file checkpoint lays out its keys: models/ has one converter per layout
+    checkpoint_layout: str = "ldm"
+    # the cross-attention key projection of the denoiser (module path suffix): the width it
+    # reads tells families apart when nothing else does
+    context_key: str = "attn2.to_k"
     # kohya sd-scripts' ss_base_model_version: what we write, and the prefixes we recognise
     kohya_version: str = ""
     kohya_version_prefixes: tuple[str, ...] = ()
@@ -110,13 +121,13 @@ class Family:
     @property
     def lora_components(self) -> tuple[str, ...]:
         """The components a LoRA can change: the denoiser and the text encoders."""
-        return ("unet", *self.text_components)
+        return (self.denoiser, *self.text_components)
 
     @property
     def pipeline_parts(self) -> tuple[str, ...]:
         """The components of its diffusers pipeline, in ``model_index.json`` order."""
         text = [name for t in self.text_encoders for name in (t.component, t.tokenizer)]
-        return ("unet", "vae", *text, "scheduler")
+        return (self.denoiser, self.vae, *text, "scheduler")
 
     @property
     def model_parts(self) -> tuple[str, ...]:
@@ -139,7 +150,7 @@ class Family:
 
     def kohya_name(self, component: str, path: str, original_path: str | None) -> str:
         """The name kohya's sd-scripts writes for a module in this family's LoRA files."""
-        if component == "unet":
+        if component == self.denoiser:
             if self.kohya_original_unet_names and original_path is not None:
                 path = original_path
             prefix = self.naming.denoiser_kohya_prefix
@@ -147,9 +158,11 @@ class Family:
             prefix = next(t.kohya_prefix for t in self.text_encoders if t.component == component)
         return kohya_spelling(prefix, path)
 
-    def kohya_version_for(self, prediction_type: str | None) -> str:
-        """``ss_base_model_version`` for a base of this family (sd-scripts' spelling)."""
-        if prediction_type == "v_prediction" and self.kohya_v_prediction_version:
+    def kohya_version_for(self, components: Mapping[str, Any]) -> str:
+        """kohya's base model version for a base of this family with these components (sd-scripts'
+        spelling; it tells a v-prediction base by its scheduler)."""
+        scheduler_config = getattr(components.get("scheduler"), "config", None) or {}
+        if self.training_objective(scheduler_config) == "v_prediction" and self.kohya_v_prediction_version:
             return self.kohya_v_prediction_version
         return self.kohya_version
 

@@ -24,7 +24,7 @@ import yaml
 
 from ..nodes import catalogue
 from ..paths import kind_of
-from ..pngchunks import CHUNK_KEYS, MAX_TEXT_BYTES, ChunkError, read_chunks
+from ..pngchunks import CHUNK_KEYS, MAX_TEXT_BYTES, ChunkError, preferred_chunk, read_chunks
 from .comfy.api import from_api, is_api_format
 from .comfy.ui import from_ui, is_ui_format
 from .problems import Problem, WorkflowError, cut, describe, shown
@@ -316,10 +316,11 @@ def _decode(raw: bytes, path: Path) -> str:
 def _read_png_workflow(path: Path) -> Any:
     """The workflow a PNG embeds: ours if it has one, else ComfyUI's ``prompt``, else its ``workflow``."""
     try:
-        chunks = read_chunks(path)
+        chosen = preferred_chunk(path, read_chunks(path))
     except ChunkError as exc:
         raise _fail(exc.code, str(exc)) from None
-    for key, text in chunks.items():  # in order of preference
+    if chosen is not None:
+        key, text = chosen
         try:
             return parse_json(text)
         except ParseError as exc:

@@ -54,7 +54,7 @@ class LoRAFile:
 
 
 def _is_kohya(key: str) -> bool:
-    return key.startswith("lora_")
+    return families.naming_of(key).startswith("kohya")
 
 
 def _is_diffusers(key: str) -> bool:
@@ -215,8 +215,7 @@ def base_model_version(lora: LoRA, base: LoRATarget | None = None) -> str | None
 
 def kohya_version(base: LoRATarget) -> str:
     """``ss_base_model_version`` of a loaded base, as sd-scripts writes it for its family."""
-    scheduler = base.components.get("scheduler")
-    return base.family.kohya_version_for(getattr(scheduler, "config", {}).get("prediction_type"))
+    return base.family.kohya_version_for(base.components)
 
 
 def kohya_metadata(lora: LoRA, modules: dict[str, Module], base: LoRATarget | None = None) -> dict[str, str]:

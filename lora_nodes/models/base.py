@@ -31,12 +31,12 @@ class BaseModel:
 
     @property
     def unet(self) -> nn.Module:
-        return self.components["unet"]
+        return self.components[self.family.denoiser]
 
     @cached_property
     def family(self) -> Family:
-        """The model family, from the UNet's config."""
-        return families.from_unet_config(self.unet.config)
+        """The model family, from its denoiser's config."""
+        return families.from_components(self.components)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -424,7 +424,7 @@ def to_ldm_checkpoint(
     texts = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     if (text_encoder_2 is not None) != ("text_encoder_2" in family.text_components):
         need = "needs" if text_encoder_2 is None else "takes no"
-        raise ValueError(f"a {family.display_name} checkpoint {need} text_encoder_2")
+        raise ValueError(f"{families.layout_name(family)} checkpoint {need} text_encoder_2")
     out = _rename(unet, unet_key_map(unet_config), family.denoiser_checkpoint_prefix, "UNet")
     vae_prefix = family.vae_checkpoint_prefix
     vae_out = _rename(vae, vae_key_map(vae_config), vae_prefix, "VAE")
@@ -455,6 +455,24 @@ def _text_from_ldm(
     out, unexpected = convert(state, prefix)
     missing = [] if out else [f"{prefix}..."]
     return out, _mismatch(what, missing, unexpected)
+
+
+def checkpoint_reader(family: Family) -> Callable[..., dict[str, dict[str, Tensor]]]:
+    """The function that reads single-file checkpoints of ``family``'s layout (see ``checkpoint_layout``)."""
+    readers = {"ldm": from_ldm_checkpoint}
+    if family.checkpoint_layout not in readers:
+        raise ValueError(f"single-file checkpoints of {family.display_name} ({family.checkpoint_layout} layout) "
+                         "are not read yet: use a diffusers folder")
+    return readers[family.checkpoint_layout]
+
+
+def checkpoint_writer(family: Family) -> Callable[..., dict[str, Tensor]]:
+    """The function that writes single-file checkpoints of ``family``'s layout (see ``checkpoint_layout``)."""
+    writers = {"ldm": to_ldm_checkpoint}
+    if family.checkpoint_layout not in writers:
+        raise ValueError(f"single-file checkpoints of {family.display_name} ({family.checkpoint_layout} layout) "
+                         "are not written yet: save a diffusers folder")
+    return writers[family.checkpoint_layout]
 
 
 def from_ldm_checkpoint(

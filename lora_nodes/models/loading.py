@@ -15,7 +15,7 @@ from ..errors import ModelLoadError
 from ..families import Family
 from .base import BaseModel
 from .builtin import BUILTINS, builtin_family
-from .ldm import from_ldm_checkpoint
+from .ldm import checkpoint_reader
 from .text_names import state_dict_for
 from .tokenizer import build_tokenizer, tokenizer_from_files
 
@@ -72,7 +72,7 @@ def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 def missing_pipeline_files(folder: Path, family: Family | None = None) -> list[str]:
     """The files a diffusers pipeline folder of ``family`` (default: the one its layout says) lacks."""
-    family = families.from_pipeline_folder(folder) if family is None else family
+    family = families.with_pipeline_layout_of(folder) if family is None else family
     needed = ["model_index.json", *(f"{part}/config.json" for part in family.model_parts),
               "scheduler/scheduler_config.json"]
     for tokenizer in family.tokenizers:
@@ -93,7 +93,7 @@ def _folder_problem(folder: Path, family: Family) -> str | None:
 
 
 def _load_diffusers_folder(folder: Path) -> dict[str, Any]:
-    family = families.from_pipeline_folder(folder)
+    family = families.with_pipeline_layout_of(folder)
     problem = _folder_problem(folder, family)
     if problem:
         raise ModelLoadError(problem)
@@ -103,21 +103,28 @@ def _load_diffusers_folder(folder: Path) -> dict[str, Any]:
 
 def _load_single_file(path: Path, config: Path | None) -> dict[str, Any]:
     """A single-file (LDM layout) checkpoint, with configs and tokenizer from a diffusers folder."""
-    from safetensors import safe_open  # deferred, as torch's own loaders are
+    from safetensors import SafetensorError  # deferred, as torch's own loaders are
     from safetensors.torch import load_file
 
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(_NOT_SAFETENSORS.format(name=path.name))
-    with safe_open(str(path), framework="pt") as f:
-        embedded = (f.metadata() or {}).get(EMBEDDED_CONFIG_KEY)
-    state = load_file(str(path))
+    # a damaged file is named as such here too: inside ComfyUI no validation ran before
     try:
-        family = families.from_checkpoint({k: v.shape for k, v in state.items()})
+        header = tensorfiles.read_header(path)
+    except tensorfiles.UnreadableTensorFile as exc:
+        raise ModelLoadError(str(exc)) from exc
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"{path.name} is not a readable .safetensors file (damaged or truncated?): {exc}") from exc
+    embedded = header.metadata.get(EMBEDDED_CONFIG_KEY)
+    try:
+        family = families.from_checkpoint(header.shapes)
     except ValueError as exc:
         raise ModelLoadError(f"{path.name} is not a Stable Diffusion checkpoint we can read: {exc}") from exc
     configs = json.loads(embedded) if embedded and config is None else _configs_from_folder(path, config, family)
     try:
-        parts = from_ldm_checkpoint(state, family, configs["unet"], configs["vae"])
+        parts = checkpoint_reader(family)(state, family, configs[family.denoiser], configs[family.vae])
     except ValueError as exc:
         raise ModelLoadError(f"{path.name} does not fit the configs in {config or 'its metadata'}: {exc}") from exc
     components = _models_from_configs(configs, family)
@@ -149,10 +156,11 @@ def _configs_from_folder(path: Path, config: Path | None, family: Family) -> dic
 
 
 def _models_from_configs(configs: dict[str, Any], family: Family) -> dict[str, torch.nn.Module]:
-    import transformers  # deferred: diffusers and transformers take seconds to import
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    import diffusers  # deferred: diffusers and transformers take seconds to import
+    import transformers
 
-    models = {"unet": UNet2DConditionModel.from_config(configs["unet"]), "vae": AutoencoderKL.from_config(configs["vae"])}
+    models = {family.denoiser: getattr(diffusers, family.denoiser_class).from_config(configs[family.denoiser]),
+              family.vae: getattr(diffusers, family.vae_class).from_config(configs[family.vae])}
     for text in family.text_encoders:
         config = transformers.CLIPTextConfig(**_clip_config(configs[text.component]))
         models[text.component] = getattr(transformers, text.model_class)(config)
@@ -216,7 +224,7 @@ def base_family(source: str, config: str = "") -> tuple[Family | None, list[tupl
 
 
 def _folder_family(folder: Path) -> tuple[Family | None, list[tuple[str, str]]]:
-    problem = _folder_problem(folder, families.from_pipeline_folder(folder))
+    problem = _folder_problem(folder, families.with_pipeline_layout_of(folder))
     if problem:
         return None, [("source", problem)]
     try:

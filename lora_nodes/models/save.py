@@ -18,13 +18,11 @@ from torch import nn
 
 from ..fileio import atomic_folder, atomic_write
 from .base import BaseModel
-from .ldm import to_ldm_checkpoint
+from .ldm import checkpoint_writer
 from .loading import DTYPES, EMBEDDED_CONFIG_KEY
 from .pipeline import pipeline_for
 from .text_names import file_state_dict
 from .tokenizer import tokenizer_files
-
-MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def target_dtype(base: BaseModel, dtype: str) -> torch.dtype:
@@ -103,7 +101,7 @@ def single_file_state_dict(base: BaseModel, dtype: torch.dtype) -> dict[str, tor
     """The base's weights as one LDM/SGM checkpoint state dict, in ``dtype``, on the CPU."""
     parts = base.components
     text_2 = file_state_dict(parts["text_encoder_2"]) if "text_encoder_2" in parts else None
-    state = to_ldm_checkpoint(parts["unet"].state_dict(), parts["vae"].state_dict(),
+    state = checkpoint_writer(base.family)(parts["unet"].state_dict(), parts["vae"].state_dict(),
                               file_state_dict(parts["text_encoder"]), parts["unet"].config,
                               parts["vae"].config, text_encoder_2=text_2)
     return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()

@@ -16,8 +16,6 @@ from ..lora.placement import FAMILY_ADVICE, check_placement, module_namings
 from ..lora.recipe import AppliedLoRA, ModelRecipe
 from .spec import BOOLEAN, FLOAT, LORA, LORA_STACK, MODEL, STRING, Input, Output, Preflight, node
 
-STACK_SLOTS = 4
-
 
 def strength(what: str) -> Input:
     """A LoRA strength input on the ``what`` it changes (the parameter gives its default, 1.0)."""
@@ -185,7 +183,7 @@ def slot_enabled(i: int) -> Input:
 )
 def lora_stack(
     ctx,
-    # STACK_SLOTS slots, each written out: the parameters are the node's inputs, in their order
+    # the slots, each written out: the parameters are the node's inputs, in their order
     lora_1: Annotated[LoRA | None, slot_lora(1)] = None,
     strength_model_1: Annotated[float, strength("UNet")] = 1.0,
     strength_text_1: Annotated[float, strength("text encoder")] = 1.0,
@@ -215,6 +213,9 @@ def lora_stack(
         if lora is not None and enabled:
             stack += (AppliedLoRA(lora, strength_model, strength_text),)
     return (stack,)
+
+
+STACK_SLOTS = sum(1 for i in lora_stack.inputs if i.type == LORA)  # counted from the declaration above
 
 
 @node(

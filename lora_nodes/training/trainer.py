@@ -193,7 +193,8 @@ class Trainer:
                 prompt=captions, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
             return embeds, pooled
         # one text encoder: what the pipeline's encode_prompt does when sampling, without its per-call checks
-        tokenizer, encoder = self.base.components["tokenizer"], self.base.components["text_encoder"]
+        text = self.base.family.text_encoders[0]
+        tokenizer, encoder = self.base.components[text.tokenizer], self.base.components[text.component]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(self.device)
         mask = None

@@ -219,3 +219,7 @@ class LoRATarget(Protocol):
 
     @property
     def components(self) -> Mapping[str, Any]: ...
+
+    @property
+    def native_size(self) -> int:
+        """The image size (pixels) the base was built for."""

@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from ..families import LoRATarget
+
 TRIGGER_LIMIT = 10
 BASE_MODEL_VERSION = "ss_base_model_version"  # kohya's name for the model family a LoRA was trained on
 
@@ -135,7 +137,7 @@ def network_metadata(source: Mapping[str, str], *, lycoris: bool, dims: set[int]
     return metadata
 
 
-def training_metadata(config, dataset, base, name: str, started: float, autocast: str, *,
+def training_metadata(config: Any, dataset: Any, base: LoRATarget, name: str, started: float, autocast: str, *,
                       base_model_version: str) -> dict[str, str]:
     """The keys sd-scripts writes for a LoRA we trained: network, hyperparameters, dataset folders
     and tag frequency, so other tools read how it was made.

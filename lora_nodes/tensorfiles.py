@@ -1,12 +1,19 @@
-"""The one reader of ``.safetensors`` headers: key names, shapes and metadata without the weights.
+"""The one reader of ``.safetensors`` files: their headers (key names, shapes and metadata, without
+the weights) for cheap checks, and their tensors, with one way of saying a file is damaged.
 
-Cheap checks (validation's preflights, ``inspect``, telling a LoRA from a model) read only this.
+Cheap checks (validation's preflights, ``inspect``, telling a LoRA from a model) read only headers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: reading a header must not import torch
+    from torch import Tensor
 
 
 class UnreadableTensorFile(ValueError):
@@ -19,17 +26,38 @@ class TensorFileHeader:
     metadata: dict[str, str]
 
 
-def read_header(path: str | Path) -> TensorFileHeader:
-    """The header of a ``.safetensors`` file; :class:`UnreadableTensorFile` when it is damaged,
-    truncated or not one (no weights are read)."""
-    from safetensors import SafetensorError, safe_open  # deferred, as torch's own loaders are
+@contextmanager
+def _named_failures(path: Path) -> Iterator[None]:
+    """Turn whatever safetensors raises for a damaged, truncated or foreign file into
+    :class:`UnreadableTensorFile` naming it."""
+    from safetensors import SafetensorError  # deferred, as torch's own loaders are
 
-    path = Path(path)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
-            metadata = dict(f.metadata() or {})
+        yield
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         raise UnreadableTensorFile(f"{path.name} is not a readable .safetensors file (damaged or truncated?): "
                                    f"{exc}") from exc
+
+
+def read_header(path: str | Path) -> TensorFileHeader:
+    """The header of a ``.safetensors`` file; :class:`UnreadableTensorFile` when it is damaged,
+    truncated or not one (no weights are read)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with _named_failures(path), safe_open(str(path), framework="pt", device="cpu") as f:
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+        metadata = dict(f.metadata() or {})
     return TensorFileHeader(shapes, metadata)
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every tensor of a ``.safetensors`` file (on the CPU) and its metadata;
+    :class:`UnreadableTensorFile` when it is damaged, truncated or not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with _named_failures(path), safe_open(str(path), framework="pt", device="cpu") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        metadata = dict(f.metadata() or {})
+    return tensors, metadata

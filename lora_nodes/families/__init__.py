@@ -17,6 +17,9 @@ from .sdxl import SDXL
 
 __all__ = [
     "FAMILIES",
+    "LORA_COMPONENTS",
+    "SAMPLER_NAMES",
+    "TEXT_COMPONENTS",
     "Family",
     "LoRANaming",
     "LoRATarget",
@@ -28,13 +31,11 @@ __all__ = [
     "from_components",
     "from_lora",
     "from_unet_config",
+    "is_kohya_key",
     "layout_name",
-    "lora_components",
     "mismatch",
     "naming_of",
     "normalize_key",
-    "sampler_names",
-    "text_components",
     "with_pipeline_layout_of",
 ]
 
@@ -42,6 +43,14 @@ __all__ = [
 FAMILIES: tuple[Family, ...] = (SDXL, SD2, SD1)
 
 UNKNOWN_COMPONENT = "unknown"
+
+# Across all families, each once, simplest family first: what any LoRA may change, which of those
+# are text encoders, the samplers some family draws with, and the distinct LoRA namings.
+LORA_COMPONENTS: tuple[str, ...] = tuple(dict.fromkeys(c for f in reversed(FAMILIES) for c in f.lora_components))
+TEXT_COMPONENTS: tuple[str, ...] = tuple(dict.fromkeys(c for f in reversed(FAMILIES) for c in f.text_components))
+SAMPLER_NAMES: tuple[str, ...] = tuple(dict.fromkeys(name for f in reversed(FAMILIES) for name in f.samplers))
+_NAMINGS: tuple[LoRANaming, ...] = tuple(
+    f.naming for i, f in enumerate(FAMILIES) if all(f.naming is not g.naming for g in FAMILIES[:i]))
 
 
 def by_id(family_id: str | None) -> Family | None:
@@ -102,24 +111,9 @@ def with_pipeline_layout_of(folder: Path) -> Family:
     return next((f for f in FAMILIES if f.pipeline_class_marker in class_name), FAMILIES[-1])
 
 
-def lora_components() -> tuple[str, ...]:
-    """Every component a LoRA may change in any family, each once, in family order."""
-    return tuple(dict.fromkeys(c for f in reversed(FAMILIES) for c in f.lora_components))
-
-
-def sampler_names() -> tuple[str, ...]:
-    """Every sampler some family draws with, each once, in declaration order."""
-    return tuple(dict.fromkeys(name for f in reversed(FAMILIES) for name in f.samplers))
-
-
-def text_components() -> tuple[str, ...]:
-    """Every text-encoder component of any family, each once."""
-    return tuple(dict.fromkeys(c for f in reversed(FAMILIES) for c in f.text_components))
-
-
 def component_of(key: str) -> str:
     """The model component a LoRA module key belongs to (``unet``, ``text_encoder``, ...)."""
-    for naming in _namings():
+    for naming in _NAMINGS:
         component = naming.component_of(key)
         if component is not None:
             return component
@@ -128,25 +122,22 @@ def component_of(key: str) -> str:
 
 def normalize_key(key: str) -> str:
     """A LoRA file key in the one spelling its module is read by (every family naming's rules)."""
-    for naming in _namings():
+    for naming in _NAMINGS:
         key = naming.normalize(key)
     return key
 
 
+def is_kohya_key(key: str) -> bool:
+    """Whether a LoRA key is spelled the kohya way (any of its namings)."""
+    return naming_of(key).startswith("kohya")
+
+
 def naming_of(key: str) -> str:
     """Which naming a LoRA key uses (see :class:`LoRANaming`)."""
-    for naming in _namings():
+    for naming in _NAMINGS:
         if naming.component_of(key) is not None:
             return naming.naming_of(key)
-    return _namings()[0].naming_of(key)
-
-
-def _namings() -> list[LoRANaming]:
-    seen: list[LoRANaming] = []
-    for family in FAMILIES:
-        if family.naming not in seen:
-            seen.append(family.naming)
-    return seen
+    return _NAMINGS[0].naming_of(key)
 
 
 def from_lora(base_model_version: str, keys: Iterable[str],

@@ -25,14 +25,10 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     path = Path(path)
     _check_is_file(path)
     if path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-                metadata = dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-            raise LoRAError(f"{path.name} is not a readable .safetensors file (damaged or truncated?): {exc}") from exc
+            tensors, metadata = tensorfiles.read_tensors(path)
+        except tensorfiles.UnreadableTensorFile as exc:
+            raise LoRAError(str(exc)) from exc
     elif path.suffix.lower() in PICKLE_SUFFIXES:
         tensors, metadata = _read_pickle_weights_only(path), {}
     else:

@@ -74,7 +74,7 @@ def parse_lora(tensors: dict[str, Tensor], metadata: dict[str, str] | None = Non
         part, naming = SUFFIXES[match]
         module_key = normalize_module_key(key[: -len(match)])
         parts.setdefault(module_key, {})[part] = tensor
-        namings.add(naming or ("kohya" if module_key.startswith("lora_") else "diffusers"))
+        namings.add(naming or ("kohya" if families.is_kohya_key(module_key) else "diffusers"))
     if not parts:
         first = ", ".join(sorted(tensors)[:5]) or "no tensors"
         raise LoRAError(f"{label}: no LoRA weights found (expected keys like '*.lora_down.weight', "

@@ -23,7 +23,7 @@ def peft_alphas(metadata: dict[str, str], warnings: list[str] | None = None) -> 
     """
     notes: list[str] = [] if warnings is None else warnings
     data = _adapter_metadata(metadata, notes)
-    configs = {component: _alpha_config(component, data, notes) for component in families.lora_components()}
+    configs = {component: _alpha_config(component, data, notes) for component in families.LORA_COMPONENTS}
 
     def alpha_for(module_key: str) -> float | None:
         component, _, path = module_key.partition(".")

@@ -52,7 +52,9 @@ _PLACEMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def placement_of(lora: LoRA, base: LoRATarget) -> Placement:
     """Where ``lora``'s modules go in ``base``, worked out once per LoRA and base while they live."""
-    cache = _PLACEMENTS.setdefault(base, weakref.WeakKeyDictionary())
+    cache = _PLACEMENTS.get(base)
+    if cache is None:
+        cache = _PLACEMENTS[base] = weakref.WeakKeyDictionary()
     if lora not in cache:
         cache[lora] = place(lora, base)
     return cache[lora]

@@ -39,7 +39,7 @@ class AppliedLoRA:
 
     def strength_for(self, key: str) -> float:
         """The strength for a module, by its component (a target or any file key spelling)."""
-        is_text = families.component_of(key) in families.text_components()
+        is_text = families.component_of(key) in families.TEXT_COMPONENTS
         return self.strength_text if is_text else self.strength_model
 
 

@@ -53,10 +53,6 @@ class LoRAFile:
 # --------------------------------------------------------------------------- names
 
 
-def _is_kohya(key: str) -> bool:
-    return families.naming_of(key).startswith("kohya")
-
-
 def _is_diffusers(key: str) -> bool:
     return families.naming_of(key) == "diffusers" and families.component_of(key) != families.UNKNOWN_COMPONENT
 
@@ -73,7 +69,7 @@ def _output_name(key: str, naming: str, targets: dict[str, str], kohya_names: di
     if naming == "kohya":
         if target is not None:
             return kohya_names[target]
-        if _is_kohya(key):
+        if families.is_kohya_key(key):
             return key
     else:
         if target is not None:

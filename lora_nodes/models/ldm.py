@@ -457,24 +457,6 @@ def _text_from_ldm(
     return out, _mismatch(what, missing, unexpected)
 
 
-def checkpoint_reader(family: Family) -> Callable[..., dict[str, dict[str, Tensor]]]:
-    """The function that reads single-file checkpoints of ``family``'s layout (see ``checkpoint_layout``)."""
-    readers = {"ldm": from_ldm_checkpoint}
-    if family.checkpoint_layout not in readers:
-        raise ValueError(f"single-file checkpoints of {family.display_name} ({family.checkpoint_layout} layout) "
-                         "are not read yet: use a diffusers folder")
-    return readers[family.checkpoint_layout]
-
-
-def checkpoint_writer(family: Family) -> Callable[..., dict[str, Tensor]]:
-    """The function that writes single-file checkpoints of ``family``'s layout (see ``checkpoint_layout``)."""
-    writers = {"ldm": to_ldm_checkpoint}
-    if family.checkpoint_layout not in writers:
-        raise ValueError(f"single-file checkpoints of {family.display_name} ({family.checkpoint_layout} layout) "
-                         "are not written yet: save a diffusers folder")
-    return writers[family.checkpoint_layout]
-
-
 def from_ldm_checkpoint(
     state: Mapping[str, Tensor],
     family: Family,
@@ -504,3 +486,26 @@ def from_ldm_checkpoint(
         problems.append(problem)
     _raise_if(problems, "checkpoint does not fit the configs")
     return result
+
+
+# checkpoint_layout (declared by each family) -> (reader, writer) of single-file checkpoints
+CONVERTERS: dict[str, tuple[Callable[..., dict[str, dict[str, Tensor]]], Callable[..., dict[str, Tensor]]]] = {
+    "ldm": (from_ldm_checkpoint, to_ldm_checkpoint),
+}
+
+
+def _converters(family: Family) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    if family.checkpoint_layout not in CONVERTERS:
+        raise ValueError(f"single-file checkpoints of {family.display_name} ({family.checkpoint_layout} layout) "
+                         "are not read or written yet: use a diffusers folder")
+    return CONVERTERS[family.checkpoint_layout]
+
+
+def checkpoint_reader(family: Family) -> Callable[..., dict[str, dict[str, Tensor]]]:
+    """The function that reads single-file checkpoints of ``family``'s layout (see ``checkpoint_layout``)."""
+    return _converters(family)[0]
+
+
+def checkpoint_writer(family: Family) -> Callable[..., dict[str, Tensor]]:
+    """The function that writes single-file checkpoints of ``family``'s layout (see ``checkpoint_layout``)."""
+    return _converters(family)[1]

@@ -103,23 +103,16 @@ def _load_diffusers_folder(folder: Path) -> dict[str, Any]:
 
 def _load_single_file(path: Path, config: Path | None) -> dict[str, Any]:
     """A single-file (LDM layout) checkpoint, with configs and tokenizer from a diffusers folder."""
-    from safetensors import SafetensorError  # deferred, as torch's own loaders are
-    from safetensors.torch import load_file
-
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(_NOT_SAFETENSORS.format(name=path.name))
     # a damaged file is named as such here too: inside ComfyUI no validation ran before
     try:
-        header = tensorfiles.read_header(path)
+        state, metadata = tensorfiles.read_tensors(path)
     except tensorfiles.UnreadableTensorFile as exc:
         raise ModelLoadError(str(exc)) from exc
+    embedded = metadata.get(EMBEDDED_CONFIG_KEY)
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ModelLoadError(f"{path.name} is not a readable .safetensors file (damaged or truncated?): {exc}") from exc
-    embedded = header.metadata.get(EMBEDDED_CONFIG_KEY)
-    try:
-        family = families.from_checkpoint(header.shapes)
+        family = families.from_checkpoint({key: tensor.shape for key, tensor in state.items()})
     except ValueError as exc:
         raise ModelLoadError(f"{path.name} is not a Stable Diffusion checkpoint we can read: {exc}") from exc
     configs = json.loads(embedded) if embedded and config is None else _configs_from_folder(path, config, family)

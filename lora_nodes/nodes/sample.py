@@ -16,7 +16,7 @@ from ..models.memory import check_sample
 from ..models.pipeline import pipeline_for
 from .spec import COMBO, FLOAT, IMAGE, INT, MAX_SEED, MODEL, STRING, Input, Output, node
 
-SAMPLERS = families.sampler_names()  # names follow ComfyUI's; each family says how it draws with them
+SAMPLERS = families.SAMPLER_NAMES  # names follow ComfyUI's; each family says how it draws with them
 
 
 def make_pipeline(base: BaseModel, sampler: str):

@@ -163,6 +163,7 @@ COMMON_SPELLINGS = {
     "sd1": {"sd1", "SD1", "SD1.x", "SD1.5", "SD 1.5", "sd15", "sd_v1", "v1-5"},
     "sd2": {"sd2", "SD2", "SD2.x", "SD2.1", "SD 2.1", "sd21", "sd_v2", "sd_v2_v", "v2-1"},
     "sdxl": {"sdxl", "SDXL", "sd_xl", "sdxl_base_v1-0"},
+    "flux": {"flux", "Flux", "FLUX", "FLUX.1", "flux1", "flux-1-dev"},
 }
 
 

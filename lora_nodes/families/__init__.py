@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Family, LoRANaming, LoRATarget, TextEncoder
+from .flux import FLUX
 from .sd1 import SD1
 from .sd2 import SD2
 from .sdxl import SDXL
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 # Most specific first: detection takes the first family that fits.
-FAMILIES: tuple[Family, ...] = (SDXL, SD2, SD1)
+FAMILIES: tuple[Family, ...] = (FLUX, SDXL, SD2, SD1)
 
 UNKNOWN_COMPONENT = "unknown"
 
@@ -107,7 +108,8 @@ def with_pipeline_layout_of(folder: Path) -> Family:
     try:
         class_name = str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
     except (OSError, ValueError, AttributeError):
-        return next((f for f in FAMILIES if (folder / f.text_components[-1]).is_dir()), FAMILIES[-1])
+        return next((f for f in FAMILIES if all((folder / part).is_dir() for part in (f.denoiser, *f.text_components))),
+                    FAMILIES[-1])
     return next((f for f in FAMILIES if f.pipeline_class_marker in class_name), FAMILIES[-1])
 
 
@@ -144,19 +146,20 @@ def from_lora(base_model_version: str, keys: Iterable[str],
               delta_shape: Callable[[str], Sequence[int]]) -> Family | None:
     """The family a LoRA was made for, or None when nothing in the file tells.
 
-    In order: the base model version its metadata records (kohya's spelling); a component only one family has (SDXL's second
-    text encoder); the width a cross-attention key projection reads (``attn2.to_k``; the shape of
-    a module's weight change is asked only for those).
+    In order: the base model version its metadata records (kohya's spelling); a module only one
+    family has (Flux's transformer, SDXL's second text encoder: a component, and for text encoders
+    the model its module names are of); the width a cross-attention key projection reads
+    (``attn2.to_k``; the shape of a module's weight change is asked only for those).
     """
     version = str(base_model_version or "")
     for family in FAMILIES:
         if version.startswith(family.kohya_version_prefixes) and family.kohya_version_prefixes:
             return family
     keys = list(keys)
-    components = {component_of(key) for key in keys}
+    kinds = {_module_kind(key) for key in keys}
     for family in FAMILIES:
-        others = {c for f in FAMILIES if f is not family for c in f.lora_components}
-        if components & (set(family.lora_components) - others):
+        others = {kind for f in FAMILIES if f is not family for kind in _KINDS[f]}
+        if kinds & (_KINDS[family] - others):
             return family
     for key in keys:
         spelled = key.replace(".", "_")
@@ -170,6 +173,26 @@ def from_lora(base_model_version: str, keys: Iterable[str],
             if family is not None:
                 return family
     return None
+
+
+def _kinds_of(family: Family) -> set[tuple[str, str]]:
+    """(component, model marker) of every module kind a LoRA for ``family`` may change."""
+    kinds = {(family.denoiser, "")}
+    for text in family.text_encoders:
+        kinds.update((text.component, marker) for marker in text.key_markers)
+    return kinds
+
+
+_KINDS: dict[Family, set[tuple[str, str]]] = {f: _kinds_of(f) for f in FAMILIES}
+_TEXT_MARKERS = tuple(dict.fromkeys(m for f in FAMILIES for t in f.text_encoders for m in t.key_markers))
+
+
+def _module_kind(key: str) -> tuple[str, str]:
+    """A LoRA key's (component, model marker): the marker tells whose text encoder it is."""
+    component = component_of(key)
+    if component not in TEXT_COMPONENTS:
+        return component, ""
+    return component, next((m for m in _TEXT_MARKERS if m in key), "")
 
 
 def layout_name(family: Family) -> str:

@@ -10,7 +10,7 @@ packages meet here: ``lora`` works on anything that is a :class:`LoRATarget`, an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,6 +33,11 @@ class TextEncoder:
     open_clip: bool  # kept there in OpenCLIP's layout (fused q/k/v, transposed), not HF CLIP's
     kohya_prefix: str  # the prefix kohya's sd-scripts writes for it in this family's LoRAs
     model_class: str = "CLIPTextModel"  # its transformers class
+    # text that only this encoder's module names hold (CLIP's ``text_model``, T5's ``encoder_block``):
+    # tells whose text encoder a LoRA key is for where two families use one component name
+    key_markers: tuple[str, ...] = ("text_model",)
+    # more kohya-style prefixes other trainers write for it (OneTrainer's ``lora_te2_`` for T5)
+    other_kohya_prefixes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,17 @@ class Family:
     # the image size (pixels) a base was built for, from its components
     native_size_of: Callable[[Mapping[str, Any]], int] | None = None
     vae_upcast_in_fp16: bool = False  # its VAE overflows in float16 unless the config says otherwise
+    # trained by flow matching (the denoiser predicts noise - data along a straight path), not by
+    # noise (epsilon) or v prediction on a diffusion schedule
+    flow_matching: bool = False
+    # distilled to take the guidance scale as an input (one pass per step), not classifier-free
+    # guidance (two passes); the Sample node's ``guidance`` input reaches it
+    guidance_distilled: bool = False
+    # for a denoiser whose original checkpoint tree differs from diffusers' by more than names
+    # (fused weights): (module path -> weight shape) -> (path -> original path for modules that
+    # are one weight in both), (fused original path -> its pieces, see LoRATarget.fused_targets)
+    original_modules: Callable[[Mapping[str, Sequence[int]]],
+                               tuple[dict[str, str], dict[str, tuple[tuple[str, int, int], ...]]]] | None = None
 
     def __repr__(self) -> str:
         return f"<family {self.id}>"
@@ -134,6 +150,10 @@ class Family:
         """The pipeline parts that are torch modules with a ``config.json`` of their own."""
         return tuple(p for p in self.pipeline_parts if not p.startswith(("tokenizer", "scheduler")))
 
+    def text_encoder(self, component: str) -> TextEncoder:
+        """The text encoder declared under a component name."""
+        return next(t for t in self.text_encoders if t.component == component)
+
     @property
     def tokenizers(self) -> tuple[str, ...]:
         return tuple(t.tokenizer for t in self.text_encoders)
@@ -143,7 +163,9 @@ class Family:
         return self.pipeline_parts == other.pipeline_parts
 
     def matches_unet_config(self, config: Mapping[str, Any]) -> bool:
-        return all(config.get(key) == value for key, value in self.unet_config_markers.items())
+        """Whether a denoiser config is this family's: every marker matches (``...``: is present)."""
+        return all(key in config if value is ... else config.get(key) == value
+                   for key, value in self.unet_config_markers.items())
 
     def matches_checkpoint(self, keys: list[str]) -> bool:
         return any(key.startswith(self.checkpoint_markers) for key in keys)
@@ -155,7 +177,7 @@ class Family:
                 path = original_path
             prefix = self.naming.denoiser_kohya_prefix
         else:
-            prefix = next(t.kohya_prefix for t in self.text_encoders if t.component == component)
+            prefix = self.text_encoder(component).kohya_prefix
         return kohya_spelling(prefix, path)
 
     def kohya_version_for(self, components: Mapping[str, Any]) -> str:
@@ -167,7 +189,10 @@ class Family:
         return self.kohya_version
 
     def training_objective(self, scheduler_config: Mapping[str, Any]) -> str:
-        """What the denoiser learns to predict: ``epsilon`` (the noise) or ``v_prediction``."""
+        """What the denoiser learns to predict: ``epsilon`` (the noise), ``v_prediction`` or
+        ``flow_matching`` (the velocity noise - data)."""
+        if self.flow_matching:
+            return "flow_matching"
         return "v_prediction" if scheduler_config.get("prediction_type") == "v_prediction" else "epsilon"
 
     def native_size(self, components: Mapping[str, Any]) -> int:
@@ -214,8 +239,18 @@ class LoRATarget(Protocol):
         """Every name a LoRA file may use for a target -> the target."""
 
     @property
+    def fused_targets(self) -> Mapping[str, tuple[tuple[str, int, int], ...]]:
+        """Modules that files may name as one but the base holds as several (Flux's fused q/k/v):
+        name (as in :attr:`lora_name_index`'s values) -> pieces ``(target, first_row, end_row)``.
+
+        The fused module's output rows are its pieces' rows in order: each target's weight is the
+        concatenation of its pieces' row ranges, so a piece list can also reorder a target's rows.
+        """
+
+    @property
     def kohya_names(self) -> Mapping[str, str]:
-        """Target -> the name kohya's sd-scripts writes for it in this family's files."""
+        """Target -> the name kohya's sd-scripts writes for it in this family's files (targets that
+        one fused module holds share its name)."""
 
     @property
     def components(self) -> Mapping[str, Any]: ...

@@ -371,6 +371,55 @@ class FullModule(Module):
         return self.diff.float().reshape(shape)
 
 
+@dataclass(frozen=True, eq=False)
+class RowsModule(Module):
+    """Some output rows of another module's change: a file's fused module (Flux's q/k/v in one
+    weight) on one of the separate weights a base holds. ``rows`` index the fused output rows in
+    the order the target's rows take them (a reordering too: Flux's swapped adaLN halves)."""
+
+    inner: Module = None
+    rows: Tensor = None  # 1-D long: fused rows, in target order
+    fused_rows: int = 0  # the fused module's output rows
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self.inner.kind
+
+    @property
+    def rank(self) -> int | None:
+        return self.inner.rank
+
+    @property
+    def delta_shape(self) -> tuple[int, ...]:
+        return (int(self.rows.numel()), *self.inner.delta_shape[1:])
+
+    def unscaled_delta(self, shape: tuple[int, ...]) -> Tensor:
+        return self.inner.unscaled_delta((self.fused_rows, *shape[1:]))[self.rows]
+
+
+def rows_of(module: Module, rows: list[int], fused_rows: int) -> Module | str:
+    """``module``'s change on ``rows`` of its output (see :class:`RowsModule`), or why it cannot be split.
+
+    A plain LoRA stays one (its up's rows taken: same down, rank and alpha, so the same scale);
+    other formats are computed whole and sliced. A DoRA magnitude per output row is sliced with
+    its rows; one per input column normalises over every row of the fused weight, which the
+    separate weights do not hold together.
+    """
+    index = torch.tensor(rows, dtype=torch.long)
+    dora = module.dora_scale
+    if dora is not None:
+        if dora.shape[0] != fused_rows or (dora.dim() > 1 and dora.numel() != fused_rows):
+            return ("its DoRA magnitude is per input column (older LyCORIS), which needs the fused weight "
+                    "whole; the base holds it as separate weights")
+        dora = dora[index]
+    bias = module.bias[index] if module.bias is not None else None
+    if isinstance(module, LoRAModule) and module.mid is None:
+        return LoRAModule(key=module.key, alpha=module.alpha, dora_scale=dora, bias=bias,
+                          down=module.down, up=module.up[index])
+    return RowsModule(key=module.key, alpha=module.alpha, dora_scale=dora, bias=bias, inner=module,
+                      rows=index, fused_rows=fused_rows)
+
+
 @dataclass(eq=False)
 class LoRA:
     """A LoRA read from a file. Identity matters: the patcher compares modules by object."""

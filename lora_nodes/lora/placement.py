@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .. import families
 from ..errors import LoRAError
 from ..families import LoRATarget
-from .model import LoRA, Module
+from .model import LoRA, Module, rows_of
 
 FAMILY_ADVICE = "Use a base of the LoRA's family, or a LoRA trained for this base."
 
@@ -23,27 +23,57 @@ class Placement:
     unplaced: dict[str, str] = field(default_factory=dict)  # file key -> reason
 
     def summary(self, lora: LoRA) -> str:
-        return f"{len(self.placed)} of {len(lora.modules)} modules of LoRA '{lora.name}' placed"
+        placed = len({module.key for module in self.placed.values()})
+        return f"{placed} of {len(lora.modules)} modules of LoRA '{lora.name}' placed"
+
+    @property
+    def sources(self) -> dict[str, list[str]]:
+        """File key -> the targets it was placed on (several for a fused module)."""
+        sources: dict[str, list[str]] = {}
+        for target, module in self.placed.items():
+            sources.setdefault(module.key, []).append(target)
+        return sources
 
 
 def place(lora: LoRA, base: LoRATarget) -> Placement:
     """Match every module of ``lora`` to a module of ``base`` (see :func:`placement_of`, which keeps it)."""
     placement = Placement()
-    index, targets = base.lora_name_index, base.lora_targets
+    index, targets, fused = base.lora_name_index, base.lora_targets, base.fused_targets
     for key, module in lora.modules.items():
         target = index.get(key)
         if target is None:
             placement.unplaced[key] = "no module of that name in the base"
             continue
-        misfit = module.fit_error(tuple(targets[target].weight.shape))
-        if misfit:
-            placement.unplaced[key] = misfit
+        parts = _split(module, fused[target], targets) if target in fused else {target: module}
+        if isinstance(parts, str):
+            placement.unplaced[key] = parts
             continue
-        if target in placement.placed:  # e.g. lora_te_ and lora_te1_ for one module: applying both is wrong
-            placement.unplaced[key] = f"a second module for {target} (the first is '{placement.placed[target].key}')"
+        taken = next((t for t in parts if t in placement.placed), None)
+        if taken is not None:  # e.g. lora_te_ and lora_te1_ for one module: applying both is wrong
+            placement.unplaced[key] = f"a second module for {taken} (the first is '{placement.placed[taken].key}')"
             continue
-        placement.placed[target] = module
+        placement.placed.update(parts)
     return placement
+
+
+def _split(module: Module, pieces: tuple[tuple[str, int, int], ...], targets) -> dict[str, Module] | str:
+    """A fused module's change as one module per target it covers (see :func:`.model.rows_of`),
+    or why it does not fit."""
+    rows: dict[str, list[int]] = {}
+    for target, start, end in pieces:
+        rows.setdefault(target, []).extend(range(start, end))
+    fused_rows = max(end for _, _, end in pieces)
+    first = targets[pieces[0][0]].weight.shape
+    misfit = module.fit_error((fused_rows, *first[1:]))
+    if misfit:
+        return misfit
+    parts = {}
+    for target, picked in rows.items():
+        part = rows_of(module, picked, fused_rows)
+        if isinstance(part, str):
+            return part
+        parts[target] = part
+    return parts
 
 
 # base -> (LoRA -> its placement): kept while both live, so a LoRA is placed once per base

@@ -31,12 +31,18 @@ class BaseModel:
 
     @property
     def unet(self) -> nn.Module:
+        """The denoiser (the name predates families without a UNet; see :attr:`denoiser`)."""
         return self.components[self.family.denoiser]
 
     @cached_property
     def family(self) -> Family:
         """The model family, from its denoiser's config."""
         return families.from_components(self.components)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The model that denoises: a UNet (Stable Diffusion) or a transformer (Flux)."""
+        return self.components[self.family.denoiser]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -64,33 +70,60 @@ class BaseModel:
         return targets
 
     @cached_property
-    def _original_unet_paths(self) -> dict[str, str]:
-        """UNet module path -> its path in the original (LDM/SGM) checkpoint tree."""
-        return unet_module_map(self.unet.config)
+    def _original_modules(self) -> tuple[dict[str, str], dict[str, tuple[tuple[str, int, int], ...]]]:
+        """Denoiser module path -> its path in the original checkpoint tree (LDM/SGM, BFL), and
+        the original tree's fused modules (see :attr:`fused_targets`), from the family's rules."""
+        if self.family.original_modules is None:
+            return unet_module_map(self.unet.config), {}
+        prefix = f"{self.family.denoiser}."
+        shapes = {t[len(prefix):]: tuple(m.weight.shape) for t, m in self.lora_targets.items() if t.startswith(prefix)}
+        return self.family.original_modules(shapes)
+
+    @cached_property
+    def fused_targets(self) -> dict[str, tuple[tuple[str, int, int], ...]]:
+        """Fused modules of the original tree -> their pieces (targets and rows), as
+        ``component.original_path`` (Flux's ``transformer.double_blocks.0.img_attn.qkv``)."""
+        component = self.family.denoiser
+        return {f"{component}.{fused}": tuple((f"{component}.{path}", start, end) for path, start, end in pieces)
+                for fused, pieces in self._original_modules[1].items()}
+
+    def _spellings(self, target: str) -> list[str]:
+        component, path = target.split(".", 1)
+        original = self._original_modules[0].get(path) if component == self.family.denoiser else None
+        return self.family.naming.spellings(component, path, original)
 
     @cached_property
     def lora_name_index(self) -> dict[str, str]:
-        """Every name a LoRA file may use for a target -> the target.
+        """Every name a LoRA file may use for a target (or a fused module) -> the target.
 
         Built from the model's own module tree and the family's naming (our names = diffusers/PEFT
-        names, kohya's underscore names of those and of the original UNet tree, ...).
+        names, kohya's underscore names of those and of the original tree, ...). A fused module's
+        names lead to its entry in :attr:`fused_targets`.
         """
         index = {}
         for target in self.lora_targets:
-            component, path = target.split(".", 1)
-            original = self._original_unet_paths.get(path) if component == "unet" else None
-            for name in self.family.naming.spellings(component, path, original):
+            for name in self._spellings(target):
                 index[name] = target
+        for fused in self.fused_targets:
+            component, path = fused.split(".", 1)
+            for name in self.family.naming.spellings(component, path, path):
+                index.setdefault(name, fused)
         return index
 
     @cached_property
     def kohya_names(self) -> dict[str, str]:
-        """Target -> the name kohya's sd-scripts gives it in this family's files."""
+        """Target -> the name kohya's sd-scripts gives it in this family's files; the pieces of a
+        fused module share the fused module's name (the first fused module that holds them)."""
         names = {}
+        for fused, pieces in self.fused_targets.items():
+            component, path = fused.split(".", 1)
+            for target, _, _ in pieces:
+                names.setdefault(target, self.family.kohya_name(component, path, path))
         for target in self.lora_targets:
-            component, path = target.split(".", 1)
-            original = self._original_unet_paths.get(path) if component == "unet" else None
-            names[target] = self.family.kohya_name(component, path, original)
+            if target not in names:
+                component, path = target.split(".", 1)
+                original = self._original_modules[0].get(path) if component == self.family.denoiser else None
+                names[target] = self.family.kohya_name(component, path, original)
         return names
 
     def describe(self) -> dict[str, Any]:

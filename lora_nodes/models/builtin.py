@@ -14,7 +14,7 @@ import torch
 
 from .. import families
 from ..families import Family
-from .tokenizer import build_tokenizer
+from .tokenizer import build_t5_tokenizer, build_tokenizer
 
 # The noise schedule SD1.x and SDXL share (their scheduler configs), and what each adds.
 _SD_SCHEDULE: dict[str, Any] = {
@@ -136,6 +136,81 @@ def build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- builtin:tiny-flux
+# FLUX.1's architecture at a few hundred thousand parameters: 2 double and 2 single blocks (so
+# block indices are exercised), guidance-distilled like FLUX.1-dev, CLIP-L-like and T5-like text
+# encoders, a 16-channel VAE without quant convs, FLUX.1-dev's flow-matching schedule.
+
+TINY_FLUX_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,  # 16 latent channels x a 2x2 patch
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,  # the T5 encoder's width
+    "pooled_projection_dim": 32,  # the CLIP encoder's width
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 4, 8),  # must sum to the head dim
+}
+TINY_FLUX_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "latent_channels": 16,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "shift_factor": 0.1159,  # FLUX.1's
+    "scaling_factor": 0.3611,
+    "sample_size": 32,  # the pixels it draws by default (FLUX.1's VAE says 1024)
+}
+TINY_T5: dict[str, Any] = {
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "feed_forward_proj": "gated-gelu",
+    "dropout_rate": 0.0,
+}
+# FLUX.1-dev's scheduler: the shift of the schedule grows with the image's token count
+FLUX_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def build_tiny_flux(seed: int = 0) -> dict[str, Any]:
+    """``builtin:tiny-flux``: a FLUX.1-architecture pipeline (about 250k parameters) with random weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2 = build_tokenizer(), build_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER)
+        vae = AutoencoderKL(**TINY_FLUX_VAE)
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, num_attention_heads=2))
+        text_encoder_2 = T5EncoderModel(T5Config(**TINY_T5, vocab_size=len(tokenizer_2), pad_token_id=0,
+                                                 eos_token_id=1, decoder_start_token_id=0))
+    components = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder,
+                  "text_encoder_2": text_encoder_2}
+    for model in components.values():
+        model.eval()  # built from configs, models start in training mode (dropout on)
+    return {**components, "tokenizer": tokenizer, "tokenizer_2": tokenizer_2,
+            "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE)}
+
+
 # --------------------------------------------------------------------------- builtin:shapes
 # A small SD1.5-architecture pipeline trained to draw ``a {colour} {shape} on a {background}
 # background`` for the colours red, green, blue and yellow, the shapes circle, square and triangle,
@@ -224,11 +299,13 @@ def build_shapes(weights: str | Path = SHAPES_WEIGHTS) -> dict[str, Any]:
 BUILTINS: dict[str, Callable[[], dict[str, Any]]] = {
     "builtin:tiny": build_tiny,
     "builtin:tiny-sdxl": build_tiny_sdxl,
+    "builtin:tiny-flux": build_tiny_flux,
     "builtin:shapes": build_shapes,  # trained, shipped weights (see docs/shapes.md)
 }
 
 
 def builtin_family(name: str) -> Family | None:
     """The family of a built-in, from its UNet config (nothing is built); None for an unknown name."""
-    config = {"builtin:tiny": TINY_UNET, "builtin:tiny-sdxl": TINY_SDXL_UNET, "builtin:shapes": SHAPES_UNET}.get(name)
+    config = {"builtin:tiny": TINY_UNET, "builtin:tiny-sdxl": TINY_SDXL_UNET, "builtin:shapes": SHAPES_UNET,
+              "builtin:tiny-flux": TINY_FLUX_TRANSFORMER}.get(name)
     return families.from_unet_config(config) if config is not None else None

@@ -84,6 +84,29 @@ def build_tokenizer(max_length: int = 77):
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length)
 
 
+def build_t5_tokenizer(max_length: int = 32):
+    """A T5 tokenizer (``T5TokenizerFast``) over :data:`WORDS`, built in code: no sentencepiece model.
+
+    A unigram vocabulary in T5's layout (pad 0, end 1, unknown 2, a ``▁`` marking word starts):
+    each word of the list is one token; any other text falls back to single characters.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    mark = "\u2581"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(mark + word, -1.0) for word in dict.fromkeys(WORDS)]  # whole words score best
+    vocab += [(c, -5.0) for c in mark + "abcdefghijklmnopqrstuvwxyz0123456789.,-'"]  # then characters
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=mark, prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement=mark, prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
 def tokenizer_files(tokenizer) -> dict[str, str]:
     """The files ``tokenizer.save_pretrained`` writes, as ``{file name: text}``."""
     with tempfile.TemporaryDirectory() as folder:

@@ -47,7 +47,8 @@ def inspect_source(source: str, base: str | None = None, config: str = "") -> di
         info["placement"] = {
             "base": base,
             "architecture": model.family.id,
-            "placed": len(placement.placed),
+            "placed": len(placement.sources),  # file modules (a fused one may cover several targets)
+            "targets": len(placement.placed),
             "total": len(lora.modules),
             "unplaced": placement.unplaced,
             "error": _placement_error(lora, model),
@@ -74,7 +75,12 @@ def format_inspection(info: dict[str, Any]) -> str:
             counts[key] = counts.get(key, 0) + 1
         lines = [f"base model: {info['source']}", f"  architecture: {info['architecture']}",
                  f"  dtype: {info['dtype']}, native size: {info['native_size']}px",
-                 f"  LoRA-targetable modules: {len(modules)}"]
+                 f"  {denoiser_text(info['denoiser'])}",
+                 f"  text encoders: {', '.join(f'{n} ({c})' for n, c in info['text_encoders'].items())}",
+                 f"  single-file layout: {info['checkpoint_layout']}"]
+        if info.get("blocks"):
+            lines.append(f"  blocks: {blocks_text(info['blocks'])}")
+        lines.append(f"  LoRA-targetable modules: {len(modules)}")
         lines += [f"    {key}: {n}" for key, n in sorted(counts.items())]
         lines.append("  (--json lists every module with its kind and shape)")
         return "\n".join(lines)
@@ -83,7 +89,10 @@ def format_inspection(info: dict[str, Any]) -> str:
              f"  kinds: {', '.join(info['kinds'])}",
              f"  alpha(s): {', '.join(f'{a:g}' for a in info['alphas'])}",
              f"  components: {', '.join(info['components'])}",
+             f"  layout: {info['layout']}",
              f"  made for: {families.describe(families.by_id(info['architecture'])) if info['architecture'] else 'not recorded'}"]
+    if info.get("blocks"):
+        lines.append(f"  blocks: {blocks_text(info['blocks'])}")
     if info["trigger_words"]:
         lines.append(f"  trigger words: {', '.join(info['trigger_words'])}")
     lines += [f"  {name.replace('_', ' ')}: {value}" for name, value in info["training"].items()]
@@ -99,6 +108,34 @@ def format_inspection(info: dict[str, Any]) -> str:
         if placement["error"]:
             lines.append(f"  error: {placement['error']}")
     return "\n".join(lines)
+
+
+# the denoiser config entries that say its size (diffusers' names), in the order shown
+SIZE_ENTRIES = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "block_out_channels",
+                "layers_per_block", "transformer_layers_per_block", "in_channels", "cross_attention_dim",
+                "joint_attention_dim", "pooled_projection_dim", "guidance_embeds")
+
+
+def denoiser_text(denoiser: dict[str, Any]) -> str:
+    """``denoiser: transformer (FluxTransformer2DModel): num_layers=2, ...``: its class and sizes."""
+    config = denoiser["config"]
+    sizes = ", ".join(f"{name}={config[name]}" for name in SIZE_ENTRIES if config.get(name) is not None)
+    return f"denoiser: {denoiser['component']} ({denoiser['class']})" + (f": {sizes}" if sizes else "")
+
+
+def blocks_text(blocks: dict[str, list[int]]) -> str:
+    """``{"double blocks": [0, 1, 2, 5]}`` as ``double blocks 0-2, 5``; a group without indices by its name."""
+    return "; ".join(f"{group} {_ranges(indices)}" if indices else group for group, indices in blocks.items())
+
+
+def _ranges(indices: list[int]) -> str:
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 def _short(value: str, limit: int = 100) -> str:

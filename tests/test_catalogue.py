@@ -31,7 +31,7 @@ def test_object_info_carries_types_defaults_ranges_and_choices():
     assert required["model"] == ["LN_MODEL", {}]
     assert required["steps"][0] == "INT" and required["steps"][1]["default"] == 20
     assert required["steps"][1]["min"] == 1
-    assert required["sampler"][0] == ["euler", "euler_ancestral", "ddim", "dpmpp_2m"]
+    assert required["sampler"][0] == ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "uni_pc_bh2"]
     assert required["cfg"][1]["step"] == 0.1
     assert info["output"] == ["IMAGE"] and info["output_name"] == ["images"]
     stack = object_info(catalogue()["LoRAStack"])

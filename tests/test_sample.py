@@ -6,9 +6,10 @@ import torch
 from lora_nodes.engine.context import NodeContext
 from lora_nodes.engine.events import Collector
 from lora_nodes.errors import NodeError
+from lora_nodes.families.sd1 import SD1
 from lora_nodes.lora.files import read_lora
 from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe, patcher_of
-from lora_nodes.nodes.sample import SAMPLERS, sample
+from lora_nodes.nodes.sample import sample
 
 
 def draw(recipe, events=None, **overrides):
@@ -49,7 +50,7 @@ def test_text_strength_only_changes_the_text_encoder(tiny, write_lora):
                if f"unet.{n[:-7]}" in tiny.lora_targets and n.endswith(".weight"))
 
 
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("sampler", list(SD1.samplers))  # builtin:tiny's; tests/test_flux_sample.py has Flux's
 def test_every_sampler_runs_and_reports_progress(tiny, sampler):
     events = Collector()
     images = draw(ModelRecipe(tiny), events=events, sampler=sampler, steps=3)

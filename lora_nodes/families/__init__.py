@@ -25,6 +25,7 @@ __all__ = [
     "LoRANaming",
     "LoRATarget",
     "TextEncoder",
+    "blocks_of",
     "by_id",
     "component_of",
     "describe",
@@ -34,6 +35,7 @@ __all__ = [
     "from_unet_config",
     "is_kohya_key",
     "layout_name",
+    "layout_of",
     "mismatch",
     "naming_of",
     "normalize_key",
@@ -140,6 +142,33 @@ def naming_of(key: str) -> str:
         if naming.component_of(key) is not None:
             return naming.naming_of(key)
     return _NAMINGS[0].naming_of(key)
+
+
+def layout_of(key: str) -> str:
+    """The naming of a LoRA key as the file writes it (before :func:`normalize_key`), for people:
+    what :func:`naming_of` says of it, asked of the naming its normalized form belongs to (so
+    that a layout the normalization rewrites, such as XLabs' processor names, is still told)."""
+    normalized = normalize_key(key)
+    for naming in _NAMINGS:
+        if naming.component_of(normalized) is not None:
+            return naming.naming_of(key)
+    return naming_of(key)
+
+
+def blocks_of(family: Family | None, keys: Iterable[str]) -> dict[str, list[int]]:
+    """The blocks a LoRA's module keys change, by group in the family's words (``double blocks``:
+    ``[0, 1, ...]``; a group without indices, like a final layer, maps to ``[]``), in the order
+    the family lists its groups. Empty when the family is unknown or names no blocks."""
+    if family is None or family.naming.block_of is None:
+        return {}
+    block_of, order = family.naming.block_of, family.naming.block_groups
+    groups: dict[str, set[int]] = {}
+    for key in keys:
+        found = block_of(key)
+        if found is not None:
+            group, index = found
+            groups.setdefault(group, set()).update(() if index is None else (index,))
+    return {group: sorted(groups[group]) for group in sorted(groups, key=order.index)}
 
 
 def from_lora(base_model_version: str, keys: Iterable[str],

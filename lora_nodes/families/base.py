@@ -10,6 +10,7 @@ packages meet here: ``lora`` works on anything that is a :class:`LoRATarget`, an
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -57,6 +58,10 @@ class LoRANaming:
     spellings: Callable[[str, str, str | None], list[str]]
     naming_of: Callable[[str], str]
     normalize: Callable[[str], str]  # a file key -> the one spelling of its module this naming reads
+    # which block a (normalized) key changes, in people's words (``("double blocks", 3)``), and
+    # the order those groups are listed in; None: the family's files are not described by blocks
+    block_of: Callable[[str], tuple[str, int | None] | None] | None = None
+    block_groups: tuple[str, ...] = ()
 
     def component_of(self, key: str) -> str | None:
         """The component a LoRA key belongs to, or None when no prefix of this naming fits."""
@@ -104,6 +109,7 @@ class Family:
     kohya_version_prefixes: tuple[str, ...] = ()
     kohya_v_prediction_version: str = ""  # written instead for a v-prediction base ("" : the same)
     kohya_original_unet_names: bool = False  # kohya names the UNet by the original (SGM) tree
+    kohya_network_module: str = "networks.lora"  # sd-scripts' ss_network_module for a plain LoRA of it
     pipeline_class: str = ""  # the diffusers pipeline that draws with it
     pipeline_class_marker: str = ""  # text of a model_index.json ``_class_name`` that says this family
     pipeline_options: Mapping[str, Any] = field(default_factory=dict)  # extra constructor arguments
@@ -206,7 +212,11 @@ class Family:
         import diffusers  # deferred: diffusers takes seconds to import
 
         class_name, changes = self.samplers[sampler]
-        return getattr(diffusers, class_name).from_config(base_scheduler.config, **changes)
+        scheduler_class = getattr(diffusers, class_name)
+        # only what the class takes: another class's settings would be ignored anyway, with a warning
+        accepted = inspect.signature(scheduler_class.__init__).parameters
+        config = {k: v for k, v in base_scheduler.config.items() if k in accepted or k.startswith("_")}
+        return scheduler_class.from_config(config, **changes)
 
     def make_pipeline(self, parts: Mapping[str, Any]) -> Any:
         """Its diffusers pipeline over ``parts`` (components; nothing is copied)."""

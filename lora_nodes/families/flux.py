@@ -132,16 +132,24 @@ def spellings(component: str, path: str, original_path: str | None) -> list[str]
 _KOHYA_BFL_ROOTS = tuple(KOHYA_DENOISER + root.rstrip(".").replace(".", "_") for root in BFL_ROOTS)
 
 
+_XLABS_KEY = re.compile(r"(?:(?:model\.)?diffusion_model\.)?(?:double|single)_blocks\.\d+\.processor\.")
+
+
 def naming_of(key: str) -> str:
     """``kohya`` (sd-scripts: BFL tree, underscores), ``kohya diffusers`` (OneTrainer/SimpleTuner:
-    diffusers tree, underscores), ``bfl`` (BFL/ComfyUI/XLabs dotted names) or ``diffusers``."""
+    diffusers tree, underscores), ``bfl`` (BFL/ComfyUI dotted names, XLabs' once normalized) or
+    ``diffusers``. A key as the file writes it (before :func:`normalize`) may also be ``xlabs``
+    (x-flux's attention-processor names), which normalized keys never are."""
     if key.startswith((KOHYA_DENOISER, KOHYA_T5)):
         return "kohya"
     if key.startswith((ONETRAINER_DENOISER, LYCORIS_DENOISER)):
         return "kohya diffusers"
-    if key.startswith("transformer.") and key[len("transformer."):].startswith(BFL_ROOTS):
-        return "bfl"
-    return "diffusers"
+    if _XLABS_KEY.match(key):
+        return "xlabs"
+    bare = key.removeprefix("transformer.")
+    for prefix in CHECKPOINT_PREFIXES:
+        bare = bare.removeprefix(prefix)
+    return "bfl" if bare.startswith(BFL_ROOTS) else "diffusers"
 
 
 _XLABS = re.compile(r"transformer\.(double|single)_blocks\.(\d+)\.processor\.(qkv|proj)(?:_lora)?([12]?)$")
@@ -170,6 +178,33 @@ def normalize(key: str) -> str:
     return key
 
 
+# module-name patterns -> the block group people know them by; single before double, since
+# diffusers' ``single_transformer_blocks`` ends like its ``transformer_blocks``
+_BLOCKS = (
+    (re.compile(r"(?:^|[._])single(?:_transformer)?_blocks[._](\d+)(?:[._]|$)"), "single blocks"),
+    (re.compile(r"(?:^|[._])(?:double|transformer)_blocks[._](\d+)(?:[._]|$)"), "double blocks"),
+    (re.compile(r"text_model[._]encoder[._]layers[._](\d+)(?:[._]|$)"), "CLIP layers"),
+    (re.compile(r"encoder[._]block[._](\d+)(?:[._]|$)"), "T5 blocks"),
+    (re.compile(r"(?:^|[._])(?:final_layer|norm_out|proj_out)(?:[._]|$)"), "final layer"),
+    (re.compile(r"(?:^|[._])(?:img_in|txt_in|time_in|vector_in|guidance_in|x_embedder|context_embedder"
+                r"|time_text_embed)(?:[._]|$)"), "input embedders"),
+)
+
+
+BLOCK_GROUPS = ("input embedders", "double blocks", "single blocks", "final layer", "CLIP layers", "T5 blocks")
+
+
+def block_of(key: str) -> tuple[str, int | None] | None:
+    """The block a LoRA module key (any Flux naming, normalized) changes: ``("double blocks", 3)``,
+    ``("single blocks", 0)``, ``("CLIP layers", 1)``, ``("T5 blocks", 0)``, ``("final layer", None)``,
+    ``("input embedders", None)``; None for a key that names none of them."""
+    for pattern, group in _BLOCKS:
+        match = pattern.search(key)
+        if match:
+            return group, int(match.group(1)) if match.groups() else None
+    return None
+
+
 NAMING = LoRANaming(
     component_prefixes={
         "transformer.": "transformer",
@@ -182,6 +217,8 @@ NAMING = LoRANaming(
     spellings=spellings,
     naming_of=naming_of,
     normalize=normalize,
+    block_of=block_of,
+    block_groups=BLOCK_GROUPS,
 )
 
 
@@ -193,8 +230,17 @@ def native_size(components: Mapping[str, Any]) -> int:
     return int(components["vae"].config.sample_size)
 
 
+# Samplers that draw with FluxPipeline (diffusers 0.42.1), which hands the scheduler sigmas and the
+# resolution shift ``mu``: the multistep solvers in their flow-matching mode build the same shifted
+# schedule themselves (the pipeline leaves the sigmas to a scheduler with ``use_flow_sigmas``) and
+# follow the same ODE (tests/test_flux_sample.py checks they converge to euler's image). Left out:
+# DEIS (its schedule repeats its last sigma), UniPC bh1 (NaN), Heun (takes no sigmas), and ancestral
+# samplers (diffusers' stochastic flow-matching Euler is not ComfyUI's euler_ancestral).
+_FLOW_SOLVER = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {**_FLOW_SOLVER, "algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "uni_pc_bh2": ("UniPCMultistepScheduler", {**_FLOW_SOLVER, "solver_type": "bh2"}),
 }
 
 CLIP_L = TextEncoder("text_encoder", "tokenizer", "text_encoders.clip_l.transformer.", False, KOHYA_CLIP)
@@ -219,6 +265,7 @@ FLUX = Family(
     kohya_version="flux1",
     kohya_version_prefixes=("flux",),
     kohya_original_unet_names=True,
+    kohya_network_module="networks.lora_flux",
     pipeline_class="FluxPipeline",
     pipeline_class_marker="Flux",
     samplers=SAMPLERS,

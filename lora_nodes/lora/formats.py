@@ -36,6 +36,10 @@ SUFFIXES: dict[str, tuple[str, str | None]] = {
     ".lora_linear_layer.up.weight": ("up", "diffusers-old"),
     "_lora.down.weight": ("down", "diffusers-old"),  # attention processors: ...processor.to_q_lora.down
     "_lora.up.weight": ("up", "diffusers-old"),
+    # the same LoRALinearLayer under other processor names (XLabs' ...processor.qkv_lora1.down); the
+    # longer suffixes above are tried first, so this one only takes what they leave
+    ".down.weight": ("down", "diffusers-old"),
+    ".up.weight": ("up", "diffusers-old"),
     ".hada_w1_a": ("w1a", None),
     ".hada_w1_b": ("w1b", None),
     ".hada_w2_a": ("w2a", None),
@@ -53,6 +57,7 @@ SUFFIXES: dict[str, tuple[str, str | None]] = {
     ".diff_b": ("diff_b", None),
 }
 _SUFFIXES_LONGEST_FIRST = sorted(SUFFIXES, key=len, reverse=True)
+PEFT_WRAPPER = "base_model.model."  # what PEFT's own state dicts put before every module path
 
 
 def parse_lora(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None,
@@ -65,6 +70,7 @@ def parse_lora(tensors: dict[str, Tensor], metadata: dict[str, str] | None = Non
     label = Path(path).name if path else name
     parts: dict[str, dict[str, Tensor]] = {}
     namings: set[str] = set()
+    layouts: set[str] = set()
     unknown = []
     for key, tensor in tensors.items():
         match = next((s for s in _SUFFIXES_LONGEST_FIRST if key.endswith(s)), None)
@@ -72,9 +78,11 @@ def parse_lora(tensors: dict[str, Tensor], metadata: dict[str, str] | None = Non
             unknown.append(key)
             continue
         part, naming = SUFFIXES[match]
-        module_key = normalize_module_key(key[: -len(match)])
+        written = key[: -len(match)].removeprefix(PEFT_WRAPPER)
+        module_key = families.normalize_key(written)
         parts.setdefault(module_key, {})[part] = tensor
         namings.add(naming or ("kohya" if families.is_kohya_key(module_key) else "diffusers"))
+        layouts.add(families.layout_of(written))
     if not parts:
         first = ", ".join(sorted(tensors)[:5]) or "no tensors"
         raise LoRAError(f"{label}: no LoRA weights found (expected keys like '*.lora_down.weight', "
@@ -87,7 +95,7 @@ def parse_lora(tensors: dict[str, Tensor], metadata: dict[str, str] | None = Non
     warnings = metadata_warnings(metadata)
     alphas = peft_alphas(metadata, warnings)
     modules = {key: build_module(key, found, alphas, label) for key, found in parts.items()}
-    return LoRA(name, "+".join(sorted(namings)), modules, metadata, path, warnings)
+    return LoRA(name, "+".join(sorted(namings)), modules, metadata, path, warnings, "+".join(sorted(layouts)))
 
 
 # Largest |value| accepted in any factor (down, up, mid, LoHa/LoKr factors, diffs, DoRA magnitudes).
@@ -183,11 +191,3 @@ def _require(found: dict[str, Tensor], needed: tuple[str, ...], key: str, lora_n
     missing = [p for p in needed if p not in found]
     if missing:
         raise LoRAError(f"{lora_name}: module '{key}' has no {' or '.join(missing)} weight; the file is incomplete")
-
-
-def normalize_module_key(key: str) -> str:
-    """One spelling per module: PEFT's wrapper prefix dropped, then the families' naming rules
-    (component prefixes added, old diffusers processor names fixed)."""
-    return families.normalize_key(key.removeprefix("base_model.model."))
-
-

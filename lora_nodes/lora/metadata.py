@@ -120,15 +120,16 @@ def _one_or_dynamic(values: set, kind: type) -> str:
 
 
 def network_metadata(source: Mapping[str, str], *, lycoris: bool, dims: set[int], alphas: set[float],
-                     base_model_version: str | None) -> dict[str, str]:
+                     base_model_version: str | None, network_module: str = "networks.lora") -> dict[str, str]:
     """The ``ss_*`` metadata of a LoRA file we write: ``source``'s, with network module, dim, alpha and
     base version set.
 
-    ``lycoris``: some module is not a plain low-rank pair (``lycoris.kohya``, else ``networks.lora``);
+    ``lycoris``: some module is not a plain low-rank pair (``lycoris.kohya``, else ``network_module``,
+    the family's: ``networks.lora`` for Stable Diffusion);
     ``dims`` and ``alphas``: those of the modules that have a rank (none: dim and alpha are kept).
     """
     metadata = ss_metadata(source)
-    metadata["ss_network_module"] = "lycoris.kohya" if lycoris else "networks.lora"
+    metadata["ss_network_module"] = "lycoris.kohya" if lycoris else network_module
     if dims:
         metadata["ss_network_dim"] = _one_or_dynamic(set(dims), int)
         metadata["ss_network_alpha"] = _one_or_dynamic(set(alphas), float)
@@ -154,7 +155,7 @@ def training_metadata(config: Any, dataset: Any, base: LoRATarget, name: str, st
         "ss_output_name": name,
         "ss_sd_model_name": base.source,
         BASE_MODEL_VERSION: base_model_version,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": base.family.kohya_network_module,
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(float(config.alpha)),
         "ss_network_args": json.dumps({"target": config.target, **(

@@ -430,6 +430,9 @@ class LoRA:
     metadata: dict[str, str] = field(default_factory=dict)
     path: str = ""
     warnings: list[str] = field(default_factory=list)  # metadata that did not parse (the weights are fine)
+    # how its keys name modules as the file writes them (families.layout_of: kohya, diffusers, a
+    # family's own such as an original checkpoint tree's), '+'-joined; "" when not read from a file
+    layout: str = ""
 
     def components(self) -> list[str]:
         return sorted({families.component_of(key) for key in self.modules})
@@ -443,6 +446,7 @@ class LoRA:
     def describe(self) -> dict[str, Any]:
         """What ``inspect`` shows of a LoRA file."""
         ranked = [m for m in self.modules.values() if m.rank is not None]
+        family = self.family
         return {
             "path": self.path,
             "format": self.format,
@@ -451,7 +455,9 @@ class LoRA:
             "ranks": sorted({m.rank for m in ranked}),
             "alphas": sorted({m.alpha if m.alpha is not None else float(m.rank) for m in ranked}),
             "components": self.components(),
-            "architecture": self.family.id if self.family else None,
+            "layout": self.layout or self.format,
+            "architecture": family.id if family else None,
+            "blocks": families.blocks_of(family, self.modules),
             "trigger_words": trigger_words(self.metadata),
             "training": training_summary(self.metadata),
             "metadata": self.metadata,

@@ -44,7 +44,10 @@ def place(lora: LoRA, base: LoRATarget) -> Placement:
         if target is None:
             placement.unplaced[key] = "no module of that name in the base"
             continue
-        parts = _split(module, fused[target], targets) if target in fused else {target: module}
+        if target in fused:
+            parts = _split(module, fused[target], targets)
+        else:
+            parts = module.fit_error(tuple(targets[target].weight.shape)) or {target: module}
         if isinstance(parts, str):
             placement.unplaced[key] = parts
             continue

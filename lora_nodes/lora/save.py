@@ -5,6 +5,13 @@ kohya's underscores are ambiguous, so a name is never guessed. Module formats th
 naming cannot express (LoHa, LoKr, DoRA, LoCon with a Tucker ``mid``, full diffs in diffusers
 files) become plain LoRA by an SVD of the module's delta; in kohya files every LyCORIS module is
 kept as it is (its keys are kohya-named), and the file says ``ss_network_module: lycoris.kohya``.
+
+Where the two namings cut a weight differently (Flux: kohya's fused q/k/v is three diffusers
+modules), a fused module becomes one plain module per separate weight (its up's rows, the same
+down) in diffusers files, and separate modules are fused into one for kohya files (down the
+concatenation of each part's scaled down, up block-diagonal with zero rows where no part writes,
+alpha = the total rank): the same change, exactly. A module that kohya names as it is (a fused
+file module, or one weight) is written unchanged.
 """
 
 from __future__ import annotations
@@ -21,10 +28,10 @@ from .. import families
 from ..errors import LoRAError
 from ..families import LoRATarget
 from .metadata import BASE_MODEL_VERSION, network_metadata, ss_metadata
-from .model import FullModule, LoHaModule, LoKrModule, LoRA, LoRAModule, Module
+from .model import FullModule, LoHaModule, LoKrModule, LoRA, LoRAModule, Module, RowsModule
 from .ops import svd_lowrank
 from .peft import ADAPTER_METADATA_KEY
-from .placement import place
+from .placement import Placement, place
 from .recipe import patcher_of
 
 # Module class -> {attribute: kohya / LyCORIS key suffix}; the inverse of formats.SUFFIXES.
@@ -57,48 +64,23 @@ def _is_diffusers(key: str) -> bool:
     return families.naming_of(key) == "diffusers" and families.component_of(key) != families.UNKNOWN_COMPONENT
 
 
-def _targets(lora: LoRA, base: LoRATarget | None) -> dict[str, str]:
-    """file key -> target for every module of ``lora`` that has a place in ``base``."""
-    if base is None:
-        return {}
-    return {module.key: target for target, module in place(lora, base).placed.items()}
-
-
-def _output_name(key: str, naming: str, targets: dict[str, str], kohya_names: dict[str, str]) -> str:
-    target = targets.get(key)
-    if naming == "kohya":
-        if target is not None:
-            return kohya_names[target]
-        if families.is_kohya_key(key):
-            return key
-    else:
-        if target is not None:
-            return target
-        if _is_diffusers(key):
-            return key
-    if not targets:
+def _kept_name(key: str, naming: str, has_base: bool) -> str:
+    """The name of a module that has no place in the base (or there is no base): its own, when it is
+    already in ``naming``; anything else would be a guess."""
+    if (naming == "kohya" and families.is_kohya_key(key)) or (naming == "diffusers" and _is_diffusers(key)):
+        return key
+    if not has_base:
         raise LoRAError(f"module '{key}' must be renamed for a {naming} file, and names are converted only "
                         "through the base model: connect the model (the base this LoRA is for) to SaveLoRA")
     raise LoRAError(f"module '{key}' has no place in the connected model, so it cannot be renamed for a "
                     f"{naming} file; is the LoRA for another model?")
 
 
-def output_names(lora: LoRA, naming: str, base: LoRATarget | None = None) -> dict[str, str]:
-    """file key -> the module's name in ``naming`` (``kohya`` or ``diffusers``).
-
-    Names already in that naming are kept when the module has no place in ``base`` (or there is no
-    base); every other name is converted through ``base``, and a module that needs converting
-    without a base (or has no place in it) raises :class:`LoRAError`.
-    """
-    targets = _targets(lora, base)
-    kohya_names = dict(base.kohya_names) if base is not None else {}
-    names = {key: _output_name(key, naming, targets, kohya_names) for key in lora.modules}
-    seen: dict[str, str] = {}
-    for key, name in names.items():
-        if name in seen:
-            raise LoRAError(f"modules '{seen[name]}' and '{key}' both target '{name}'")
-        seen[name] = key
-    return names
+def _add(out: dict[str, tuple[str, Module]], name: str, key: str, module: Module) -> None:
+    """Put ``module`` (from file key ``key``) under ``name``; two modules for one name is an error."""
+    if name in out:
+        raise LoRAError(f"modules '{out[name][0]}' and '{key}' both target '{name}'")
+    out[name] = (key, module)
 
 
 # --------------------------------------------------------------------------- conversion to plain LoRA
@@ -133,7 +115,9 @@ def effective_delta(module: Module, target: str | None, base: LoRATarget | None)
 
 
 def _dtype_of(module: Module) -> torch.dtype:
-    """The dtype of the module's factors (not of its DoRA scale or bias)."""
+    """The dtype of the module's factors (not of its DoRA scale or bias; a slice's, its whole module's)."""
+    while isinstance(module, RowsModule):
+        module = module.inner
     tensors = [v for k, v in vars(module).items()
                if k not in COMMON_PARTS and isinstance(v, Tensor) and v.is_floating_point()]
     return tensors[0].dtype if tensors else torch.float32
@@ -161,20 +145,11 @@ def _in_layout(module: LoRAModule, shape: tuple[int, ...]) -> LoRAModule:
     return LoRAModule(key=module.key, alpha=module.alpha, bias=module.bias, down=down, up=up)
 
 
-def _plain_modules(lora: LoRA, base: LoRATarget | None, rank: int) -> tuple[dict[str, LoRAModule], dict[str, float]]:
-    """Every module of ``lora`` as a plain LoRA (converted where needed), in its target's layout."""
-    targets = _targets(lora, base)
-    modules, energy = {}, {}
-    for key, module in lora.modules.items():
-        target = targets.get(key)
-        if module.is_plain:
-            plain = module
-        else:
-            plain, energy[key] = to_plain(module, target, base, rank)
-        if target is not None:
-            plain = _in_layout(plain, _target_shape(module, target, base))
-        modules[key] = plain
-    return modules, energy
+def _as_plain(module: Module, target: str | None, base: LoRATarget | None, rank: int) -> tuple[LoRAModule, float | None]:
+    """``module`` as a plain LoRA: itself when it is one, else by SVD (:func:`to_plain`, energy kept)."""
+    if module.is_plain:
+        return module, None
+    return to_plain(module, target, base, rank)
 
 
 # --------------------------------------------------------------------------- kohya
@@ -217,9 +192,11 @@ def kohya_version(base: LoRATarget) -> str:
 def kohya_metadata(lora: LoRA, modules: dict[str, Module], base: LoRATarget | None = None) -> dict[str, str]:
     """The ``ss_*`` metadata: the input file's, with network module, dim, alpha and base version set."""
     ranked = [m for m in modules.values() if m.rank is not None]
+    family = base.family if base is not None else lora.family
+    network_module = family.kohya_network_module if family is not None else "networks.lora"
     return network_metadata(lora.metadata, lycoris=any(not m.is_plain for m in modules.values()),
                             dims={m.rank for m in ranked}, alphas={_alpha(m) for m in ranked},
-                            base_model_version=base_model_version(lora, base))
+                            base_model_version=base_model_version(lora, base), network_module=network_module)
 
 
 def addnet_hashes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -239,24 +216,133 @@ def addnet_hashes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple
     return model_hash, legacy_hash
 
 
-def kohya_file(lora: LoRA, base: LoRATarget | None = None) -> LoRAFile:
-    """``lora`` in kohya naming: ``lora_unet_*`` / ``lora_te*_*`` keys, every module kept as it is.
+def _kohya_groups(lora: LoRA, base: LoRATarget, placement: Placement) -> dict[str, list[str]]:
+    """kohya name -> the file keys whose changes it holds (several where kohya fuses what they split)."""
+    groups: dict[str, list[str]] = {}
+    sources = placement.sources
+    for key in lora.modules:
+        targets = sources.get(key)
+        names = dict.fromkeys(base.kohya_names[t] for t in targets) if targets else [_kept_name(key, "kohya", True)]
+        for name in names:
+            groups.setdefault(name, []).append(key)
+    return groups
 
-    LoCon ``mid``, LoHa, LoKr, full diffs and DoRA keep their LyCORIS keys (``ss_network_module`` is
-    then ``lycoris.kohya``). With ``base`` every placed module gets kohya's canonical name (SGM names
-    for SDXL UNets) and plain factors the layout of their target.
+
+def _written_as_it_is(name: str, keys: list[str], base: LoRATarget, placement: Placement) -> bool:
+    """Whether one file module is the whole of kohya's module ``name`` (the same weight, rows in the
+    same order), so it is written unchanged: kohya's own names, BFL's, a module the namings share."""
+    if len(keys) != 1:
+        return False
+    index = base.lora_name_index
+    return keys[0] not in placement.sources or index.get(keys[0]) == index.get(name)
+
+
+def _fused_rows(name: str, base: LoRATarget) -> tuple[dict[str, Tensor], int]:
+    """The rows of kohya's module ``name`` each target holds (in the target's order), and its row count."""
+    entry = base.lora_name_index[name]
+    pieces = base.fused_targets.get(entry) or ((entry, 0, int(base.lora_targets[entry].weight.shape[0])),)
+    rows: dict[str, list[int]] = {}
+    for target, start, end in pieces:
+        rows.setdefault(target, []).extend(range(start, end))
+    return {t: torch.tensor(r, dtype=torch.long) for t, r in rows.items()}, max(end for _, _, end in pieces)
+
+
+def _blocks(parts: dict[str, Module], base: LoRATarget,
+            rank: int) -> tuple[list[tuple[Tensor, dict[str, Tensor]]], float | None]:
+    """One file module's change as plain (scaled down, {target: up}) blocks, and the energy an SVD kept.
+
+    A plain module split over several targets (a fused file module) is one block: its down is shared.
     """
-    names = output_names(lora, "kohya", base)
-    targets = _targets(lora, base)
+    modules = list(parts.values())
+    shared = all(isinstance(m, LoRAModule) and m.is_plain and m.down is modules[0].down for m in modules)
+    if shared:
+        return [(modules[0].down.float() * modules[0].scale, {t: m.up for t, m in parts.items()})], None
+    blocks, energies = [], []
+    for target, module in parts.items():
+        plain, energy = _as_plain(module, target, base, rank)
+        if energy is not None:
+            energies.append(energy)
+        blocks.append((plain.down.float() * plain.scale, {target: plain.up}))
+    return blocks, min(energies) if energies else None
+
+
+def _fuse(name: str, keys: list[str], lora: LoRA, base: LoRATarget, placement: Placement,
+          rank: int) -> tuple[LoRAModule, float | None]:
+    """The file modules ``keys`` (parts of kohya's fused module ``name``) as one plain module of it:
+    down = the blocks' scaled downs stacked, up block-diagonal (zero rows where no block writes), alpha
+    = rank (scale 1). Exactly the sum of their changes."""
+    rows, fused_rows = _fused_rows(name, base)
+    downs, ups, bias, energies = [], [], None, []
+    for key in keys:
+        parts = {t: placement.placed[t] for t in placement.sources[key]}
+        blocks, energy = _blocks(parts, base, rank)
+        if energy is not None:
+            energies.append(energy)
+        for down, up_by_target in blocks:
+            up = torch.zeros(fused_rows, down.shape[0])
+            for target, part_up in up_by_target.items():
+                up[rows[target]] = part_up.float().flatten(1)
+            downs.append(down.flatten(1))
+            ups.append(up)
+        for target, part in parts.items():
+            if part.bias is not None:
+                bias = torch.zeros(fused_rows) if bias is None else bias
+                bias[rows[target]] += part.bias.float()
+    dtype = _dtype_of(lora.modules[keys[0]])
+    down, up = torch.cat(downs).to(dtype), torch.cat(ups, dim=1).to(dtype)
+    fused = LoRAModule(key=name, alpha=float(down.shape[0]), down=down, up=up,
+                       bias=None if bias is None else bias.to(dtype))
+    return fused, min(energies) if energies else None
+
+
+def kohya_modules(lora: LoRA, base: LoRATarget | None = None, rank: int = 0) -> tuple[dict[str, Module], dict[str, float]]:
+    """``lora``'s modules under kohya's names, and the energy kept where one had to become plain LoRA.
+
+    Without ``base`` kohya-named modules keep their names and nothing else can be named. With it,
+    every placed module gets kohya's canonical name (SGM names for SDXL UNets, BFL names for Flux);
+    a module that is the whole of one kohya module is kept as it is (plain factors in its target's
+    layout), and modules that kohya fuses (Flux's q/k/v) are fused (see :func:`_fuse`; LyCORIS parts
+    become plain LoRA by SVD at ``rank``, 0: exact).
+    """
+    if base is None:
+        out: dict[str, tuple[str, Module]] = {}
+        for key, module in lora.modules.items():
+            _add(out, _kept_name(key, "kohya", False), key, module)
+        return {name: module for name, (_, module) in out.items()}, {}
+    placement = place(lora, base)
+    modules, energy = {}, {}
+    for name, keys in _kohya_groups(lora, base, placement).items():
+        if _written_as_it_is(name, keys, base, placement):
+            module = lora.modules[keys[0]]
+            target = base.lora_name_index.get(keys[0])
+            if module.is_plain and keys[0] in placement.sources and target in base.lora_targets:
+                module = _in_layout(module, _target_shape(module, target, base))
+            modules[name] = module
+            continue
+        unplaced = [k for k in keys if k not in placement.sources]
+        if unplaced:  # a module with no place, already kohya-named as a placed one is named
+            other = next(k for k in keys if k != unplaced[0])
+            raise LoRAError(f"modules '{other}' and '{unplaced[0]}' both target '{name}'")
+        modules[name], kept = _fuse(name, keys, lora, base, placement, rank)
+        if kept is not None:
+            energy[name] = kept
+    return modules, energy
+
+
+def kohya_file(lora: LoRA, base: LoRATarget | None = None, rank: int = 0) -> LoRAFile:
+    """``lora`` in kohya naming: ``lora_unet_*`` / ``lora_te*_*`` keys (see :func:`kohya_modules`).
+
+    LoCon ``mid``, LoHa, LoKr, full diffs and DoRA keep their LyCORIS keys where kohya names their
+    module as the file does (``ss_network_module`` is then ``lycoris.kohya``).
+    """
+    modules, energy = kohya_modules(lora, base, rank)
     tensors: dict[str, Tensor] = {}
-    for key, module in lora.modules.items():
-        if module.is_plain and key in targets:
-            module = _in_layout(module, _target_shape(module, targets[key], base))
-        tensors.update(kohya_tensors(names[key], module))
-    metadata = kohya_metadata(lora, lora.modules, base)
+    for name, module in modules.items():
+        tensors.update(kohya_tensors(name, module))
+    metadata = kohya_metadata(lora, modules, base)
     tensors = _contiguous(tensors)
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
-    return LoRAFile(tensors, metadata)
+    return LoRAFile(tensors, metadata, energy)
 
 
 # --------------------------------------------------------------------------- diffusers
@@ -272,26 +358,48 @@ def _peft_name(name: str) -> str:
     return path.removeprefix("text_model.")
 
 
-def _uniform(modules: dict[str, LoRAModule], names: dict[str, str]) -> dict[str, tuple[int, float]] | None:
+def _uniform(modules: dict[str, LoRAModule]) -> dict[str, tuple[int, float]] | None:
     """component -> (rank, alpha) when every module of each component shares both; else None."""
     found: dict[str, set[tuple[int, float]]] = {}
-    for key, module in modules.items():
-        found.setdefault(families.component_of(names[key]), set()).add((module.rank, _alpha(module)))
+    for name, module in modules.items():
+        found.setdefault(families.component_of(name), set()).add((module.rank, _alpha(module)))
     if any(len(pairs) != 1 for pairs in found.values()):
         return None
     return {component: pairs.pop() for component, pairs in found.items()}
 
 
-def adapter_metadata(modules: dict[str, LoRAModule], names: dict[str, str],
-                     uniform: dict[str, tuple[int, float]]) -> dict[str, object]:
+def adapter_metadata(modules: dict[str, LoRAModule], uniform: dict[str, tuple[int, float]]) -> dict[str, object]:
     """diffusers' ``lora_adapter_metadata``: ``LoraConfig`` arguments per component, prefixed."""
     metadata: dict[str, object] = {}
     for component, (rank, alpha) in sorted(uniform.items()):
-        targets = sorted(_peft_name(names[k]) for k in modules if families.component_of(names[k]) == component)
+        targets = sorted(_peft_name(name) for name in modules if families.component_of(name) == component)
         config = {"r": rank, "lora_alpha": alpha, "target_modules": targets, "use_dora": False,
                   "lora_bias": False}
         metadata.update({f"{component}.{k}": v for k, v in config.items()})
     return metadata
+
+
+def diffusers_modules(lora: LoRA, base: LoRATarget | None = None,
+                      rank: int = 0) -> tuple[dict[str, LoRAModule], dict[str, float]]:
+    """``lora``'s modules as plain LoRA under diffusers' names (its targets in ``base``), and the
+    energy kept by those converted by SVD. A fused module becomes one module per target it covers
+    (its up's rows; down, rank and alpha shared: exact). Without ``base`` only modules already
+    diffusers-named can be written."""
+    placement = place(lora, base) if base is not None else None
+    out: dict[str, tuple[str, Module]] = {}
+    energy: dict[str, float] = {}
+    for key, module in lora.modules.items():
+        targets = placement.sources.get(key, []) if placement is not None else []
+        if not targets:
+            parts = {_kept_name(key, "diffusers", base is not None): (None, module)}
+        else:
+            parts = {target: (target, placement.placed[target]) for target in targets}
+        for name, (target, part) in parts.items():
+            plain, kept = _as_plain(part, target, base, rank)
+            _add(out, name, key, plain if target is None else _in_layout(plain, _target_shape(part, target, base)))
+            if kept is not None:
+                energy[name] = kept
+    return {name: module for name, (_, module) in out.items()}, energy
 
 
 def _folded(module: LoRAModule) -> LoRAModule:
@@ -317,28 +425,35 @@ def diffusers_file(lora: LoRA, base: LoRATarget | None = None, rank: int = 0) ->
     if any(m.bias is not None for m in lora.modules.values()):
         raise LoRAError("this LoRA changes biases (.diff_b), which a diffusers LoRA file cannot hold; "
                         "save it in kohya format")
-    names = output_names(lora, "diffusers", base)
-    modules, energy = _plain_modules(lora, base, rank)
-    uniform = _uniform(modules, names)
+    modules, energy = diffusers_modules(lora, base, rank)
+    uniform = _uniform(modules)
     metadata = {"format": "pt"}
     if uniform is None:
-        modules = {k: _folded(m) for k, m in modules.items()}
+        modules = {name: _folded(m) for name, m in modules.items()}
     else:
-        meta = adapter_metadata(modules, names, uniform)
+        meta = adapter_metadata(modules, uniform)
         metadata[ADAPTER_METADATA_KEY] = json.dumps(meta, indent=2, sort_keys=True)
     tensors: dict[str, Tensor] = {}
-    for key, module in modules.items():
-        tensors[f"{names[key]}.lora_A.weight"] = module.down
-        tensors[f"{names[key]}.lora_B.weight"] = module.up
-    return LoRAFile(_contiguous(tensors), metadata, {names[k]: e for k, e in energy.items()})
+    for name, module in modules.items():
+        tensors[f"{name}.lora_A.weight"] = module.down
+        tensors[f"{name}.lora_B.weight"] = module.up
+    return LoRAFile(_contiguous(tensors), metadata, energy)
 
 
 def _contiguous(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    """Every tensor on the CPU, contiguous, and in memory of its own: safetensors refuses tensors that
+    share storage (the one down of a fused module, given to each weight it is split over)."""
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        storage = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if storage in seen else value
+        seen.add(storage)
+    return out
 
 
 BUILDERS: dict[str, Callable[..., LoRAFile]] = {
-    "kohya": lambda lora, base, rank: kohya_file(lora, base),
+    "kohya": kohya_file,
     "diffusers": diffusers_file,
 }
 

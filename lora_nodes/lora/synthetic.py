@@ -5,6 +5,7 @@ Used to make the example LoRA the workflows ship and the files tests check forma
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -20,26 +21,41 @@ def synthetic_lora(base: LoRATarget, rank: int = 4, alpha: float | None = None, 
     """A random LoRA state dict for every module of ``base`` whose path matches ``pattern``.
 
     ``fmt`` is ``kohya`` (``lora_unet_*.lora_down.weight``, ``.alpha``; SDXL UNets by their
-    original SGM names and text encoders as ``lora_te1_``/``lora_te2_``, as kohya names them) or
-    ``peft`` (``unet.*.lora_A.weight``); the same seed gives the same tensors in either naming.
+    original SGM names, Flux by BFL's, text encoders as kohya names them) or ``peft``
+    (``unet.*.lora_A.weight``). Where kohya names one fused module for several of the base's
+    weights (Flux's q/k/v), the kohya file has that one module, over all its rows, as kohya trains
+    it; otherwise the same seed gives the same tensors in either naming.
     """
+    if fmt not in ("kohya", "peft"):
+        raise ValueError(f"unknown format {fmt!r} (kohya or peft)")
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, Tensor] = {}
     kohya_names = base.kohya_names
     for target, module in base.lora_targets.items():
         if not pattern.search(target):
             continue
-        weight = module.weight
-        fan_in = weight[0].numel()
-        down = torch.randn((rank, *weight.shape[1:]), generator=generator) / fan_in**0.5
-        up = torch.randn((weight.shape[0], rank, *([1] * (weight.dim() - 2))), generator=generator) * up_std
+        shape = tuple(module.weight.shape)
+        key = target
         if fmt == "kohya":
             key = kohya_names[target]
+            if f"{key}.alpha" in tensors:  # a fused module, made with its first piece
+                continue
+            shape = _fused_shape(base, key) or shape
+        fan_in = math.prod(shape[1:])
+        down = torch.randn((rank, *shape[1:]), generator=generator) / fan_in**0.5
+        up = torch.randn((shape[0], rank, *([1] * (len(shape) - 2))), generator=generator) * up_std
+        if fmt == "kohya":
             tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
             tensors[f"{key}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
-        elif fmt == "peft":
-            tensors[f"{target}.lora_A.weight"], tensors[f"{target}.lora_B.weight"] = down, up
         else:
-            raise ValueError(f"unknown format {fmt!r} (kohya or peft)")
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
     return tensors
 
+
+def _fused_shape(base: LoRATarget, name: str) -> tuple[int, ...] | None:
+    """The weight shape of the fused module kohya calls ``name``, or None when it names one weight."""
+    pieces = base.fused_targets.get(base.lora_name_index.get(name, ""))
+    if not pieces:
+        return None
+    rows = max(end for _, _, end in pieces)
+    return (rows, *base.lora_targets[pieces[0][0]].weight.shape[1:])

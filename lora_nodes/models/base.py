@@ -127,12 +127,21 @@ class BaseModel:
         return names
 
     def describe(self) -> dict[str, Any]:
-        """What ``inspect`` shows of a base: family and every LoRA-targetable module."""
+        """What ``inspect`` shows of a base: family, its denoiser (class and config: widths and block
+        counts), text encoders, single-file layout, the blocks LoRAs can change, and every
+        LoRA-targetable module."""
+        config = self.denoiser.config
         return {
             "source": self.source,
             "architecture": self.family.id,
             "dtype": str(self.dtype).replace("torch.", ""),
             "native_size": self.native_size,
+            "denoiser": {"component": self.family.denoiser, "class": type(self.denoiser).__name__,
+                         "config": {k: v for k, v in dict(config).items() if not k.startswith("_")}},
+            "text_encoders": {name: type(self.components[name]).__name__
+                              for name in self.family.text_components if name in self.components},
+            "checkpoint_layout": self.family.checkpoint_layout,
+            "blocks": families.blocks_of(self.family, self.lora_targets),
             "modules": {
                 name: {"kind": "conv" if isinstance(m, nn.Conv2d) else "linear", "shape": list(m.weight.shape)}
                 for name, m in self.lora_targets.items()

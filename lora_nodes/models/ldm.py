@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -457,6 +457,23 @@ def _text_from_ldm(
     return out, _mismatch(what, missing, unexpected)
 
 
+def _vae_from_ldm(state: Mapping[str, Tensor], vae_config: Mapping[str, Any],
+                  prefix: str) -> tuple[dict[str, Tensor], str | None]:
+    vae, problem = _component_from_ldm(state, vae_key_map(vae_config), prefix, "VAE")
+    for name, value in list(vae.items()):
+        if _is_vae_attention_linear(name) and value.ndim == 4:
+            vae[name] = value.reshape(value.shape[0], value.shape[1])
+    return vae, problem
+
+
+def vae_from_ldm(state: Mapping[str, Tensor], vae_config: Mapping[str, Any], prefix: str = "") -> dict[str, Tensor]:
+    """An LDM-named VAE (under ``prefix``; a VAE file such as BFL's ``ae.safetensors`` has none) ->
+    the diffusers AutoencoderKL state dict. Raises ValueError naming missing and unexpected keys."""
+    vae, problem = _vae_from_ldm({k: v for k, v in state.items() if k.startswith(prefix)}, vae_config, prefix)
+    _raise_if([problem], "VAE weights do not fit the config")
+    return vae
+
+
 def from_ldm_checkpoint(
     state: Mapping[str, Tensor],
     family: Family,
@@ -474,10 +491,7 @@ def from_ldm_checkpoint(
     the checkpoint does not fit the configs.
     """
     unet, unet_problem = _component_from_ldm(state, unet_key_map(unet_config), family.denoiser_checkpoint_prefix, "UNet")
-    vae, vae_problem = _component_from_ldm(state, vae_key_map(vae_config), family.vae_checkpoint_prefix, "VAE")
-    for name, value in list(vae.items()):
-        if _is_vae_attention_linear(name) and value.ndim == 4:
-            vae[name] = value.reshape(value.shape[0], value.shape[1])
+    vae, vae_problem = _vae_from_ldm(state, vae_config, family.vae_checkpoint_prefix)
     result = {"unet": unet, "vae": vae}
     problems = [unet_problem, vae_problem]
     for number, text in enumerate(family.text_encoders, start=1):
@@ -486,26 +500,3 @@ def from_ldm_checkpoint(
         problems.append(problem)
     _raise_if(problems, "checkpoint does not fit the configs")
     return result
-
-
-# checkpoint_layout (declared by each family) -> (reader, writer) of single-file checkpoints
-CONVERTERS: dict[str, tuple[Callable[..., dict[str, dict[str, Tensor]]], Callable[..., dict[str, Tensor]]]] = {
-    "ldm": (from_ldm_checkpoint, to_ldm_checkpoint),
-}
-
-
-def _converters(family: Family) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    if family.checkpoint_layout not in CONVERTERS:
-        raise ValueError(f"single-file checkpoints of {family.display_name} ({family.checkpoint_layout} layout) "
-                         "are not read or written yet: use a diffusers folder")
-    return CONVERTERS[family.checkpoint_layout]
-
-
-def checkpoint_reader(family: Family) -> Callable[..., dict[str, dict[str, Tensor]]]:
-    """The function that reads single-file checkpoints of ``family``'s layout (see ``checkpoint_layout``)."""
-    return _converters(family)[0]
-
-
-def checkpoint_writer(family: Family) -> Callable[..., dict[str, Tensor]]:
-    """The function that writes single-file checkpoints of ``family``'s layout (see ``checkpoint_layout``)."""
-    return _converters(family)[1]

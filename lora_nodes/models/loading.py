@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -15,9 +18,16 @@ from ..errors import ModelLoadError
 from ..families import Family
 from .base import BaseModel
 from .builtin import BUILTINS, builtin_family
-from .ldm import checkpoint_reader
+from .checkpoints import (
+    cast_floats,
+    checkpoint_layout,
+    component_from_file,
+    config_parts,
+    dequantize,
+    expected_parts,
+)
 from .text_names import state_dict_for
-from .tokenizer import build_tokenizer, tokenizer_from_files
+from .tokenizer import build_t5_tokenizer, build_tokenizer, tokenizer_from_files
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # or one tokenizer.json (what transformers 5 writes)
@@ -44,16 +54,26 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_base(source: str, dtype: str = "auto", device: str = "auto", config: str = "") -> BaseModel:
-    """Load a base model from ``builtin:NAME``, a diffusers folder or a single ``.safetensors`` file."""
+def load_base(source: str, dtype: str = "auto", device: str = "auto", config: str = "",
+              component_files: Mapping[str, str] | None = None) -> BaseModel:
+    """Load a base model from ``builtin:NAME``, a diffusers folder or a single ``.safetensors`` file.
+
+    ``component_files`` (with a single file only) maps a component (``vae``, ``text_encoder``,
+    ``text_encoder_2``) to a file that holds it alone, as ComfyUI's VAE and CLIP loaders take them;
+    it replaces what the checkpoint or the config folder would give.
+    """
     target_device = pick_device(device)
     target_dtype = pick_dtype(dtype, target_device)
+    files = {name: Path(file) for name, file in (component_files or {}).items() if file}
+    if files and (source in BUILTINS or not Path(source).is_file()):
+        raise ModelLoadError(f"{', '.join(files)}: files of their own go with a single-file checkpoint, "
+                                 f"not with {source}")
     if source in BUILTINS:
         components = BUILTINS[source]()
     elif Path(source).is_dir():
         components = _load_diffusers_folder(Path(source))
     elif Path(source).is_file():
-        components = _load_single_file(Path(source), Path(config) if config else None)
+        components = _load_single_file(Path(source), Path(config) if config else None, target_dtype, files)
     else:
         raise ModelLoadError(f"no base model at '{source}' (give builtin:NAME, a diffusers folder or a .safetensors file)")
     for part in components.values():
@@ -70,14 +90,16 @@ def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
         model.to(device=device)
 
 
-def missing_pipeline_files(folder: Path, family: Family | None = None) -> list[str]:
-    """The files a diffusers pipeline folder of ``family`` (default: the one its layout says) lacks."""
+def missing_pipeline_files(folder: Path, family: Family | None = None, parts: Sequence[str] | None = None) -> list[str]:
+    """The files a diffusers pipeline folder of ``family`` (default: the one its layout says) lacks:
+    ``model_index.json``, the configs of ``parts`` (default: every model part), the scheduler's
+    config and the tokenizers' files."""
     family = families.with_pipeline_layout_of(folder) if family is None else family
-    needed = ["model_index.json", *(f"{part}/config.json" for part in family.model_parts),
+    needed = ["model_index.json", *(f"{part}/config.json" for part in (family.model_parts if parts is None else parts)),
               "scheduler/scheduler_config.json"]
-    for tokenizer in family.tokenizers:
-        if not (folder / tokenizer / "tokenizer.json").is_file():
-            needed += [f"{tokenizer}/{name}" for name in TOKENIZER_FILES]
+    for text in family.text_encoders:
+        if not (folder / text.tokenizer / "tokenizer.json").is_file():
+            needed += [f"{text.tokenizer}/{name}" for name in _tokenizer_kind(text.model_class).files]
     return [name for name in needed if not (folder / name).is_file()]
 
 
@@ -101,8 +123,11 @@ def _load_diffusers_folder(folder: Path) -> dict[str, Any]:
     return {part: getattr(pipe, part) for part in family.pipeline_parts}
 
 
-def _load_single_file(path: Path, config: Path | None) -> dict[str, Any]:
-    """A single-file (LDM layout) checkpoint, with configs and tokenizer from a diffusers folder."""
+# --------------------------------------------------------------------------- single files
+
+
+def _read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A ``.safetensors`` model file's tensors (ComfyUI's scaled fp8 multiplied out) and metadata."""
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(_NOT_SAFETENSORS.format(name=path.name))
     # a damaged file is named as such here too: inside ComfyUI no validation ran before
@@ -110,20 +135,59 @@ def _load_single_file(path: Path, config: Path | None) -> dict[str, Any]:
         state, metadata = tensorfiles.read_tensors(path)
     except tensorfiles.UnreadableTensorFile as exc:
         raise ModelLoadError(str(exc)) from exc
-    embedded = metadata.get(EMBEDDED_CONFIG_KEY)
+    return dequantize(state), metadata
+
+
+def _load_single_file(path: Path, config: Path | None, dtype: torch.dtype,
+                      files: Mapping[str, Path]) -> dict[str, Any]:
+    """A single-file checkpoint, with configs and tokenizers from a diffusers folder or its metadata,
+    and the components it lacks from files of their own or from the folder's weights."""
+    state, metadata = _read_model_file(path)
     try:
         family = families.from_checkpoint({key: tensor.shape for key, tensor in state.items()})
+        layout = checkpoint_layout(family)
     except ValueError as exc:
-        raise ModelLoadError(f"{path.name} is not a Stable Diffusion checkpoint we can read: {exc}") from exc
-    configs = json.loads(embedded) if embedded and config is None else _configs_from_folder(path, config, family)
+        raise ModelLoadError(f"{path.name} is not a model checkpoint we can read: {exc}") from exc
+    embedded = metadata.get(EMBEDDED_CONFIG_KEY)
+    held = layout.parts_in(list(state), family)
+    configs = json.loads(embedded) if embedded and config is None else _configs_from_folder(path, config, family, held)
     try:
-        parts = checkpoint_reader(family)(state, family, configs[family.denoiser], configs[family.vae])
-    except ValueError as exc:
+        configs, parts = layout.read(state, family, configs)
+    except (ValueError, KeyError) as exc:
         raise ModelLoadError(f"{path.name} does not fit the configs in {config or 'its metadata'}: {exc}") from exc
-    components = _models_from_configs(configs, family)
-    for name, model in components.items():
-        _load_exact(model, state_dict_for(model, parts[name]), name, path)
+    del state  # the parts hold what is needed of it
+    for name, file in files.items():
+        parts[name] = _component_file(name, file, family, configs)
+    components = {}
+    for name in family.model_parts:
+        if name in parts:
+            source = files.get(name, path)  # the file the weights came from, for messages
+            components[name] = _model_from_state(family, name, configs[name], parts.pop(name), dtype, source)
+        elif config is not None and _has_weights(config / name):
+            components[name] = _model_from_folder(family, name, config / name, dtype)
+        else:
+            raise ModelLoadError(_lacks_part(path.name, name, config))
     return {**components, **_tokenizers_and_scheduler(configs, config, family)}
+
+
+def _lacks_part(name: str, part: str, config: Path | None) -> str:
+    where = f"the config folder {config} has no {part} weights" if config is not None else "no config folder is set"
+    return (f"{name} holds no {part} and {where}: set LoadBase's '{part}' input to a file that holds it, or "
+            f"'config' to a diffusers folder with its weights")
+
+
+def _component_file(name: str, file: Path, family: Family, configs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    if name not in expected_parts(family):
+        raise ModelLoadError(f"{file.name}: a {family.display_name} base has no {name} that a file could replace")
+    state, _ = _read_model_file(file)
+    try:
+        return component_from_file(state, name, family, configs)
+    except (ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{file.name} does not hold a {name} for this base: {exc}") from exc
+
+
+def _has_weights(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.safetensors"))
 
 
 EMBEDDED_CONFIG_KEY = "lora_nodes_configs"  # single files we write carry their configs (JSON)
@@ -131,130 +195,272 @@ _NOT_SAFETENSORS = ("{name}: single-file checkpoints are read from .safetensors 
                     "(pickle .ckpt files can run code when loaded; convert them first)")
 
 
-def _configs_from_folder(path: Path, config: Path | None, family: Family) -> dict[str, Any]:
+def _configs_from_folder(path: Path, config: Path | None, family: Family, held: Sequence[str]) -> dict[str, Any]:
+    """The configs for a single file holding the parts ``held``, from a config folder (which must be set)."""
     kind = families.layout_name(family)
+    needed = config_parts(family)
     if config is None:
+        weights = "weights not needed" if set(held) >= set(needed) else \
+            "with the weights of the parts the file lacks, or give those parts as files of their own"
         raise ModelLoadError(
             f"{path.name} is a single-file checkpoint, which holds weights but no configs or tokenizer, and "
             f"nothing is downloaded. Set LoadBase's 'config' input to {kind} diffusers folder of the same "
-            f"model family that has {', '.join(missing_pipeline_files(Path('/nonexistent'), family)[1:])} "
-            "(weights not needed)."
+            f"model family that has {', '.join(missing_pipeline_files(Path('/nonexistent'), family, needed)[1:])} "
+            f"({weights})."
         )
-    missing = [m for m in missing_pipeline_files(config, family) if m != "model_index.json"]
+    missing = [m for m in missing_pipeline_files(config, family, needed) if m != "model_index.json"]
     if missing:
         raise ModelLoadError(f"config folder {config} lacks {', '.join(missing)}")
-    configs = {part: json.loads((config / part / "config.json").read_text()) for part in family.model_parts}
+    configs = {part: json.loads((config / part / "config.json").read_text()) for part in family.model_parts
+               if (config / part / "config.json").is_file()}
     configs["scheduler"] = json.loads((config / "scheduler" / "scheduler_config.json").read_text())
     return configs
 
 
-def _models_from_configs(configs: dict[str, Any], family: Family) -> dict[str, torch.nn.Module]:
+def _model_class(family: Family, name: str) -> Any:
     import diffusers  # deferred: diffusers and transformers take seconds to import
     import transformers
 
-    models = {family.denoiser: getattr(diffusers, family.denoiser_class).from_config(configs[family.denoiser]),
-              family.vae: getattr(diffusers, family.vae_class).from_config(configs[family.vae])}
-    for text in family.text_encoders:
-        config = transformers.CLIPTextConfig(**_clip_config(configs[text.component]))
-        models[text.component] = getattr(transformers, text.model_class)(config)
-    return models
+    if name == family.denoiser:
+        return getattr(diffusers, family.denoiser_class)
+    if name == family.vae:
+        return getattr(diffusers, family.vae_class)
+    return getattr(transformers, family.text_encoder(name).model_class)
 
 
-def _clip_config(config: dict[str, Any]) -> dict[str, Any]:
+def _empty_model(family: Family, name: str, config: Mapping[str, Any]) -> torch.nn.Module:
+    """Component ``name`` from its config, its parameters not allocated (the weights are assigned
+    next): a full-size transformer would otherwise be initialised at random first, for minutes."""
+    try:
+        from accelerate import init_empty_weights  # diffusers' and peft's own way; buffers stay real
+    except ImportError:  # pragma: no cover - accelerate comes with peft
+        from contextlib import nullcontext as init_empty_weights
+    cls = _model_class(family, name)
+    with init_empty_weights():
+        if name in family.text_components:  # a transformers model: built from its config class
+            return cls(cls.config_class(**_text_config(config)))
+        return cls.from_config(config)
+
+
+def _text_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+
+
+# weights some text-encoder files carry that the model has no place for: buffers, CLIP's contrastive
+# head, the tokenizer ComfyUI keeps in some T5 files
+_TOLERATED_EXTRAS = ("position_ids", "logit_scale", "text_projection.weight", "spiece_model")
+_TEXT_LAYER = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.")
+
+
+def _model_from_state(family: Family, name: str, config: Mapping[str, Any], state: dict[str, torch.Tensor],
+                      dtype: torch.dtype, path: Path) -> torch.nn.Module:
+    """Component ``name`` built from its config and given ``state`` (cast to ``dtype``), exactly:
+    a missing or unexpected weight is an error (text encoders' leftovers aside, see above)."""
+    model = _empty_model(family, name, config)
+    expected = model.state_dict()
+    state = cast_floats(state_dict_for(model, state), dtype)
+    if name in family.text_components:
+        state = _text_state(model, state, expected)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise ModelLoadError(f"{path.name}: the {name} weights do not match its config "
+                             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def _text_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                expected: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A text encoder's weights without leftovers its model has no place for (SD2's last OpenCLIP
+    layer, CLIP's projection), and with tied weights (T5's embeddings) given under both names."""
+    layers = getattr(model.config, "num_hidden_layers", None)
+    kept = {}
+    for key, value in state.items():
+        layer = _TEXT_LAYER.match(key)
+        extra = key.endswith(_TOLERATED_EXTRAS) or (layers is not None and layer and int(layer.group(1)) >= layers)
+        if key in expected or not extra:
+            kept[key] = value
+    tied = getattr(model, "_tied_weights_keys", None)
+    if isinstance(tied, Mapping):  # transformers 5: {tied name: source name}
+        for target, source in tied.items():
+            if target not in kept and source in kept:
+                kept[target] = kept[source]
+            elif source not in kept and target in kept:
+                kept[source] = kept[target]
+    return kept
+
+
+def _model_from_folder(family: Family, name: str, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    try:
+        return _model_class(family, name).from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder}: its {name} weights do not load: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class _TokenizerKind:
+    class_name: str  # its transformers class
+    files: tuple[str, ...]  # the files it reads where a folder has no tokenizer.json
+    builtin: Callable[[], Any]  # ours, for built-in bases
+
+
+_TOKENIZERS = {
+    "CLIPTextModel": _TokenizerKind("CLIPTokenizer", TOKENIZER_FILES, build_tokenizer),
+    "CLIPTextModelWithProjection": _TokenizerKind("CLIPTokenizer", TOKENIZER_FILES, build_tokenizer),
+    "T5EncoderModel": _TokenizerKind("T5TokenizerFast", ("spiece.model",), build_t5_tokenizer),
+}
+
+
+def _tokenizer_kind(model_class: str) -> _TokenizerKind:
+    return _TOKENIZERS.get(model_class, _TOKENIZERS["CLIPTextModel"])
 
 
 def _tokenizers_and_scheduler(configs: dict[str, Any], folder: Path | None, family: Family) -> dict[str, Any]:
     import diffusers  # deferred: diffusers and transformers take seconds to import
-    from transformers import CLIPTokenizer
+    import transformers
 
-    tokenizers = family.tokenizers
     embedded = configs.get("tokenizer")
-    if folder is not None:
-        parts = {name: CLIPTokenizer.from_pretrained(folder / name) for name in tokenizers}
-    elif embedded == "builtin":
-        parts = {name: build_tokenizer() for name in tokenizers}
-    elif isinstance(embedded, dict) and all(name in embedded for name in tokenizers):
-        # files SaveModel embedded: {part: {file name: text}}
-        parts = {name: tokenizer_from_files(embedded[name]) for name in tokenizers}
-    else:
-        raise ModelLoadError("the checkpoint's metadata names no tokenizer; pass config: a diffusers folder")
+    parts: dict[str, Any] = {}
+    for text in family.text_encoders:
+        kind = _tokenizer_kind(text.model_class)
+        tokenizer_class = getattr(transformers, kind.class_name)
+        if folder is not None:
+            parts[text.tokenizer] = tokenizer_class.from_pretrained(folder / text.tokenizer)
+        elif embedded == "builtin":
+            parts[text.tokenizer] = kind.builtin()
+        elif isinstance(embedded, dict) and text.tokenizer in embedded:
+            # files SaveModel embedded: {part: {file name: text}}
+            parts[text.tokenizer] = tokenizer_from_files(embedded[text.tokenizer], tokenizer_class)
+        else:
+            raise ModelLoadError("the checkpoint's metadata names no tokenizer; pass config: a diffusers folder")
     scheduler_class = getattr(diffusers, configs["scheduler"].get("_class_name", "DDIMScheduler"))
     parts["scheduler"] = scheduler_class.from_config(configs["scheduler"])
     return parts
 
 
-def _load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
-    if missing or result.unexpected_keys:
-        raise ModelLoadError(f"{path.name}: the {name} weights do not match its config "
-                             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
-
-
 # --------------------------------------------------------------------------- before loading
 
 
-def base_family(source: str, config: str = "") -> tuple[Family | None, list[tuple[str, str]]]:
+# (input, kind, message): kind "bad" (the input names something unusable) or "missing" (it must be set)
+Problem = tuple[str, str, str]
+
+
+def base_family(source: str, config: str = "",
+                component_files: Mapping[str, str] | None = None) -> tuple[Family | None, list[Problem]]:
     """A base's family without loading it, and what would stop it loading.
 
-    Built-ins by their configs, a diffusers folder by ``unet/config.json``, a single file by its
-    ``.safetensors`` header (keys and shapes; no weights read). Problems are ``(input, message)``;
-    a source that does not exist gives neither (the path check reports it). Never raises.
+    Built-ins by their configs, a diffusers folder by its denoiser's ``config.json``, a single file
+    by its ``.safetensors`` header (keys and shapes; no weights read), and the files given for its
+    components (see :func:`load_base`) by theirs. Problems are ``(input, kind, message)``, see
+    :data:`Problem`; a source that does not exist gives neither (the path check reports it).
+    Never raises.
     """
-    if source in BUILTINS:
-        return builtin_family(source), []
+    files = {name: file for name, file in (component_files or {}).items() if file}
     path = Path(source)
     try:
-        if path.is_dir():
-            return _folder_family(path)
+        if source in BUILTINS or path.is_dir():
+            family, problems = (builtin_family(source), []) if source in BUILTINS else _folder_family(path)
+            message = f"files of their own go with a single-file checkpoint, not with {source}"
+            return family, problems + [(name, "bad", message) for name in files]
         if path.is_file():
             stat = path.stat()
-            return _single_file_family(str(path), stat.st_size, stat.st_mtime_ns, config)
+            family, problems, held, embedded = _single_file_header(str(path), stat.st_size, stat.st_mtime_ns)
+            if family is None or problems:
+                return family, list(problems)
+            return family, _single_file_problems(path.name, family, held, embedded, config, files)
     except Exception as exc:  # noqa: BLE001 - a check that cannot decide must not stop validation
-        return None, [("source", f"{path.name}: {exc}")]
+        return None, [("source", "bad", f"{path.name}: {exc}")]
     return None, []
 
 
-def _folder_family(folder: Path) -> tuple[Family | None, list[tuple[str, str]]]:
-    problem = _folder_problem(folder, families.with_pipeline_layout_of(folder))
+def _folder_family(folder: Path) -> tuple[Family | None, list[Problem]]:
+    layout = families.with_pipeline_layout_of(folder)
+    problem = _folder_problem(folder, layout)
     if problem:
-        return None, [("source", problem)]
+        return None, [("source", "bad", problem)]
+    config_file = folder / layout.denoiser / "config.json"
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
+        config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
-        return None, [("source", f"{folder / 'unet' / 'config.json'} is not readable JSON: {exc}")]
-    if not isinstance(unet, dict):
-        return None, [("source", f"{folder / 'unet' / 'config.json'} is not a UNet config")]
-    return families.from_unet_config(unet), []
+        return None, [("source", "bad", f"{config_file} is not readable JSON: {exc}")]
+    if not isinstance(config, dict):
+        return None, [("source", "bad", f"{config_file} is not a {layout.denoiser} config")]
+    return families.from_unet_config(config), []
 
 
 @lru_cache(maxsize=64)
-def _single_file_family(path: str, size: int, mtime_ns: int, config: str) -> tuple[Family | None, list[tuple[str, str]]]:
-    """The family of a single-file checkpoint from its header; cached while the file is unchanged."""
+def _single_file_header(path: str, size: int, mtime_ns: int) -> tuple[Family | None, tuple[Problem, ...],
+                                                                         tuple[str, ...], str | None]:
+    """A single-file checkpoint's family, what is wrong with it, the model parts it holds and its
+    embedded configs, from its header; cached while the file is unchanged."""
     name = Path(path).name
     if not path.lower().endswith(".safetensors"):
-        return None, [("source", _NOT_SAFETENSORS.format(name=name))]
+        return None, (("source", "bad", _NOT_SAFETENSORS.format(name=name)),), (), None
     try:
         header = tensorfiles.read_header(path)
     except tensorfiles.UnreadableTensorFile as exc:
-        return None, [("source", str(exc))]
-    embedded = header.metadata.get(EMBEDDED_CONFIG_KEY)
+        return None, (("source", "bad", str(exc)),), (), None
     try:
         family = families.from_checkpoint(header.shapes)
+        held = checkpoint_layout(family).parts_in(list(header.shapes), family)
     except ValueError as exc:
-        return None, [("source", f"{name} is not a Stable Diffusion checkpoint we can read: {exc}")]
-    if embedded and not config:
+        return None, (("source", "bad", f"{name} is not a model checkpoint we can read: {exc}"),), (), None
+    embedded = header.metadata.get(EMBEDDED_CONFIG_KEY)
+    if embedded:
         try:
-            return families.from_unet_config(json.loads(embedded)["unet"]), []
-        except (ValueError, KeyError, TypeError):
-            return family, [("source", f"{name}: its embedded configs ({EMBEDDED_CONFIG_KEY}) are not readable JSON")]
-    if not config:
+            family = families.from_unet_config(json.loads(embedded)[family.denoiser])
+        except (ValueError, KeyError, TypeError, StopIteration):
+            message = f"{name}: its embedded configs ({EMBEDDED_CONFIG_KEY}) are not readable JSON"
+            return family, (("source", "bad", message),), held, None
+    return family, (), held, embedded
+
+
+def _single_file_problems(name: str, family: Family, held: Sequence[str], embedded: str | None, config: str,
+                          files: Mapping[str, str]) -> list[Problem]:
+    """What a single file with these parts lacks that neither its config folder nor files give."""
+    problems: list[Problem] = []
+    needed = config_parts(family)
+    if not config and not embedded:
+        weights = "weights not needed" if set(held) >= set(needed) else "with weights for the parts it lacks"
         message = (f"{name} is a single-file checkpoint without configs or tokenizer: set config to "
-                   f"{families.layout_name(family)} "
-                   "diffusers folder of the same model family (weights not needed)")
-        return family, [("config", message)]
-    missing = [m for m in missing_pipeline_files(Path(config), family) if m != "model_index.json"]
-    if missing:
-        return family, [("config", f"config folder {config} lacks {', '.join(missing)}")]
-    return family, []
+                   f"{families.layout_name(family)} diffusers folder of the same model family ({weights})")
+        problems.append(("config", "missing", message))
+    elif config:
+        missing = [m for m in missing_pipeline_files(Path(config), family, needed) if m != "model_index.json"]
+        if missing:
+            problems.append(("config", "missing", f"config folder {config} lacks {', '.join(missing)}"))
+    for part, file in files.items():
+        problem = _component_file_problem(part, file, family)
+        if problem:
+            problems.append((part, "bad", problem))
+    for part in expected_parts(family):
+        if part not in held and part not in files and not (config and _has_weights(Path(config) / part)):
+            where = f"the config folder has no {part} weights" if config else "no config folder with weights is set"
+            message = (f"{name} holds no {part} and {where}: set {part} to a file that holds it "
+                       f"({_model_class_name(family, part)} weights), or config to a diffusers folder with its weights")
+            problems.append((part, "missing", message))
+    return problems
+
+
+def _model_class_name(family: Family, part: str) -> str:
+    return family.vae_class if part == family.vae else family.text_encoder(part).model_class
+
+
+def _component_file_problem(part: str, file: str, family: Family) -> str | None:
+    """Why ``file`` cannot give a base of ``family`` its ``part``, from the header, or None."""
+    if part not in expected_parts(family):
+        return f"a {family.display_name} base has no {part} that a file could give"
+    path = Path(file)
+    if not path.name.lower().endswith(".safetensors"):
+        return _NOT_SAFETENSORS.format(name=path.name)
+    try:
+        keys = list(tensorfiles.read_header(path).shapes)
+    except tensorfiles.UnreadableTensorFile as exc:
+        return str(exc)
+    if not keys:
+        return f"{path.name} holds no tensors"
+    if part == family.vae and not any("decoder." in key for key in keys):
+        return f"{path.name} holds no VAE (no decoder weights)"
+    return None

@@ -13,6 +13,10 @@ since torch 2.2, flash / memory-efficient on CUDA) never hold the whole attentio
 diffusers' ``AttnProcessor2_0`` calls it. Where PyTorch would fall back to its plain (math)
 kernel, or the model uses an attention processor that builds the matrix itself, the matrix is
 counted: ``heads x tokens x tokens`` per image, twice (scores and softmax).
+
+A transformer denoiser (Flux-shaped: double- and single-stream blocks over one joint sequence of
+text and image tokens) is estimated the same way from its config: its width, its blocks, and the
+joint sequence (the text encoder's padded length plus one token per packed latent patch).
 """
 
 from __future__ import annotations
@@ -224,6 +228,46 @@ def _mid_has_attention(config: Any) -> bool:
     return config.get("mid_block_type", "UNetMidBlock2DCrossAttn") == "UNetMidBlock2DCrossAttn"
 
 
+def is_unet(base: Any) -> bool:
+    """Whether the base denoises with a UNet (levels of channels), not a transformer over tokens."""
+    return "block_out_channels" in base.denoiser.config
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """What the memory of a transformer denoiser depends on."""
+
+    hidden: int  # width of every token
+    heads: int
+    blocks: int  # double- and single-stream blocks alike: each runs over the joint sequence
+    patch: int  # latent positions per side of one image token (the pipeline's packing times the patch)
+    text_tokens: int  # the text sequence joined to the image's tokens
+
+
+# the most text tokens a pipeline pads a sequence encoder's prompt to (FluxPipeline's default)
+MAX_TEXT_TOKENS = 512
+
+
+def transformer_shape(base: Any) -> TransformerShape:
+    """The shape of a diffusers transformer denoiser (Flux-like config: heads, head dim, block counts)."""
+    config = base.denoiser.config
+    heads = int(config["num_attention_heads"])
+    blocks = int(config.get("num_layers", 0) or 0) + int(config.get("num_single_layers", 0) or 0)
+    # the pipeline packs 2x2 latent patches into channels (in_channels = 4 x the VAE's latent channels)
+    latent_channels = int(base.components["vae"].config.latent_channels)
+    pack = max(1, round(math.sqrt(int(config["in_channels"]) / latent_channels)))
+    tokenizer = base.components.get(base.family.text_encoders[-1].tokenizer) if base.family.text_encoders else None
+    text = min(int(getattr(tokenizer, "model_max_length", MAX_TEXT_TOKENS)), MAX_TEXT_TOKENS)
+    return TransformerShape(heads * int(config["attention_head_dim"]), heads, blocks,
+                            pack * int(config.get("patch_size", 1) or 1), text)
+
+
+def transformer_tokens(shape: TransformerShape, latent_h: int, latent_w: int) -> int:
+    """The joint sequence: the text's tokens and one per packed latent patch ((h/16) x (w/16) for
+    an image of h x w pixels with an 8x VAE and 2x2 packing)."""
+    return shape.text_tokens + math.ceil(latent_h / shape.patch) * math.ceil(latent_w / shape.patch)
+
+
 # --------------------------------------------------------------------------- attention
 
 
@@ -243,12 +287,30 @@ def _fused_attention(device: str, dtype: torch.dtype, heads: int, head_dim: int,
 
 
 def _processors_fuse(module: torch.nn.Module) -> bool:
-    """Whether every attention processor of ``module`` calls SDPA (or xformers) rather than building the matrix."""
+    """Whether every attention processor of ``module`` calls SDPA (or xformers, or another fused
+    kernel) rather than building the matrix."""
     processors = getattr(module, "attn_processors", None)
     if processors is None:
         return True
-    names = {type(p).__name__ for p in processors.values()}
-    return all(name.endswith("2_0") or name.startswith("XFormers") for name in names)
+    return all(type(p).__name__.endswith("2_0") or type(p).__name__.startswith("XFormers") or _dispatch_fuses(p)
+               for p in processors.values())
+
+
+def _dispatch_fuses(processor: Any) -> bool:
+    """Whether a processor that hands attention to diffusers' dispatcher (the newer processors, e.g. the
+    transformers') gets a fused kernel: SDPA ("native") or a flash/xformers/sage backend, not the
+    plain math one."""
+    if not hasattr(type(processor), "_attention_backend"):
+        return False
+    backend = processor._attention_backend
+    if backend is None:
+        try:
+            from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+            backend = _AttentionBackendRegistry.get_active_backend()[0]
+        except (ImportError, AttributeError, IndexError, TypeError):
+            return True  # the dispatcher's default is SDPA
+    return "math" not in str(getattr(backend, "value", backend))
 
 
 def attention_matrix(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, heads: int,
@@ -285,6 +347,28 @@ def unet_sampling_elements(base: Any, latent_h: int, latent_w: int) -> int:
             live = max(live, TRANSFORMER_LIVE * level.channels + matrix * positions[i])
         work = max(work, live * positions[i])
     return skips + work
+
+
+def transformer_sampling_elements(base: Any, latent_h: int, latent_w: int) -> int:
+    """Peak activation elements of one transformer forward per image of its batch: the residual
+    streams of the whole sequence, and the working set of one block (with its attention matrix
+    where the kernel builds one)."""
+    shape = transformer_shape(base)
+    tokens = transformer_tokens(shape, latent_h, latent_w)
+    matrix = attention_matrix(base.denoiser, base.device, base.dtype, shape.heads, shape.hidden)
+    return tokens * (2 * shape.hidden + TRANSFORMER_LIVE * shape.hidden + matrix * tokens)
+
+
+def denoiser_sampling_elements(base: Any, latent_h: int, latent_w: int) -> int:
+    """Peak activation elements of one denoiser forward per image: a UNet's or a transformer's."""
+    if is_unet(base):
+        return unet_sampling_elements(base, latent_h, latent_w)
+    return transformer_sampling_elements(base, latent_h, latent_w)
+
+
+def denoiser_label(base: Any) -> str:
+    """How estimates name the denoiser: ``UNet``, or its component name (``transformer``)."""
+    return "UNet" if is_unet(base) else base.family.denoiser
 
 
 def vae_decode_elements(vae: torch.nn.Module, latent_h: int, latent_w: int, device: torch.device,
@@ -334,14 +418,16 @@ def _fixed_overhead(device: torch.device) -> int:
 def sample_estimate(base: Any, width: int, height: int, batch_size: int, cfg: float) -> MemoryEstimate:
     """Peak working memory of sampling ``batch_size`` images of ``width`` x ``height`` on ``base``.
 
-    The UNet runs on twice the batch when ``cfg`` > 1 (classifier-free guidance); the VAE decodes
+    The UNet runs on twice the batch when ``cfg`` > 1 (classifier-free guidance; a guidance-distilled
+    model's pipeline runs its rarer second pass after the first, on the same batch); the VAE decodes
     the whole batch at once, at full resolution. Text encoding and the scheduler are small and
     covered by the fixed part.
     """
     factor = base.vae_scale_factor
     latent_h, latent_w = math.ceil(height / factor), math.ceil(width / factor)
-    unet_batch = batch_size * (2 if cfg > 1 else 1)
-    unet_activations = unet_batch * _activation_bytes(base.dtype) * unet_sampling_elements(base, latent_h, latent_w)
+    doubled = cfg > 1 and not base.family.guidance_distilled
+    unet_batch = batch_size * (2 if doubled else 1)
+    unet_activations = unet_batch * _activation_bytes(base.dtype) * denoiser_sampling_elements(base, latent_h, latent_w)
     unet = int(unet_activations * ALLOCATOR_SLACK) + largest_weight(base.unet)
     vae_model, upcast = base.components["vae"], _vae_upcast(base)
     vae_dtype = torch.float32 if upcast else base.dtype
@@ -351,9 +437,10 @@ def sample_estimate(base: Any, width: int, height: int, batch_size: int, cfg: fl
     if upcast:  # the float32 copy of the VAE's weights the pipeline decodes with
         vae += sum(p.numel() for p in vae_model.parameters()) * 4
     images = f"{batch_size} images" if batch_size > 1 else "1 image"
+    label = denoiser_label(base)
     return MemoryEstimate(
-        f"Sample at {width}x{height} ({images}{', cfg doubles the UNet batch' if cfg > 1 else ''})",
-        base.device, {"UNet": unet, "VAE decode": vae}, {"fixed": _fixed_overhead(base.device)})
+        f"Sample at {width}x{height} ({images}{f', cfg doubles the {label} batch' if doubled else ''})",
+        base.device, {label: unet, "VAE decode": vae}, {"fixed": _fixed_overhead(base.device)})
 
 
 def check_sample(base: Any, width: int, height: int, batch_size: int, cfg: float, enabled: bool = True) -> None:
@@ -403,6 +490,19 @@ def unet_training_elements(base: Any, latent_h: int, latent_w: int, rank: int, c
     return saved + recomputed + TRAIN_BACKWARD_WORK * largest
 
 
+def transformer_training_elements(base: Any, latent_h: int, latent_w: int, rank: int, checkpointing: bool) -> int:
+    """Activation elements one training step of a transformer keeps for backward, per image, plus
+    the backward's working set: every block's intermediates over the joint sequence (with
+    checkpointing: its input, and one block recomputed at a time)."""
+    shape = transformer_shape(base)
+    tokens = transformer_tokens(shape, latent_h, latent_w)
+    matrix = attention_matrix(base.denoiser, base.device, base.dtype, shape.heads, shape.hidden, grad=True)
+    block = tokens * (TRAIN_TRANSFORMER_SAVED * shape.hidden + 8 * rank + matrix * tokens)
+    saved = shape.blocks * (2 * shape.hidden * tokens if checkpointing else block)
+    recomputed = block if checkpointing else 0
+    return saved + recomputed + TRAIN_BACKWARD_WORK * block
+
+
 def vae_encode_elements(vae: torch.nn.Module, height: int, width: int, device: torch.device,
                         dtype: torch.dtype) -> int:
     """Peak activation elements of encoding one image with a diffusers ``AutoencoderKL`` (no grad)."""
@@ -422,12 +522,22 @@ def vae_encode_elements(vae: torch.nn.Module, height: int, width: int, device: t
     return peak + 3 * height * width  # the batch's pixels on the device
 
 
-def text_training_elements(encoder: torch.nn.Module) -> int:
-    """Activation elements a CLIP text encoder keeps for backward, per caption (77 tokens)."""
+def text_training_elements(encoder: torch.nn.Module, tokens: int | None = None) -> int:
+    """Activation elements a text encoder keeps for backward, per caption: a CLIP's (77 tokens, its
+    positions) or a T5's (``tokens``: what its tokenizer pads to; T5's widths go by other names)."""
     config = encoder.config
-    tokens, hidden = config.max_position_embeddings, config.hidden_size
-    per_layer = tokens * (12 * hidden + 3 * config.intermediate_size) + 2 * config.num_attention_heads * tokens ** 2
+    tokens = tokens or getattr(config, "max_position_embeddings", None) or MAX_TEXT_TOKENS
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "d_ff", 4 * hidden)
+    per_layer = tokens * (12 * hidden + 3 * intermediate) + 2 * config.num_attention_heads * tokens ** 2
     return config.num_hidden_layers * per_layer
+
+
+def _text_tokens(base: Any, component: str) -> int | None:
+    """The tokens a text encoder's tokenizer pads to (at most :data:`MAX_TEXT_TOKENS`), if known."""
+    tokenizer = base.components.get(base.family.text_encoder(component).tokenizer)
+    length = getattr(tokenizer, "model_max_length", None)
+    return min(int(length), MAX_TEXT_TOKENS) if length else None
 
 
 def train_estimate(base: Any, sizes: dict[tuple[int, int], int], batch_size: int, rank: int,
@@ -446,13 +556,16 @@ def train_estimate(base: Any, sizes: dict[tuple[int, int], int], batch_size: int
     latent_h, latent_w = math.ceil(height / factor), math.ceil(width / factor)
     # the prepared images are float32 CPU tensors; their latents (each also flipped) stay on the device
     images = sum(count * 3 * h * w * 4 for (h, w), count in sizes.items()) if base.device.type == "cpu" else 0
-    latents = sum(2 * count * 4 * math.ceil(h / factor) * math.ceil(w / factor) * 4 for (h, w), count in sizes.items())
+    channels = int(base.components["vae"].config.latent_channels)
+    latents = sum(2 * count * channels * math.ceil(h / factor) * math.ceil(w / factor) * 4
+                  for (h, w), count in sizes.items())
     # under autocast the convolutions and projections keep half-precision inputs, the norms float32 ones
     size = 3 if autocast_dtype is not None else _activation_bytes(base.dtype)
-    unet = batch_size * size * unet_training_elements(base, latent_h, latent_w, rank, gradient_checkpointing)
+    training_elements = unet_training_elements if is_unet(base) else transformer_training_elements
+    unet = batch_size * size * training_elements(base, latent_h, latent_w, rank, gradient_checkpointing)
     if train_text_encoder:
-        encoders = [base.components[n] for n in base.family.text_components if n in base.components]
-        unet += batch_size * size * sum(text_training_elements(e) for e in encoders)
+        unet += batch_size * size * sum(text_training_elements(base.components[n], _text_tokens(base, n))
+                                        for n in base.family.text_components if n in base.components)
     vae = batch_size * _activation_bytes(base.dtype) * vae_encode_elements(
         base.components["vae"], height, width, base.device, base.dtype)
     # forward and backward (transposed) convolutions each reorder the largest weight
@@ -460,7 +573,7 @@ def train_estimate(base: Any, sizes: dict[tuple[int, int], int], batch_size: int
     vae = int(vae * ALLOCATOR_SLACK) + largest_weight(base.components["vae"])
     return MemoryEstimate(
         f"TrainLoRA at {width}x{height}, {batch_size} images per batch", base.device,
-        {"UNet step": unet, "VAE encode": vae},
+        {f"{denoiser_label(base)} step": unet, "VAE encode": vae},
         {"training images": images + latents, "LoRA and optimizer": lora_parameters * OPTIMIZER_BYTES_PER_PARAMETER,
          "fixed": _fixed_overhead(base.device)})
 

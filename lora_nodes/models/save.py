@@ -18,10 +18,9 @@ from torch import nn
 
 from ..fileio import atomic_folder, atomic_write
 from .base import BaseModel
-from .ldm import checkpoint_writer
+from .checkpoints import checkpoint_layout
 from .loading import DTYPES, EMBEDDED_CONFIG_KEY
 from .pipeline import pipeline_for
-from .text_names import file_state_dict
 from .tokenizer import tokenizer_files
 
 
@@ -97,13 +96,17 @@ def embedded_configs(base: BaseModel) -> dict[str, Any]:
     return configs
 
 
+def single_file_parts(base: BaseModel) -> tuple[str, ...]:
+    """The components a single file of ``base``'s family holds: every model part (an LDM/SGM
+    checkpoint), or the denoiser alone (a BFL transformer file; the VAE and text encoders stay in
+    files of their own, as ComfyUI loads them)."""
+    return checkpoint_layout(base.family).written_parts(base.family)
+
+
 def single_file_state_dict(base: BaseModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The base's weights as one LDM/SGM checkpoint state dict, in ``dtype``, on the CPU."""
-    parts = base.components
-    text_2 = file_state_dict(parts["text_encoder_2"]) if "text_encoder_2" in parts else None
-    state = checkpoint_writer(base.family)(parts["unet"].state_dict(), parts["vae"].state_dict(),
-                              file_state_dict(parts["text_encoder"]), parts["unet"].config,
-                              parts["vae"].config, text_encoder_2=text_2)
+    """The base's weights as one single-file checkpoint state dict in its family's layout (LDM/SGM
+    for Stable Diffusion, BFL for a transformer of that tree), in ``dtype``, on the CPU."""
+    state = checkpoint_layout(base.family).write(base.components, base.family)
     return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
             for k, v in state.items()}
 
@@ -111,8 +114,9 @@ def single_file_state_dict(base: BaseModel, dtype: torch.dtype) -> dict[str, tor
 def save_single_file(base: BaseModel, path: str | Path, dtype: str = "same", overwrite: bool = True) -> Path:
     """Write ``base`` as one ``.safetensors`` checkpoint (A1111 / ComfyUI layout), atomically.
 
-    Its metadata (``EMBEDDED_CONFIG_KEY``) holds every config and the tokenizer, so
-    ``load_base`` reads it back with no config folder. Without ``overwrite`` an existing file,
+    Its metadata (``EMBEDDED_CONFIG_KEY``) holds every config and the tokenizers, so ``load_base``
+    reads it back with no config folder (a file that holds only the denoiser, see
+    :func:`single_file_parts`, takes the other parts' weights from files of their own). Without ``overwrite`` an existing file,
     even one that appears while writing, is never replaced (FileExistsError).
     """
     from safetensors.torch import save_file

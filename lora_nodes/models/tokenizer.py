@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 import json
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 
@@ -114,11 +116,14 @@ def tokenizer_files(tokenizer) -> dict[str, str]:
         return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
 
-def tokenizer_from_files(files: dict[str, str]):
-    """A ``CLIPTokenizer`` from :func:`tokenizer_files`' output (as ``from_pretrained`` reads them)."""
-    from transformers import CLIPTokenizer  # deferred: transformers takes seconds to import
+def tokenizer_from_files(files: Mapping[str, str], tokenizer_class: Any = None):
+    """A tokenizer (default ``CLIPTokenizer``) from :func:`tokenizer_files`' output, as ``from_pretrained`` reads them."""
+    if tokenizer_class is None:
+        from transformers import (
+            CLIPTokenizer as tokenizer_class,  # deferred: transformers takes seconds to import
+        )
 
     with tempfile.TemporaryDirectory() as folder:
         for name, text in files.items():
             Path(folder, Path(name).name).write_text(text, encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(folder)
+        return tokenizer_class.from_pretrained(folder)

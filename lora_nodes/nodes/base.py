@@ -13,15 +13,28 @@ from .spec import COMBO, MODEL, STRING, Input, Output, Preflight, node
 BAD_MODEL = "bad_model"  # a base source that is not a model we can load (incomplete folder, unreadable file)
 
 
+COMPONENT_INPUTS = ("text_encoder", "text_encoder_2", "vae")  # components a file of their own may give
+
+
+def component_files(values: dict[str, Any]) -> dict[str, str]:
+    """The component files set among LoadBase's inputs (component -> path)."""
+    return {name: values[name] for name in COMPONENT_INPUTS if isinstance(values.get(name), str) and values[name]}
+
+
 def load_base_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any]]) -> Preflight:
     """LoadBase before running: the base's family (``{"family": its id, "source"}``) without loading it."""
     source = literals.get("source")
     if not isinstance(source, str) or not source:
         return Preflight()
-    family, problems = base_family(source, literals.get("config") or "")
-    codes = {"source": BAD_MODEL, "config": "missing_input"}
+    family, problems = base_family(source, literals.get("config") or "", component_files(literals))
+    codes = {"bad": BAD_MODEL, "missing": "missing_input"}
     return Preflight(facts={"family": family.id if family else None, "source": source},
-                     problems=[(codes[name], name, message) for name, message in problems])
+                     problems=[(codes[kind], name, message) for name, kind, message in problems])
+
+
+def _component_file(description: str) -> Input:
+    """A file that holds one component, for a single-file checkpoint that lacks it (or to replace it)."""
+    return Input(STRING, path=True, path_kind="file", optional=True, description=description)
 
 
 @node(
@@ -44,7 +57,23 @@ def load_base(
     # optional with a default: ComfyUI shows "" in the widget; left out, the function gets None
     config: Annotated[str | None, Input(STRING, path=True, path_kind="folder", optional=True,
                                         description="for a single-file checkpoint: a diffusers folder with its "
-                                                    "configs and tokenizer")] = "",
+                                                    "configs and tokenizers (and the weights of parts the file "
+                                                    "lacks)")] = "",
+    text_encoder: Annotated[str | None, _component_file(
+        "for a single-file checkpoint: a .safetensors file with the (first) text encoder in Hugging Face names "
+        "(e.g. clip_l.safetensors), as ComfyUI's CLIP loaders take it")] = "",
+    text_encoder_2: Annotated[str | None, _component_file(
+        "for a single-file checkpoint: a .safetensors file with the second text encoder in Hugging Face names "
+        "(e.g. t5xxl_fp16.safetensors)")] = "",
+    vae: Annotated[str | None, _component_file(
+        "for a single-file checkpoint: a .safetensors file with the VAE in original (LDM) or diffusers names "
+        "(e.g. ae.safetensors), as ComfyUI's VAE loader takes it")] = "",
 ):
-    """Load a Stable Diffusion base model once; every variant made from it shares its weights."""
-    return (ModelRecipe(load_base_model(source, dtype, device, config or "")),)
+    """Load a base model once; every variant made from it shares its weights.
+
+    A single-file checkpoint that holds only the denoiser (a transformer as ComfyUI's diffusion
+    model loader takes it) takes its text encoders and VAE from files of their own or from the
+    config folder's weights; files of their own also replace what a whole checkpoint holds.
+    """
+    files = component_files({"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "vae": vae})
+    return (ModelRecipe(load_base_model(source, dtype, device, config or "", files)),)

@@ -4,33 +4,89 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
 from .. import families
 from ..errors import NodeError
+from ..families import Family
 from ..lora.recipe import ModelRecipe
 from ..models.base import BaseModel
 from ..models.memory import check_sample
 from ..models.pipeline import pipeline_for
-from .spec import COMBO, FLOAT, IMAGE, INT, MAX_SEED, MODEL, STRING, Input, Output, node
+from ..training.flow import text_sequence_length
+from .spec import COMBO, FLOAT, IMAGE, INT, MAX_SEED, MODEL, STRING, Input, Output, Preflight, node
 
-SAMPLERS = families.SAMPLER_NAMES  # names follow ComfyUI's; each family says how it draws with them
+SAMPLERS = families.SAMPLER_NAMES  # names follow ComfyUI's; each family says which it draws with, and how
+# the families that take the guidance scale as an input (one pass) rather than by classifier-free guidance
+DISTILLED = "/".join(f.display_name for f in families.FAMILIES if f.guidance_distilled) or "none here"
+DEFAULT_GUIDANCE = 3.5  # what diffusers' pipelines of guidance-distilled models default to
+
+
+def sampler_problem(family: Family, sampler: str) -> str | None:
+    """Why ``sampler`` cannot draw with a base of ``family`` (naming the ones that can), or None."""
+    if sampler in family.samplers:
+        return None
+    return (f"sampler {sampler!r} does not draw with {families.describe(family)}; its samplers are "
+            f"{', '.join(family.samplers)}")
+
+
+def sample_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any]]) -> Preflight:
+    """Sample before running: a sampler the model's family cannot draw with is refused by name."""
+    family = families.by_id(upstream.get("model", {}).get("family"))
+    sampler = literals.get("sampler", "euler")
+    problem = sampler_problem(family, sampler) if family is not None and isinstance(sampler, str) else None
+    return Preflight(problems=[("invalid_choice", "sampler", problem)] if problem else [])
 
 
 def make_pipeline(base: BaseModel, sampler: str):
     """A diffusers pipeline over the base's components (no copy) with the sampler's scheduler."""
+    problem = sampler_problem(base.family, sampler)
+    if problem:
+        raise NodeError(problem)
     pipe = pipeline_for(base, base.family.make_scheduler(sampler, base.components["scheduler"]))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def guidance_arguments(base: BaseModel, pipe, cfg: float, guidance: float, negative_prompt: str) -> dict[str, Any]:
+    """The pipeline's arguments for Sample's ``cfg``, ``guidance`` and ``negative_prompt`` on ``base``.
+
+    Classifier-free guidance is diffusers' ``guidance_scale``; a guidance-distilled model takes
+    ``guidance`` there instead (an input of the model, one pass per step), and classifier-free
+    guidance becomes ``true_cfg_scale``, which the pipeline runs only against a negative prompt.
+    A pipeline that pads its sequence text encoder's tokens pads to that tokenizer's length.
+    """
+    negative = negative_prompt or None
+    if base.family.guidance_distilled:
+        arguments = {"guidance_scale": guidance, "true_cfg_scale": cfg, "negative_prompt": negative}
+    else:
+        arguments = {"guidance_scale": cfg, "negative_prompt": negative}
+    return {**arguments, **text_sequence_length(base, pipe)}
+
+
+def guidance_passes_scale(family: Family, cfg: float, negative_prompt: str) -> float:
+    """The classifier-free guidance scale that decides whether a step runs two passes (memory check)."""
+    return cfg if not family.guidance_distilled or negative_prompt else 1.0
+
+
+def size_multiple(base: BaseModel) -> int:
+    """Image sides must be multiples of this: 8, or more where the pipeline packs 2x2 latent patches
+    into tokens (the VAE's downscaling times 2; such a pipeline would otherwise shrink the image)."""
+    import diffusers  # deferred: diffusers takes seconds to import
+
+    packs = hasattr(getattr(diffusers, base.family.pipeline_class), "_pack_latents")
+    return max(8, base.vae_scale_factor * 2) if packs else 8
+
+
 def image_size(base: BaseModel, width: int, height: int) -> tuple[int, int]:
-    """Width and height in pixels; 0 means the model's native size. Both must be multiples of 8."""
+    """Width and height in pixels; 0 means the model's native size. Both must be multiples of
+    :func:`size_multiple` (8 for most models)."""
     width, height = width or base.native_size, height or base.native_size
-    if width % 8 or height % 8:
-        raise NodeError(f"width and height must be multiples of 8, got {width}x{height}")
+    multiple = size_multiple(base)
+    if width % multiple or height % multiple:
+        raise NodeError(f"width and height must be multiples of {multiple}, got {width}x{height}")
     return width, height
 
 
@@ -39,6 +95,7 @@ def image_size(base: BaseModel, width: int, height: int) -> tuple[int, int]:
     display_name="Sample",
     category="sampling",
     outputs=[Output("images", IMAGE, "float32 [batch, height, width, 3] in 0..1, as ComfyUI's IMAGE")],
+    preflight=sample_preflight,
 )
 def sample(
     ctx,
@@ -47,16 +104,29 @@ def sample(
     negative_prompt: Annotated[str, Input(STRING, multiline=True, description="what to steer away from")] = "",
     seed: Annotated[int, Input(INT, min=0, max=MAX_SEED, description="same seed and inputs give the same image")] = 0,
     steps: Annotated[int, Input(INT, min=1, max=10000, description="denoising steps")] = 20,
-    cfg: Annotated[float, Input(FLOAT, min=0.0, max=100.0, step=0.1, description="classifier-free guidance scale")] = 7.0,
+    cfg: Annotated[float, Input(FLOAT, min=0.0, max=100.0, step=0.1,
+                                description="classifier-free guidance scale (a second pass per step, steering away "
+                                            f"from negative_prompt); on guidance-distilled models ({DISTILLED}) it "
+                                            "runs only when negative_prompt is given, and 1 is off: set guidance "
+                                            "instead")] = 7.0,
     sampler: Annotated[str, Input(COMBO, choices=tuple(SAMPLERS), description="the sampling method")] = "euler",
     width: Annotated[int, Input(INT, min=0, max=16384, step=8, description="pixels; 0 is the model's native size")] = 0,
     height: Annotated[int, Input(INT, min=0, max=16384, step=8, description="pixels; 0 is the model's native size")] = 0,
     batch_size: Annotated[int, Input(INT, min=1, max=64, description="images per prompt")] = 1,
+    # after the older inputs: ComfyUI files list widget values by position
+    guidance: Annotated[float, Input(FLOAT, min=0.0, max=100.0, step=0.1,
+                                     description=f"the distilled guidance of guidance-distilled models ({DISTILLED}: "
+                                                 "the model takes it as an input, one pass per step; 3.5 is usual); "
+                                                 "ignored by others")] = DEFAULT_GUIDANCE,
 ):
     """Draw images from a prompt with the model's weights (LoRAs merged in place, then reused)."""
     width, height = image_size(model.base, width, height)
+    problem = sampler_problem(model.base.family, sampler)
+    if problem:  # before the LoRAs are merged in
+        raise NodeError(problem)
     # before any work: an image too big for the machine is refused, not swapped to death or killed
-    check_sample(model.base, width, height, batch_size, cfg, enabled=ctx.check_memory)
+    passes = guidance_passes_scale(model.base.family, cfg, negative_prompt)
+    check_sample(model.base, width, height, batch_size, passes, enabled=ctx.check_memory)
     base = model.materialize()
     pipe = make_pipeline(base, sampler)
     generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same image on any device
@@ -69,9 +139,9 @@ def sample(
 
     with torch.inference_mode(), decoder_watch(base.components["vae"]) as decoded:
         result = pipe(
-            prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps, guidance_scale=cfg,
-            width=width, height=height, num_images_per_prompt=batch_size, generator=generator,
-            output_type="pt", callback_on_step_end=on_step,
+            prompt, num_inference_steps=steps, width=width, height=height, num_images_per_prompt=batch_size,
+            generator=generator, output_type="pt", callback_on_step_end=on_step,
+            **guidance_arguments(base, pipe, cfg, guidance, negative_prompt),
         )
     images = result.images.float().permute(0, 2, 3, 1).contiguous().cpu()
     warn_non_finite(ctx, final.get("latents"), torch.cat(decoded) if decoded else None, images)

@@ -11,7 +11,7 @@ from ..lora.model import LoRA
 from ..lora.placement import check_placement
 from ..lora.recipe import ModelRecipe
 from ..lora.save import ENERGY_WARNING, lora_file
-from ..models.save import save_diffusers_folder, save_single_file
+from ..models.save import save_diffusers_folder, save_single_file, single_file_parts
 from .lora import save_lora_preflight
 from .spec import BOOLEAN, COMBO, INT, LORA, MODEL, STRING, Input, node
 
@@ -68,8 +68,10 @@ def save_lora(
     """Write a LoRA as a .safetensors file in kohya or diffusers naming.
 
     Names are converted through the connected model only (never guessed). kohya files keep
-    LyCORIS modules (LoHa, LoKr, DoRA, LoCon) as they are and carry sd-scripts' ss_* metadata and
-    hashes. diffusers files hold plain LoRA only: other modules are converted by SVD of their
+    LyCORIS modules (LoHa, LoKr, DoRA, LoCon) as they are where kohya names the module as the file
+    does, and carry sd-scripts' ss_* metadata and hashes; modules on weights that kohya's files
+    hold fused (Flux's q/k/v) are fused, and LyCORIS ones among them become plain LoRA by SVD of
+    their change. diffusers files hold plain LoRA only: other modules are converted by SVD of their
     change (reported when less than 99.99% of it is kept); DoRA is converted against the model's
     weights and equals the original at strength 1 only.
     """
@@ -105,21 +107,28 @@ def save_model(
                                                                 ".safetensors is added) to write; relative paths "
                                                                 "go under the output folder")] = "models/merged",
     format: Annotated[str, Input(COMBO, choices=("diffusers", "single_file"),
-                                 description="diffusers: a pipeline folder; single_file: one checkpoint "
-                                             "(A1111/ComfyUI layout)")] = "diffusers",
+                                 description="diffusers: a pipeline folder; single_file: one checkpoint as "
+                                             "A1111/ComfyUI load it (Stable Diffusion: every component; a "
+                                             "BFL-layout transformer: the transformer alone, for ComfyUI's "
+                                             "diffusion_models, its text encoders and VAE staying in their "
+                                             "own files)")] = "diffusers",
     dtype: Annotated[str, Input(COMBO, choices=("same", "float16", "bfloat16", "float32"),
                                 description="weight precision of the written model; same keeps the model's")] = "same",
     overwrite: Annotated[bool, OVERWRITE] = False,
 ):
     """Write the model with its LoRAs merged in, as a diffusers folder or one .safetensors file.
 
-    Single files carry their configs and tokenizer in the metadata, so Load Base reads them back
-    without a config folder.
+    Single files carry their configs and tokenizers in the metadata, so Load Base reads them back
+    without a config folder. Where a family's single files hold the denoiser alone (a transformer in
+    BFL names), Load Base takes the text encoders and VAE from their own files or a config folder
+    with weights; a LoRA's changes to those parts are then not saved (a warning says so).
     """
     single = format == "single_file"
     target = output_path(ctx, path, SUFFIX if single else "")
     refuse_overwrite(target, overwrite)
     base = model.materialize()
+    if single:
+        warn_parts_left_out(ctx, model, single_file_parts(base))
     try:  # checked before the work, and again as the result is put in place (another writer may be quicker)
         if single:
             save_single_file(base, target, dtype, overwrite=overwrite)
@@ -128,3 +137,12 @@ def save_model(
     except FileExistsError as exc:  # with overwrite: a folder that is not a model, which is never replaced
         raise (NodeError(str(exc)) if overwrite else exists_error(target)) from exc
     ctx.wrote(target)
+
+
+def warn_parts_left_out(ctx, model: ModelRecipe, kept: tuple[str, ...]) -> None:
+    """Warn when the recipe's LoRAs change components that the file written holds no copy of."""
+    changed = {target.split(".", 1)[0] for target in model.patch_plan()}
+    left_out = sorted(changed - set(kept))
+    if left_out:
+        ctx.warn(f"the single file holds only the {', '.join(kept)}: the LoRA changes to the {', '.join(left_out)} "
+                 "are not in it; save format diffusers to keep them", components=left_out)

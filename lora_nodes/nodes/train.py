@@ -27,7 +27,7 @@ from ..training.plot import loss_plot
 from ..training.trainer import TRAINER_VERSION, TrainCallbacks, train_lora
 from .images import to_pil
 from .lora import train_lora_preflight
-from .sample import make_pipeline
+from .sample import DEFAULT_GUIDANCE, guidance_arguments, make_pipeline
 from .spec import DATASET, IMAGE, LORA, MODEL, STRING, Input, Output, node
 
 PREVIEW_STEPS, PREVIEW_CFG = 20, 7.0
@@ -148,8 +148,8 @@ def _previewer(ctx, base: BaseModel, dataset, config: TrainConfig):
     def preview(step: int) -> None:
         for number, prompt in enumerate(prompts):
             generator = torch.Generator("cpu").manual_seed(config.seed)
-            images = pipe(prompt, num_inference_steps=PREVIEW_STEPS, guidance_scale=PREVIEW_CFG,
-                          generator=generator, output_type="pt").images
+            images = pipe(prompt, num_inference_steps=PREVIEW_STEPS, generator=generator, output_type="pt",
+                          **guidance_arguments(base, pipe, PREVIEW_CFG, DEFAULT_GUIDANCE, "")).images
             path = ctx.output_path(f"{folder}/step{step:06d}_{number:02d}.png")
             picture = to_pil(images[0].float().permute(1, 2, 0))
             atomic_write(path, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import NodeError
 from ..nodes.spec import BOOLEAN, COMBO, FLOAT, INT, MAX_SEED, STRING, Input
+from .flow import TIMESTEP_SAMPLING
 from .network import TARGETS
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -34,7 +35,8 @@ class TrainConfig:
                                              "or every layer incl. convs")] = "attention_mlp"
     train_text_encoder: Annotated[bool, Input(BOOLEAN, description="also train LoRA on the text encoder(s)")] = False
     learning_rate: Annotated[float, Input(FLOAT, min=0.0, max=1.0, step=1e-5,
-                                          description="the UNet's learning rate")] = 1e-4
+                                          description="the denoiser's (UNet's or transformer's) learning "
+                                                      "rate")] = 1e-4
     text_encoder_lr: Annotated[float, Input(FLOAT, min=0.0, max=1.0, step=1e-5,
                                             description="the text encoders' learning rate; "
                                                         "0 is the same as learning_rate")] = 0.0
@@ -48,7 +50,8 @@ class TrainConfig:
     gradient_accumulation: Annotated[int, Input(INT, min=1, max=1024, description="batches per optimizer step")] = 1
     seed: Annotated[int, Input(INT, min=0, max=MAX_SEED, description="same seed and inputs train the same LoRA")] = 0
     min_snr_gamma: Annotated[float, Input(FLOAT, min=0.0, max=100.0, step=0.5,
-                                          description="Min-SNR loss weighting; 5 is common, 0 is off")] = 0.0
+                                          description="Min-SNR loss weighting of noise-prediction models; 5 is "
+                                                      "common, 0 is off")] = 0.0
     noise_offset: Annotated[float, Input(FLOAT, min=0.0, max=1.0, step=0.01,
                                          description="extra per-channel noise (helps very dark/bright images); "
                                                      "0.05 is common")] = 0.0
@@ -73,6 +76,16 @@ class TrainConfig:
     resume: Annotated[bool, Input(BOOLEAN, in_key=False,
                                   description="continue from the last checkpoint of this same training, "
                                               "if it was stopped")] = True
+    # last, so that the widget values of ComfyUI files saved before them still fall on the right inputs
+    timestep_sampling: Annotated[str, Input(COMBO, choices=TIMESTEP_SAMPLING,
+                                            description="flow-matching models: how each image's noise level is "
+                                                        "drawn: uniform (diffusers' default); logit_normal "
+                                                        "(kohya's sigmoid); shift (logit-normal shifted by the "
+                                                        "schedule's shift, kohya's shift); resolution_shift "
+                                                        "(shifted by the image size as the sampler shifts)")] = "uniform"
+    guidance: Annotated[float, Input(FLOAT, min=0.0, max=100.0, step=0.1,
+                                     description="guidance-distilled models: the guidance scale they are given "
+                                                 "while training (1 is kohya's advice); ignored by others")] = 1.0
 
     def lr_factor(self, step: int) -> float:
         """The learning rate at optimizer step ``step`` (0-based) as a fraction of the set one."""

@@ -24,13 +24,22 @@ from ..models.base import BaseModel
 
 _UNET_ATTENTION = r"attn\d\.(to_q|to_k|to_v|to_out\.0)"
 _UNET_MLP = r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))"
+# a joint-attention transformer (diffusers' tree): both streams' q/k/v and outputs in the double-stream
+# blocks, q/k/v in the single-stream ones (as diffusers' dreambooth script targets them); its MLP: both
+# streams' feed-forward layers, and the single-stream blocks' MLP input and fused output projection
+_TRANSFORMER_ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_TRANSFORMER_MLP = r"(ff|ff_context)\.net\.(0\.proj|2)|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"
+_DENOISER_ATTENTION = f"{_UNET_ATTENTION}|{_TRANSFORMER_ATTENTION}"
+_DENOISER_MLP = f"{_UNET_MLP}|{_TRANSFORMER_MLP}"
 _TEXT_ATTENTION = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 _TEXT_MLP = r"mlp\.(fc1|fc2)"
 
-# target choice -> (UNet module pattern, text encoder module pattern); matched at the end of the path.
+# target choice -> (denoiser module pattern, text encoder module pattern); matched at the end of the
+# path. Each UNet pattern matches nothing in a transformer's tree and the reverse. Text encoders:
+# CLIP's layers (a T5 encoder's are named otherwise: it is not trained, as kohya and diffusers default).
 TARGETS: dict[str, tuple[str, str]] = {
-    "attention": (_UNET_ATTENTION, _TEXT_ATTENTION),
-    "attention_mlp": (f"({_UNET_ATTENTION}|{_UNET_MLP})", f"({_TEXT_ATTENTION}|{_TEXT_MLP})"),
+    "attention": (_DENOISER_ATTENTION, _TEXT_ATTENTION),
+    "attention_mlp": (f"{_DENOISER_ATTENTION}|{_DENOISER_MLP}", f"({_TEXT_ATTENTION}|{_TEXT_MLP})"),
     "all": (r".*", f"({_TEXT_ATTENTION}|{_TEXT_MLP})"),
 }
 
@@ -39,14 +48,16 @@ def select_targets(base: BaseModel, target: str, train_text_encoder: bool) -> di
     """The base's modules a new LoRA trains for ``target``, by their file-spelled names.
 
     ``attention``: the attention projections (as diffusers' training scripts do); ``attention_mlp``:
-    also the feed-forward and projection layers of the transformer blocks (kohya's default LoRA);
-    ``all``: every linear and conv layer of the UNet (LoCon).
+    also the feed-forward and projection layers of the transformer blocks (kohya's default LoRA on
+    a UNet; on a joint-attention transformer, diffusers' default targets plus the single-stream
+    blocks' MLP); ``all``: every linear and conv layer of the denoiser (LoCon).
     """
-    unet_pattern, text_pattern = (re.compile(f"(^|\\.)({p})$") for p in TARGETS[target])
+    denoiser_pattern, text_pattern = (re.compile(f"(^|\\.)({p})$") for p in TARGETS[target])
     chosen = {}
     for name, module in base.lora_targets.items():
         component, path = name.split(".", 1)
-        pattern = unet_pattern if component == "unet" else text_pattern if train_text_encoder else None
+        pattern = denoiser_pattern if component == base.family.denoiser else \
+            text_pattern if train_text_encoder else None
         if pattern is not None and pattern.search(path):
             chosen[name] = module
     return chosen
@@ -153,8 +164,15 @@ class LoRANetwork(nn.Module):
                 self.layer(target).load(module)
 
     def to_lora(self, base: BaseModel, name: str, metadata: dict[str, str]) -> LoRA:
-        """The trained factors as a :class:`LoRA` in kohya naming (what SaveLoRA and ApplyLoRA take)."""
+        """The trained factors as a :class:`LoRA` (what SaveLoRA and ApplyLoRA take), in kohya naming.
+
+        Where kohya's names are not one per trained module (the separate q/k/v of a base whose
+        original tree fuses them share one name), every module is named by its target instead
+        (diffusers' names): one naming per LoRA, and SaveLoRA writes either layout from it.
+        """
         names = base.kohya_names
+        if len({names[target] for target in self.targets}) < len(self.targets):
+            names = {target: target for target in self.targets}
         tensors: dict[str, Tensor] = {}
         for target in self.targets:
             layer, key = self.layer(target), names[target]

@@ -1,5 +1,8 @@
 """The LoRA training loop: encode, add noise, predict, MSE, step; resumable and data parallel.
 
+A UNet learns the noise (or v) at DDPM noise levels; a flow-matching transformer learns the
+velocity along a straight path (see :mod:`.flow`).
+
 Every batch's randomness (which images, flips, caption shuffles, noise, timesteps) comes from a
 generator seeded by (seed, batch number), so a run resumed from a checkpoint draws exactly what
 the uninterrupted run would have drawn. Under ``accelerate launch`` each process trains on its
@@ -29,6 +32,7 @@ from ..models.memory import check_training
 from ..models.pipeline import pipeline_for
 from .checkpoint import load_latest, remove_checkpoints, save_checkpoint
 from .config import TrainConfig
+from .flow import FlowMatching
 from .network import LoRANetwork, select_targets
 
 TRAINER_VERSION = 1  # part of the cache key: a change to what training computes must bump it
@@ -86,13 +90,18 @@ class Trainer:
                             "training: load the base outside inference mode (torch.no_grad() is fine)")
         self.rank, self.world = process_group(self.device)
         self.autocast_dtype = config.autocast_dtype(self.device)
-        self.pipe = pipeline_for(base) if self.pooled_text else None
+        self.pipe = pipeline_for(base) if self.pooled_text or base.family.flow_matching else None
+        self.flow = FlowMatching(base, self.pipe, config.timestep_sampling, config.guidance) \
+            if base.family.flow_matching else None
+        if self.flow is not None and config.min_snr_gamma:
+            callbacks.info("min_snr_gamma weights noise-prediction losses; this model is trained by flow "
+                           "matching, so it is not applied")
         targets = select_targets(base, config.target, config.train_text_encoder)
         if not targets:
             raise NodeError(f"target '{config.target}' matches no layer of this model")
         # before the images are prepared or anything is allocated: a run that cannot fit is refused
         check_training(base, dataset, config, targets, self.autocast_dtype, enabled=check_memory)
-        multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.down_block_types) - 1)
+        multiple = self._size_multiple()
         self.examples = dataset.examples(dataset.resolution or base.native_size, multiple)
         self._check_sizes(multiple)
         with torch.random.fork_rng(devices=[]):  # the same start on every process, the global RNG untouched
@@ -103,11 +112,12 @@ class Trainer:
         self.network.to(self.device)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
-        from diffusers import DDPMScheduler
-
         schedule = base.components["scheduler"].config
-        # the noise levels the model was trained with, whatever its sampler: DDPM's over the same betas
-        self.alphas_cumprod = DDPMScheduler.from_config(schedule).alphas_cumprod.float().to(self.device)
+        if self.flow is None:
+            from diffusers import DDPMScheduler
+
+            # the noise levels the model was trained with, whatever its sampler: DDPM's over the same betas
+            self.alphas_cumprod = DDPMScheduler.from_config(schedule).alphas_cumprod.float().to(self.device)
         self.v_prediction = base.family.training_objective(schedule) == "v_prediction"
         self.latent_cache: dict[tuple[int, bool], Tensor] = {}
         self.text_cache: dict[str, tuple[Tensor, Tensor | None]] = {}
@@ -115,6 +125,12 @@ class Trainer:
         self.batches_per_epoch = len(self._batches(0))
 
     # ------------------------------------------------------------------ setup
+
+    def _size_multiple(self) -> int:
+        """Image sides must be multiples of this: down through every UNet level, or into packed tokens."""
+        if self.flow is not None:
+            return self.flow.size_multiple
+        return self.base.vae_scale_factor * 2 ** (len(self.base.unet.config.down_block_types) - 1)
 
     def _check_sizes(self, multiple: int) -> None:
         """Every image's sides must divide down through the UNet's levels."""
@@ -126,7 +142,8 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         config = self.config
-        groups = [{"params": params, "lr": config.learning_rate if component == "unet" else config.text_lr()}
+        denoiser = self.base.family.denoiser
+        groups = [{"params": params, "lr": config.learning_rate if component == denoiser else config.text_lr()}
                   for component, params in self.network.parameter_groups().items()]
         for group in groups:
             group["initial_lr"] = group["lr"]
@@ -146,7 +163,8 @@ class Trainer:
     # ------------------------------------------------------------------ one batch
 
     def _latents(self, indices: list[int], flips: list[bool]) -> Tensor:
-        """Each image's latents: the mean of the VAE's posterior, scaled (cached or encoded now).
+        """Each image's latents: the mean of the VAE's posterior, shifted and scaled as the VAE's
+        config says (``(z - shift_factor) * scaling_factor``; cached or encoded now).
 
         The mean, not a sample: the built-in models were trained on means, and Stable Diffusion's
         VAE has a posterior std small next to the latents' spread, so a sample adds little but noise.
@@ -155,7 +173,11 @@ class Trainer:
         encoded = self._encode_images(missing)
         means = [encoded.get(item) if item in encoded else self.latent_cache[item]
                  for item in zip(indices, flips, strict=True)]
-        return torch.stack(means) * self.base.components["vae"].config.scaling_factor
+        config = self.base.components["vae"].config
+        latents = torch.stack(means)
+        if config.get("shift_factor") is not None:  # a VAE whose latents are not centred (16-channel ones)
+            latents = latents - config["shift_factor"]
+        return latents * config.scaling_factor
 
     @torch.no_grad()
     def _encode_images(self, wanted: list[tuple[int, bool]]) -> dict[tuple[int, bool], Tensor]:
@@ -188,6 +210,8 @@ class Trainer:
         return embeds, pooled
 
     def _encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor | None]:
+        if self.flow is not None:
+            return self.flow.encode_text(captions)
         if self.pooled_text:
             embeds, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=captions, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
@@ -223,6 +247,10 @@ class Trainer:
         if config.noise_offset:
             noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
         noise = noise.to(self.device)
+        if self.flow is not None:
+            with self._autocast():
+                loss = self.flow.loss(latents, noise, generator, self._text(captions))
+            return loss.mean()
         timesteps = torch.randint(0, len(self.alphas_cumprod), (len(indices),), generator=generator).to(self.device)
         alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise

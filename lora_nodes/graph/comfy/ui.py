@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...nodes.spec import INT, Catalogue, Input, NodeSpec
+from ...nodes.spec import COMBO, INT, STRING, Catalogue, Input, NodeSpec
 from ..links import users
 from ..problems import Problem, WorkflowError, cut, shown
 from ..workflow import Link, NodeCall, Workflow
@@ -257,18 +257,32 @@ def widget_values_by_name(node: dict[str, Any], spec: NodeSpec) -> dict[str, Any
 
 
 def _positional_widgets(raw: list[Any], widgets: list[Input]) -> dict[str, Any]:
-    """Widget values from a list: one per widget, with a control value after each seed when present."""
-    extra = len(raw) > len(widgets)  # the list carries control values (files without them exist too)
+    """Widget values from a list: one per widget, with a control value after each seed when present.
+
+    A file saved before a node gained inputs (new inputs are declared last) holds fewer values than
+    the node has widgets, so a control value is told by the value itself: one of CONTROL_VALUES
+    right after a seed, where the next widget could not hold that string.
+    """
+    extra = len(raw) > len(widgets)  # the list surely carries control values (files without them exist too)
     found: dict[str, Any] = {}
     index = 0
-    for decl in widgets:
+    for position, decl in enumerate(widgets):
         if index >= len(raw):
             break
         found[decl.name] = raw[index]
         index += 1
-        if has_control_widget(decl) and extra and index < len(raw) and _is_control(raw[index]):
-            index += 1
+        if has_control_widget(decl) and index < len(raw) and _is_control(raw[index]):
+            following = widgets[position + 1] if position + 1 < len(widgets) else None
+            if extra or not _could_hold(following, raw[index]):
+                index += 1
     return found
+
+
+def _could_hold(decl: Input | None, value: str) -> bool:
+    """Whether a widget could take ``value`` (a string) as its own value."""
+    if decl is None:
+        return False
+    return value in decl.choices if decl.type == COMBO else decl.type == STRING
 
 
 def _is_control(value: Any) -> bool:

@@ -32,6 +32,17 @@ def test_apply_lora_benchmark_prints_its_table(capsys):
     assert all(value > 0 for value in figures.values())
 
 
+def test_apply_lora_benchmark_on_flux_times_both_layouts(capsys):
+    figures = load("apply_lora").main(["--family", "flux", "--tiny", "--repeats", "1"])
+    out = capsys.readouterr().out
+    for row in ("PEFT: full apply (files read)", "PEFT: one strength changed", "kohya: full apply (files read)",
+                "kohya: one strength changed"):
+        assert row in out
+    assert "Flux transformer" in out and "vs floor" in out
+    assert figures["diffusers_full"] > 0 and figures["kohya_ours_full"] > 0  # diffusers reads the PEFT files
+    assert all(value > 0 for value in figures.values())
+
+
 def test_shapes_quality_benchmark_prints_its_tables(capsys):
     figures = load("shapes_quality").main(["--seeds", "1", "--steps", "4", "--threads", "1"])
     out = capsys.readouterr().out

@@ -120,7 +120,8 @@ def check_values(tensors: dict[str, Tensor], label: str) -> None:
         if tensor.is_meta or tensor.numel() == 0 or not (tensor.is_floating_point() or tensor.is_complex()):
             continue
         values = tensor.detach() if tensor.dtype in _ABS_DTYPES else tensor.detach().float()
-        peak = float(values.abs().amax())  # NaN propagates through amax
+        low, high = torch.aminmax(values)  # one pass, no |values| copy; NaN propagates
+        peak = max(-float(low), float(high))
         if not math.isfinite(peak):
             nonfinite.append(key)
         elif peak > MAX_WEIGHT and not key.endswith(".alpha"):

@@ -397,7 +397,7 @@ class RowsModule(Module):
         return self.inner.unscaled_delta((self.fused_rows, *shape[1:]))[self.rows]
 
 
-def rows_of(module: Module, rows: list[int], fused_rows: int) -> Module | str:
+def rows_of(module: Module, rows: list[int] | range, fused_rows: int) -> Module | str:
     """``module``'s change on ``rows`` of its output (see :class:`RowsModule`), or why it cannot be split.
 
     A plain LoRA stays one (its up's rows taken: same down, rank and alpha, so the same scale);
@@ -405,17 +405,20 @@ def rows_of(module: Module, rows: list[int], fused_rows: int) -> Module | str:
     its rows; one per input column normalises over every row of the fused weight, which the
     separate weights do not hold together.
     """
-    index = torch.tensor(rows, dtype=torch.long)
+    if isinstance(rows, range) and rows.step == 1:  # one block of rows: views, no index tensor, no copy
+        index, pick = torch.arange(rows.start, rows.stop), slice(rows.start, rows.stop)
+    else:
+        index = pick = torch.tensor(rows, dtype=torch.long)
     dora = module.dora_scale
     if dora is not None:
         if dora.shape[0] != fused_rows or (dora.dim() > 1 and dora.numel() != fused_rows):
             return ("its DoRA magnitude is per input column (older LyCORIS), which needs the fused weight "
                     "whole; the base holds it as separate weights")
-        dora = dora[index]
-    bias = module.bias[index] if module.bias is not None else None
+        dora = dora[pick]
+    bias = module.bias[pick] if module.bias is not None else None
     if isinstance(module, LoRAModule) and module.mid is None:
         return LoRAModule(key=module.key, alpha=module.alpha, dora_scale=dora, bias=bias,
-                          down=module.down, up=module.up[index])
+                          down=module.down, up=module.up[pick])
     return RowsModule(key=module.key, alpha=module.alpha, dora_scale=dora, bias=bias, inner=module,
                       rows=index, fused_rows=fused_rows)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .model import Module
+from .model import LoRAModule, Module
 
 PatchList = tuple[tuple[Module, float], ...]  # (module, strength) in application order
 
@@ -89,10 +89,23 @@ class Patcher:
         param.data = buffer
 
 
+def merged_weight(original: Tensor, wanted: PatchList) -> Tensor:
+    """A new float32 tensor: ``original`` with every patch of ``wanted`` applied, exactly as the
+    patcher merges it (so a weight computed aside equals the patched one bitwise)."""
+    original = original.detach().to(torch.float32)
+    if not wanted:
+        return original.clone()
+    out = torch.empty_like(original)
+    _merge_into(out, original, wanted, "weight")
+    return out
+
+
 def _merge_into(out: Tensor, original: Tensor, wanted: PatchList, which: str) -> None:
     """``out = original`` with every patch of ``wanted`` applied, all float32."""
     (first, strength), *rest = wanted
-    if which == "weight":
+    if which == "weight" and rest and all(isinstance(m, LoRAModule) and m.is_plain for m, _ in wanted):
+        _merge_low_rank(out, original, wanted)
+    elif which == "weight":
         first.write_(out, original, strength)
         for module, s in rest:
             module.apply_(out, s)
@@ -100,3 +113,16 @@ def _merge_into(out: Tensor, original: Tensor, wanted: PatchList, which: str) ->
         out.copy_(original)
         for module, s in wanted:
             module.apply_bias_(out, s)
+
+
+def _merge_low_rank(out: Tensor, original: Tensor, wanted: PatchList) -> None:
+    """Several plain LoRAs in one product: their ups (scaled) side by side, their downs stacked.
+
+    ``addmm`` into a buffer apart from its input copies the input first (BLAS updates its C in
+    place), so one product per LoRA passes over the weight once more than the bare in-place merge;
+    one product of the stacked factors passes over it twice, however many LoRAs there are.
+    """
+    rows = out.shape[0]
+    ups = torch.cat([m.up.to(out.device, torch.float32).flatten(1) * (s * m.scale) for m, s in wanted], dim=1)
+    downs = torch.cat([m.down.to(out.device, torch.float32).flatten(1) for m, _ in wanted], dim=0)
+    torch.addmm(original.view(rows, -1), ups, downs, out=out.view(rows, -1))

@@ -62,16 +62,17 @@ def place(lora: LoRA, base: LoRATarget) -> Placement:
 def _split(module: Module, pieces: tuple[tuple[str, int, int], ...], targets) -> dict[str, Module] | str:
     """A fused module's change as one module per target it covers (see :func:`.model.rows_of`),
     or why it does not fit."""
-    rows: dict[str, list[int]] = {}
+    rows: dict[str, list[range]] = {}
     for target, start, end in pieces:
-        rows.setdefault(target, []).extend(range(start, end))
+        rows.setdefault(target, []).append(range(start, end))
     fused_rows = max(end for _, _, end in pieces)
     first = targets[pieces[0][0]].weight.shape
     misfit = module.fit_error((fused_rows, *first[1:]))
     if misfit:
         return misfit
     parts = {}
-    for target, picked in rows.items():
+    for target, ranges in rows.items():  # one range (q, k, v) passes as it is: a slice, no gather
+        picked = ranges[0] if len(ranges) == 1 else [row for piece in ranges for row in piece]
         part = rows_of(module, picked, fused_rows)
         if isinstance(part, str):
             return part

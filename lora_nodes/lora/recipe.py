@@ -6,13 +6,12 @@ import weakref
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-import torch
 from torch import Tensor
 
 from .. import families
 from ..families import LoRATarget
 from .model import LoRA
-from .patcher import Patcher, PatchList
+from .patcher import Patcher, PatchList, merged_weight
 from .placement import placement_of
 
 Base = TypeVar("Base", bound=LoRATarget)  # a recipe gives back the kind of base it was made over
@@ -65,10 +64,8 @@ class ModelRecipe(Generic[Base]):
 
     def weight(self, target: str, plan: dict[str, PatchList] | None = None) -> Tensor:
         """One module's weight under this recipe, float32, computed aside (the base is not touched)."""
-        weight = patcher_of(self.base).original(target).detach().to(torch.float32, copy=True)
-        for module, strength in (self.patch_plan() if plan is None else plan).get(target, ()):
-            module.apply_(weight, strength)
-        return weight
+        wanted = (self.patch_plan() if plan is None else plan).get(target, ())
+        return merged_weight(patcher_of(self.base).original(target), wanted)
 
     def materialize(self) -> Base:
         """Patch the shared base to this recipe's weights and return it (for sampling, saving)."""

@@ -43,6 +43,16 @@ def tiny_sdxl():
     return base
 
 
+@pytest.fixture(scope="session")
+def flux():
+    """builtin:tiny-flux on the CPU in float32 (2 double and 2 single blocks), shared like ``tiny``."""
+    from lora_nodes.models.loading import load_base
+
+    base = load_base("builtin:tiny-flux", dtype="float32", device="cpu")
+    _SHARED_BASES.append(base)
+    return base
+
+
 @pytest.fixture(autouse=True)
 def _shared_bases_unpatched():
     """After every test, the shared bases get their own weights back (bitwise, at no cost).

@@ -33,22 +33,6 @@ STRENGTH = 0.7
 
 
 @pytest.fixture(scope="module")
-def flux():
-    """builtin:tiny-flux on the CPU in float32 (2 double and 2 single blocks)."""
-    from lora_nodes.models.loading import load_base
-
-    return load_base("builtin:tiny-flux", dtype="float32", device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def _flux_unpatched(request):
-    """After every test, the module's base has its own weights back."""
-    yield
-    if "flux" in request.fixturenames:
-        ModelRecipe(request.getfixturevalue("flux")).materialize()
-
-
-@pytest.fixture(scope="module")
 def originals(flux):
     """Every target's weight and bias before any LoRA, float32 copies."""
     out = {}

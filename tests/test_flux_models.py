@@ -150,18 +150,6 @@ def states(base) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def flux():
-    return load_base("builtin:tiny-flux", dtype="float32", device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def _flux_unpatched(flux):
-    """After every test the module's base has its own weights back (a test may merge a LoRA into it)."""
-    yield
-    ModelRecipe(flux).materialize()
-
-
-@pytest.fixture(scope="module")
 def original(flux):
     return states(flux), draw(flux)
 

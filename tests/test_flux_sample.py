@@ -21,20 +21,6 @@ FLUX_SAMPLERS = ("euler", "dpmpp_2m", "uni_pc_bh2")
 FLUX_LORA = WORKFLOWS / "loras" / "tiny_flux_style.safetensors"
 
 
-@pytest.fixture(scope="module")
-def flux():
-    from lora_nodes.models.loading import load_base
-
-    return load_base("builtin:tiny-flux", dtype="float32", device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def _flux_unpatched(request):
-    yield
-    if "flux" in request.fixturenames:
-        ModelRecipe(request.getfixturevalue("flux")).materialize()
-
-
 def draw(base, events=None, **overrides) -> torch.Tensor:
     ctx = NodeContext("s", "Sample", None, None, events or Collector())
     inputs = {"prompt": "a red circle", "negative_prompt": "", "seed": 3, "steps": 4, "cfg": 1.0,

@@ -4,6 +4,7 @@ objective as diffusers and kohya define it, and what it saves applies in diffuse
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -21,20 +22,6 @@ from lora_nodes.training.trainer import TrainCallbacks, Trainer, train_lora
 
 GREEN = (30, 200, 60)
 CAPTION = "a green picture"
-
-
-@pytest.fixture(scope="module")
-def flux():
-    from lora_nodes.models.loading import load_base
-
-    return load_base("builtin:tiny-flux", dtype="float32", device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def _flux_unpatched(request):
-    yield
-    if "flux" in request.fixturenames:
-        ModelRecipe(request.getfixturevalue("flux")).materialize()
 
 
 @pytest.fixture(scope="module")
@@ -332,3 +319,35 @@ nodes:
     cached = [e for e in runs[1].of("cached") if e["node"] == "train"]
     assert cached and cached[0]["cache"] == "disk"
     assert not any(e["node"] == "train" for e in runs[1].of("executing"))
+
+
+def test_two_processes_train_flux_like_one_accumulating_their_two_batches(tmp_path, green):
+    """Data parallel on the CPU (torchrun, gloo) on Flux: 2 processes x batch 1 make the same LoRA as
+    1 process accumulating 2 batches of 1 (process r trains batch number 2 * step + r)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def workflow(folder, extra: str = ""):
+        folder.mkdir()
+        return write_workflow(folder, f"""
+nodes:
+  base:  {{type: LoadBase, inputs: {{source: "builtin:tiny-flux", device: cpu}}}}
+  data:  {{type: LoadDataset, inputs: {{path: {green}}}}}
+  train: {{type: TrainLoRA, inputs: {{model: [base, model], dataset: [data, dataset], steps: 2, batch_size: 1,
+          rank: 2, learning_rate: 0.01, {extra}}}}}
+  save:  {{type: SaveLoRA, inputs: {{lora: [train, lora], model: [base, model], path: trained.safetensors}}}}
+""")
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lora_nodes.cli"]
+    launched = subprocess.run(
+        [*torchrun, "run", str(workflow(tmp_path / "parallel")), "--output-dir", str(tmp_path / "out"),
+         "--cache-dir", str(tmp_path / "cache")],
+        check=False, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    Runner(output_dir=tmp_path / "ref", cache_dir=tmp_path / "ref-cache").run(
+        load_workflow(workflow(tmp_path / "single", "gradient_accumulation: 2")))
+    parallel, single = (load_file(str(tmp_path / d / "trained.safetensors")) for d in ("out", "ref"))
+    assert parallel.keys() == single.keys() and parallel
+    assert all(torch.allclose(parallel[k], single[k], atol=1e-5) for k in parallel)

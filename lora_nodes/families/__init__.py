@@ -147,12 +147,13 @@ def naming_of(key: str) -> str:
 def layout_of(key: str) -> str:
     """The naming of a LoRA key as the file writes it (before :func:`normalize_key`), for people:
     what :func:`naming_of` says of it, asked of the naming its normalized form belongs to (so
-    that a layout the normalization rewrites, such as XLabs' processor names, is still told)."""
+    that a layout the normalization rewrites, such as XLabs' processor names, is still told).
+    kohya's ``lora_te1_`` spelling of the first text encoder is plain ``kohya`` here: the file's
+    layout is kohya's either way."""
     normalized = normalize_key(key)
-    for naming in _NAMINGS:
-        if naming.component_of(normalized) is not None:
-            return naming.naming_of(key)
-    return naming_of(key)
+    naming = next((n for n in _NAMINGS if n.component_of(normalized) is not None), None)
+    layout = naming.naming_of(key) if naming is not None else naming_of(key)
+    return "kohya" if layout == "kohya te1" else layout
 
 
 def blocks_of(family: Family | None, keys: Iterable[str]) -> dict[str, list[int]]:

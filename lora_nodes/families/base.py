@@ -37,8 +37,6 @@ class TextEncoder:
     # text that only this encoder's module names hold (CLIP's ``text_model``, T5's ``encoder_block``):
     # tells whose text encoder a LoRA key is for where two families use one component name
     key_markers: tuple[str, ...] = ("text_model",)
-    # more kohya-style prefixes other trainers write for it (OneTrainer's ``lora_te2_`` for T5)
-    other_kohya_prefixes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -245,8 +245,7 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 CLIP_L = TextEncoder("text_encoder", "tokenizer", "text_encoders.clip_l.transformer.", False, KOHYA_CLIP)
 T5_XXL = TextEncoder("text_encoder_2", "tokenizer_2", "text_encoders.t5xxl.transformer.", False, KOHYA_T5,
-                     model_class="T5EncoderModel", key_markers=("encoder_block", "encoder.block"),
-                     other_kohya_prefixes=(ONETRAINER_T5,))
+                     model_class="T5EncoderModel", key_markers=("encoder_block", "encoder.block"))
 
 FLUX = Family(
     id="flux",

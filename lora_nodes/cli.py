@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=["yaml", "json", "comfyui-api", "comfyui-ui"])
     convert.add_argument("-o", "--output", help="file to write (default: print to stdout)")
 
-    inspect = sub.add_parser("inspect", help="describe a base model or a LoRA file")
-    inspect.add_argument("source", help="builtin:NAME, a diffusers folder, a checkpoint or a LoRA file")
+    inspect = sub.add_parser("inspect", help="describe a base model, a LoRA file, or what a PNG's chunks say")
+    inspect.add_argument("source", help="builtin:NAME, a diffusers folder, a checkpoint, a LoRA file, "
+                                         "or a PNG (ours, ComfyUI's or A1111's)")
     inspect.add_argument("--base", help="with a LoRA: the base to place it on (shows what fits and what not)")
     inspect.add_argument("--config", default="", help="configs+tokenizer folder for a single-file checkpoint")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")

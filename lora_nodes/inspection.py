@@ -1,11 +1,13 @@
-"""``lora-nodes inspect``: what a base model or a LoRA file holds, and how a LoRA fits a base."""
+"""``lora-nodes inspect``: what a base model or a LoRA file holds, and how a LoRA fits a base; what
+a PNG's text chunks say (ours, ComfyUI's, A1111's)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from . import families, tensorfiles
+from . import families, pngchunks, tensorfiles
 from .errors import LoRAError, NodeError
 from .lora.files import read_lora
 from .lora.formats import SUFFIXES
@@ -37,6 +39,8 @@ def inspect_source(source: str, base: str | None = None, config: str = "") -> di
         problem = input_path_problem(given, Path.cwd(), "any") if given and given not in BUILTINS else None
         if problem is not None:  # a FIFO, a device or a huge folder is refused before anything reads it
             raise NodeError(problem[1])
+    if source not in BUILTINS and Path(source).is_file() and pngchunks.is_png(source):
+        return inspect_png(source)
     if source in BUILTINS or not Path(source).is_file() or not is_lora_file(source):
         return {"kind": "base", **load_base(source, device="cpu", config=config).describe()}
     lora = read_lora(source)
@@ -56,6 +60,45 @@ def inspect_source(source: str, base: str | None = None, config: str = "") -> di
     return info
 
 
+def inspect_png(path: str | Path) -> dict[str, Any]:
+    """What a PNG's text chunks say: our workflow's and ComfyUI's prompt's and editor graph's nodes
+    (a summary), A1111's parameters parsed into fields. Any PNG: ours, ComfyUI's, A1111's."""
+    try:
+        chunks = pngchunks.read_chunks(path, pngchunks.TEXT_KEYS)
+    except pngchunks.ChunkError as exc:
+        raise NodeError(str(exc)) from exc
+    info: dict[str, Any] = {"kind": "png", "path": str(path)}
+    for key, text in chunks.items():
+        if key == pngchunks.PARAMETERS_KEY:
+            info[key] = pngchunks.parse_parameters(text)
+        else:
+            info[key] = _workflow_summary(key, text)
+    return info
+
+
+def _workflow_summary(key: str, text: str) -> dict[str, Any]:
+    """The node types of a workflow chunk (ours: ``nodes`` by id; ComfyUI's prompt: ``class_type`` by
+    id; its editor graph: a ``nodes`` list), or why it could not be read."""
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        return {"error": f"not JSON: {exc}"}
+    if key == pngchunks.PROMPT_KEY:
+        nodes = document if isinstance(document, dict) else {}
+        types = [node.get("class_type") for node in nodes.values() if isinstance(node, dict)]
+    else:
+        nodes = document.get("nodes") if isinstance(document, dict) else None
+        listed = nodes.values() if isinstance(nodes, dict) else nodes if isinstance(nodes, list) else []
+        types = [node.get("type") for node in listed if isinstance(node, dict)]
+    counted: dict[str, int] = {}
+    for kind in types:
+        counted[str(kind)] = counted.get(str(kind), 0) + 1
+    summary: dict[str, Any] = {"nodes": len(types), "types": counted}
+    if key == pngchunks.WORKFLOW_KEY and isinstance(document, dict) and document.get("format"):
+        summary["format"] = document["format"]
+    return summary
+
+
 def _placement_error(lora: LoRA, model: BaseModel) -> str | None:
     """What ApplyLoRA would refuse this LoRA for on this base, if anything."""
     try:
@@ -65,8 +108,34 @@ def _placement_error(lora: LoRA, model: BaseModel) -> str | None:
     return None
 
 
+# what each PNG chunk is, as shown
+CHUNK_TITLES = {pngchunks.WORKFLOW_KEY: "lora-nodes workflow", pngchunks.PROMPT_KEY: "ComfyUI prompt (API format)",
+                pngchunks.GRAPH_KEY: "ComfyUI workflow (editor graph)", pngchunks.PARAMETERS_KEY: "A1111 parameters"}
+
+
+def format_png(info: dict[str, Any]) -> str:
+    """The human-readable form of :func:`inspect_png`'s result."""
+    lines = [f"PNG: {info['path']}"]
+    shown = [key for key in pngchunks.TEXT_KEYS if key in info]
+    if not shown:
+        lines.append(f"  no text chunks of lora-nodes, ComfyUI or A1111 ({', '.join(pngchunks.TEXT_KEYS)})")
+    for key in shown:
+        chunk = info[key]
+        lines.append(f"  {CHUNK_TITLES[key]} ('{key}' chunk):")
+        if key == pngchunks.PARAMETERS_KEY:
+            lines += [f"    {name.replace('_', ' ')}: {_short(value)}" for name, value in chunk.items() if value]
+        elif "error" in chunk:
+            lines.append(f"    unreadable: {chunk['error']}")
+        else:
+            types = ", ".join(f"{kind} x{n}" if n > 1 else kind for kind, n in chunk["types"].items())
+            lines.append(f"    {chunk['nodes']} nodes: {_short(types, 300)}")
+    return "\n".join(lines)
+
+
 def format_inspection(info: dict[str, Any]) -> str:
     """The human-readable form of :func:`inspect_source`'s result."""
+    if info["kind"] == "png":
+        return format_png(info)
     if info["kind"] == "base":
         modules = info["modules"]
         counts: dict[str, int] = {}

@@ -1,11 +1,13 @@
 """The one reader of ``.safetensors`` files: their headers (key names, shapes and metadata, without
-the weights) for cheap checks, and their tensors, with one way of saying a file is damaged.
+the weights) for cheap checks, and their tensors, with one way of saying a file is damaged; and the
+hashes A1111 gives model files.
 
 Cheap checks (validation's preflights, ``inspect``, telling a LoRA from a model) read only headers.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,3 +63,31 @@ def read_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
         metadata = dict(f.metadata() or {})
     return tensors, metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# hashes, as A1111 computes them (its PNGs' "Model hash" and "Lora hashes")
+
+_HASH_BLOCK = 1 << 20
+
+
+def _sha256_from(f, offset: int) -> str:
+    digest = hashlib.sha256()
+    f.seek(offset)
+    for block in iter(lambda: f.read(_HASH_BLOCK), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a whole file (hex): A1111's model hash (its first 10 digits)."""
+    with open(path, "rb") as f:
+        return _sha256_from(f, 0)
+
+
+def tensor_data_sha256(path: str | Path) -> str:
+    """The sha256 (hex) of a ``.safetensors`` file's bytes after its header: the hash kohya's
+    sd-scripts write as ``sshs_model_hash`` and A1111 computes for a LoRA file without one."""
+    with open(path, "rb") as f:
+        header_length = int.from_bytes(f.read(8), "little")
+        return _sha256_from(f, 8 + header_length)

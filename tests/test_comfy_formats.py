@@ -360,6 +360,6 @@ def test_png_chunks_are_made_once_per_run_and_carried_by_every_save(tmp_path, mo
     for path in result.files:
         with Image.open(path) as image:
             texts.append(dict(image.text))
-    assert len(texts) == 2 and texts[0] == texts[1] and list(texts[0]) == ["lora-nodes", "prompt", "workflow"]
+    assert len(texts) == 2 and texts[0] == texts[1] and list(texts[0]) == ["lora-nodes", "prompt", "workflow", "parameters"]
     assert json.loads(texts[0]["prompt"]) == to_api(parse_workflow(json.loads(texts[0]["lora-nodes"]), tmp_path),
                                                     catalogue())

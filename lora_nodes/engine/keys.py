@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,21 @@ def digest(data: Any) -> str:
 
 
 class Fingerprints:
-    """File fingerprints, each content hash computed once per file version in a process."""
+    """File fingerprints, each content hash computed once per file version in a process (and other
+    hashes of a file, :meth:`hashed`, likewise)."""
 
     def __init__(self) -> None:
         self._hashes: dict[tuple[str, int, int], str] = {}
+        self._other: dict[tuple[str, str, int, int], str] = {}
+
+    def hashed(self, path: str | Path, compute: Callable[[Path], str]) -> str:
+        """``compute(path)`` (a hash of the file, e.g. A1111's sha256 of a model), computed once per
+        file version (path, size, mtime) in a process: a big model is read once, not per image."""
+        status = os.stat(path)
+        version = (f"{compute.__module__}.{compute.__qualname__}", str(path), status.st_size, status.st_mtime_ns)
+        if version not in self._other:
+            self._other[version] = compute(Path(path))
+        return self._other[version]
 
     def __call__(self, path: str | Path) -> dict[str, Any]:
         """What identifies a file's version: path, size, mtime, and its content hash where cheap.

@@ -16,6 +16,7 @@ from ..graph.embed import embeddable_workflow, png_chunks
 from ..graph.links import bound_graph, link_order, needed_by
 from ..graph.overrides import Override, bind_variants
 from ..graph.overrides import file_suffix as variant_file_suffix
+from ..graph.parameters import parameters_chunk
 from ..graph.problems import WorkflowError
 from ..graph.validate import BoundNode, bind
 from ..graph.workflow import Workflow
@@ -94,13 +95,20 @@ class Runner:
         order = execution_order(bound)
         embedded = embeddable_workflow(workflow, bound)
         # made on the first SaveImages of this run, once: most runs that write no PNG never need it
-        chunks = cache(lambda: png_chunks(embedded, self.output_dir, self.catalogue))
+        workflow_chunks = cache(lambda: png_chunks(embedded, self.output_dir, self.catalogue))
         self.emit(event("run_start", nodes=order, variant=variant))
         result = RunResult()
         keys: dict[str, str] = {}
+
+        def chunks(node_id: str) -> Callable[[], Mapping[str, str]]:
+            """A node's PNG chunks: the run's workflow, and A1111's parameters of the images it is given
+            (each file hash computed once per file version in this process)."""
+            return lambda: {**workflow_chunks(),
+                            **parameters_chunk(bound, node_id, result.outputs, self._fingerprint.hashed)}
+
         try:
             for node_id in order:
-                self._run_node(bound[node_id], keys, result, file_suffix, chunks)
+                self._run_node(bound[node_id], keys, result, file_suffix, chunks(node_id))
         except RunFailed:
             self.emit(event("run_end", ok=False, seconds=round(time.perf_counter() - start, 4),
                             executed=result.executed, cached=result.cached, files=result.files))

@@ -3,7 +3,8 @@
 The PNGs SaveImages writes carry the workflow three times (see :mod:`lora_nodes.pngchunks`): in our
 format, and as ComfyUI's API-format prompt and editor graph, so a PNG dropped into ComfyUI opens
 the graph. They are made here, once per run, and handed to the node through its context: a node
-never reads or converts workflows itself.
+never reads or converts workflows itself. Beside them each SaveImages' PNGs carry A1111's
+``parameters`` of the images it is given, traced per node by :mod:`.parameters`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,239 @@
+"""A1111's ``parameters`` chunk in the PNGs SaveImages writes, read as A1111 reads it; ``inspect``
+on PNGs of ours, ComfyUI's and A1111's."""
+
+import hashlib
+import json
+from pathlib import Path
+
+from conftest import write_workflow
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from lora_nodes.cli import main
+from lora_nodes.engine.scheduler import Runner
+from lora_nodes.graph.load import load_workflow
+
+
+def split_settings(line: str) -> list[str]:
+    """The settings line's ``key: value`` items: split at commas outside double quotes."""
+    items, current, quoted, escaped = [], "", False, False
+    for char in line:
+        if char == "," and not quoted:
+            items.append(current)
+            current = ""
+            continue
+        current += char
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+    return [item.strip() for item in [*items, current] if item.strip()]
+
+
+def a1111_parse(text: str) -> dict[str, str]:
+    """The chunk as A1111's PNG Info reads its format: prompt lines, then an optional line starting
+    ``Negative prompt:`` (and lines after it), then one line of ``key: value`` items, a value in
+    double quotes being a JSON string that may hold commas."""
+    *lines, settings = text.strip().split("\n")
+    prompt: list[str] = []
+    negative: list[str] = []
+    into = prompt
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            into, line = negative, line[len("Negative prompt:"):]
+        into.append(line.strip())
+    result = {}
+    for item in split_settings(settings):
+        key, _, value = item.partition(":")
+        value = value.strip()
+        result[key.strip()] = json.loads(value) if value.startswith('"') and value.endswith('"') else value
+    result["Prompt"], result["Negative prompt"] = "\n".join(prompt), "\n".join(negative)
+    return result
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def sha256_after_header(path: Path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+
+
+def parameters_of(png: Path) -> str:
+    with Image.open(png) as image:
+        return image.info["parameters"]
+
+
+WORKFLOW = """
+format: lora-nodes/1
+nodes:
+  base:  {{type: LoadBase, inputs: {{source: "{source}"}}}}
+  one:   {{type: LoadLoRA, inputs: {{path: {one}}}}}
+  two:   {{type: LoadLoRA, inputs: {{path: {two}}}}}
+  unused: {{type: LoadLoRA, inputs: {{path: {unused}}}}}
+  first: {{type: ApplyLoRA, inputs: {{model: [base, model], lora: [one, lora], strength_model: 0.5}}}}
+  stack: {{type: LoRAStack, inputs: {{lora_1: [unused, lora], enabled_1: false, lora_2: [two, lora],
+           strength_model_2: 0.8, lora_3: [unused, lora], strength_model_3: 0, strength_text_3: 0}}}}
+  both:  {{type: ApplyLoRAStack, inputs: {{model: [first, model], stack: [stack, stack]}}}}
+  draw:  {{type: Sample, inputs: {{model: [both, model], prompt: "a red circle, on white\\nsecond line",
+           negative_prompt: "blurry, dark", seed: 1234, steps: 3, cfg: 5.5, sampler: euler_ancestral,
+           width: 64, height: 32, batch_size: 2}}}}
+  save:  {{type: SaveImages, inputs: {{images: [draw, images], prefix: run/pic}}}}
+"""
+
+
+def run_params(tmp_path: Path, source: str, write_lora) -> tuple[dict[str, str], list[Path], dict[str, Path]]:
+    loras = {"one": write_lora("one", metadata={"sshs_model_hash": "abcdef0123456789" * 4}),
+             "two": write_lora("two", seed=2), "unused": write_lora("unused", seed=3)}
+    path = write_workflow(tmp_path, WORKFLOW.format(source=source, **loras))
+    runner = Runner(output_dir=tmp_path / "out")
+    result = runner.run(load_workflow(path))
+    pngs = sorted(Path(f) for f in result.files)
+    texts = {parameters_of(png) for png in pngs}
+    assert len(pngs) == 2 and len(texts) == 1  # the batch shares the node's seed
+    return a1111_parse(texts.pop()), pngs, loras
+
+
+def check_common(fields: dict[str, str], loras: dict[str, Path]) -> None:
+    assert fields["Prompt"] == "a red circle, on white\nsecond line"
+    assert fields["Negative prompt"] == "blurry, dark"
+    assert fields["Steps"] == "3"
+    assert fields["Sampler"] == "Euler a"
+    assert fields["Schedule type"] == "Automatic"
+    assert fields["CFG scale"] == "5.5"
+    assert fields["Seed"] == "1234"
+    assert fields["Size"] == "64x32"
+    assert "Guidance" not in fields  # SD1.5 is not guidance-distilled
+    # one: its sshs_model_hash; two: the sha256 of its tensor data; unused (switched off; strength 0) is left out
+    expected = f"one: {'abcdef0123456789'[:12]}, two: {sha256_after_header(loras['two'])[:12]}"
+    assert fields["Lora hashes"] == expected
+
+
+def test_parameters_chunk_as_a1111_reads_it(tmp_path, write_lora):
+    fields, _pngs, loras = run_params(tmp_path, "builtin:tiny", write_lora)
+    check_common(fields, loras)
+    assert fields["Model"] == "tiny" and "Model hash" not in fields  # a built-in has no file to hash
+    assert set(fields) == {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed",
+                           "Size", "Model", "Lora hashes"}
+
+
+def test_model_hash_of_a_single_file(tmp_path, write_lora):
+    save = write_workflow(tmp_path, """
+format: lora-nodes/1
+nodes:
+  base: {type: LoadBase, inputs: {source: "builtin:tiny"}}
+  save: {type: SaveModel, inputs: {model: [base, model], path: my_model, format: single_file}}
+""", "save.yaml")
+    model = Path(Runner(output_dir=tmp_path / "models").run(load_workflow(save)).files[0])
+    fields, pngs, loras = run_params(tmp_path, str(model), write_lora)
+    check_common(fields, loras)
+    assert fields["Model hash"] == sha256_file(model)[:10]
+    assert fields["Model"] == "my_model"
+    assert str(tmp_path) not in parameters_of(pngs[0])  # names only, no paths of the user's files
+
+
+def test_file_hashes_once_per_file_version(tmp_path, write_lora, monkeypatch):
+    from lora_nodes.graph import parameters
+
+    calls = []
+    real = parameters.tensor_data_sha256
+    monkeypatch.setattr(parameters, "tensor_data_sha256", lambda path: calls.append(path) or real(path))
+    lora = write_lora("two", seed=2)
+    path = write_workflow(tmp_path, f"""
+format: lora-nodes/1
+nodes:
+  base: {{type: LoadBase, inputs: {{source: "builtin:tiny"}}}}
+  two:  {{type: LoadLoRA, inputs: {{path: {lora}}}}}
+  with: {{type: ApplyLoRA, inputs: {{model: [base, model], lora: [two, lora]}}}}
+  a:    {{type: Sample, inputs: {{model: [with, model], prompt: x, steps: 1, seed: 1}}}}
+  b:    {{type: Sample, inputs: {{model: [with, model], prompt: y, steps: 1, seed: 2}}}}
+  save_a: {{type: SaveImages, inputs: {{images: [a, images], prefix: a}}}}
+  save_b: {{type: SaveImages, inputs: {{images: [b, images], prefix: b}}}}
+""")
+    Runner(output_dir=tmp_path / "out").run(load_workflow(path))
+    assert len(calls) == 1
+
+
+def inspect_json(capsys, path: Path) -> dict:
+    assert main(["inspect", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def write_png(path: Path, chunks: dict[str, str]) -> Path:
+    info = PngInfo()
+    for key, text in chunks.items():
+        info.add_text(key, text)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+def test_inspect_an_a1111_png(tmp_path, capsys):
+    text = ("masterpiece, a cat\nNegative prompt: lowres, bad hands\nSteps: 28, Sampler: DPM++ 2M, "
+            "Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 512x768, Model hash: 6ce0161689, "
+            'Model: v1-5-pruned-emaonly, Lora hashes: "cat: 0123456789ab, hat: ba9876543210", Version: v1.10.1')
+    png = write_png(tmp_path / "a1111.png", {"parameters": text})
+    info = inspect_json(capsys, png)
+    assert info["kind"] == "png"
+    assert info["parameters"] == {
+        "prompt": "masterpiece, a cat", "negative_prompt": "lowres, bad hands", "Steps": "28",
+        "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "7", "Seed": "42", "Size": "512x768",
+        "Model hash": "6ce0161689", "Model": "v1-5-pruned-emaonly", "Lora hashes": "cat: 0123456789ab, hat: ba9876543210",
+        "Version": "v1.10.1"}
+    assert main(["inspect", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "A1111 parameters" in out and "Lora hashes: cat: 0123456789ab, hat: ba9876543210" in out
+
+
+def test_inspect_a_comfyui_png(tmp_path, capsys):
+    prompt = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
+              "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}},
+              "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "bad", "clip": ["4", 1]}},
+              "3": {"class_type": "KSampler", "inputs": {"seed": 1, "model": ["4", 0]}},
+              "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI"}}}
+    graph = {"last_node_id": 9, "nodes": [{"id": int(k), "type": v["class_type"]} for k, v in prompt.items()],
+             "links": [], "version": 0.4}
+    png = write_png(tmp_path / "comfy.png", {"prompt": json.dumps(prompt), "workflow": json.dumps(graph)})
+    info = inspect_json(capsys, png)
+    assert info["prompt"] == {"nodes": 5, "types": {"CheckpointLoaderSimple": 1, "CLIPTextEncode": 2,
+                                                     "KSampler": 1, "SaveImage": 1}}
+    assert info["workflow"]["nodes"] == 5 and "parameters" not in info and "lora-nodes" not in info
+    assert main(["inspect", str(png)]) == 0
+    assert "5 nodes: CheckpointLoaderSimple, CLIPTextEncode x2, KSampler, SaveImage" in capsys.readouterr().out
+
+
+def test_inspect_our_png_shows_every_chunk(tmp_path, write_lora, capsys):
+    _fields, pngs, _loras = run_params(tmp_path, "builtin:tiny", write_lora)
+    info = inspect_json(capsys, pngs[0])
+    assert set(info) == {"kind", "path", "lora-nodes", "prompt", "workflow", "parameters"}
+    assert info["lora-nodes"]["types"]["LoadLoRA"] == 3
+    assert info["parameters"]["Sampler"] == "Euler a" and info["parameters"]["negative_prompt"] == "blurry, dark"
+
+
+def test_a_png_without_chunks(tmp_path, capsys):
+    png = write_png(tmp_path / "plain.png", {})
+    assert main(["inspect", str(png)]) == 0
+    assert "no text chunks" in capsys.readouterr().out
+
+
+def test_guidance_for_guidance_distilled_models_only(tmp_path):
+    from lora_nodes.graph.parameters import parameters_chunk
+    from lora_nodes.graph.validate import bind
+    from lora_nodes.nodes import catalogue
+
+    def fields(source: str) -> dict[str, str]:
+        path = write_workflow(tmp_path, f"""
+format: lora-nodes/1
+nodes:
+  base: {{type: LoadBase, inputs: {{source: "{source}"}}}}
+  draw: {{type: Sample, inputs: {{model: [base, model], prompt: x, cfg: 1.0, guidance: 4.5, width: 32, height: 48}}}}
+  save: {{type: SaveImages, inputs: {{images: [draw, images]}}}}
+""")
+        bound = bind(load_workflow(path), catalogue())
+        return a1111_parse(parameters_chunk(bound, "save", {})["parameters"])
+
+    flux = fields("builtin:tiny-flux")
+    assert flux["Guidance"] == "4.5" and flux["CFG scale"] == "1" and flux["Size"] == "32x48"
+    assert "Guidance" not in fields("builtin:tiny")

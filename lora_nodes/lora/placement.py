@@ -59,13 +59,19 @@ def place(lora: LoRA, base: LoRATarget) -> Placement:
     return placement
 
 
-def _split(module: Module, pieces: tuple[tuple[str, int, int], ...], targets) -> dict[str, Module] | str:
-    """A fused module's change as one module per target it covers (see :func:`.model.rows_of`),
-    or why it does not fit."""
+def fused_rows_of(pieces: tuple[tuple[str, int, int], ...]) -> tuple[dict[str, list[range]], int]:
+    """A fused module's pieces (see ``LoRATarget.fused_targets``) as target -> the fused rows it
+    holds (ranges, in the target's row order), and the fused module's row count."""
     rows: dict[str, list[range]] = {}
     for target, start, end in pieces:
         rows.setdefault(target, []).append(range(start, end))
-    fused_rows = max(end for _, _, end in pieces)
+    return rows, max(end for _, _, end in pieces)
+
+
+def _split(module: Module, pieces: tuple[tuple[str, int, int], ...], targets) -> dict[str, Module] | str:
+    """A fused module's change as one module per target it covers (see :func:`.model.rows_of`),
+    or why it does not fit."""
+    rows, fused_rows = fused_rows_of(pieces)
     first = targets[pieces[0][0]].weight.shape
     misfit = module.fit_error((fused_rows, *first[1:]))
     if misfit:

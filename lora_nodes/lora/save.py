@@ -31,7 +31,7 @@ from .metadata import BASE_MODEL_VERSION, network_metadata, ss_metadata
 from .model import FullModule, LoHaModule, LoKrModule, LoRA, LoRAModule, Module, RowsModule
 from .ops import svd_lowrank
 from .peft import ADAPTER_METADATA_KEY
-from .placement import Placement, place
+from .placement import Placement, fused_rows_of, place
 from .recipe import patcher_of
 
 # Module class -> {attribute: kohya / LyCORIS key suffix}; the inverse of formats.SUFFIXES.
@@ -241,10 +241,9 @@ def _fused_rows(name: str, base: LoRATarget) -> tuple[dict[str, Tensor], int]:
     """The rows of kohya's module ``name`` each target holds (in the target's order), and its row count."""
     entry = base.lora_name_index[name]
     pieces = base.fused_targets.get(entry) or ((entry, 0, int(base.lora_targets[entry].weight.shape[0])),)
-    rows: dict[str, list[int]] = {}
-    for target, start, end in pieces:
-        rows.setdefault(target, []).extend(range(start, end))
-    return {t: torch.tensor(r, dtype=torch.long) for t, r in rows.items()}, max(end for _, _, end in pieces)
+    rows, fused_rows = fused_rows_of(pieces)
+    return {t: torch.tensor([r for piece in ranges for r in piece], dtype=torch.long)
+            for t, ranges in rows.items()}, fused_rows
 
 
 def _blocks(parts: dict[str, Module], base: LoRATarget,

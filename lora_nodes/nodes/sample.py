@@ -41,10 +41,8 @@ def sample_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any
 
 
 def make_pipeline(base: BaseModel, sampler: str):
-    """A diffusers pipeline over the base's components (no copy) with the sampler's scheduler."""
-    problem = sampler_problem(base.family, sampler)
-    if problem:
-        raise NodeError(problem)
+    """A diffusers pipeline over the base's components (no copy) with the sampler's scheduler (one the
+    family draws with: see :func:`sampler_problem`)."""
     pipe = pipeline_for(base, base.family.make_scheduler(sampler, base.components["scheduler"]))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -15,7 +15,7 @@ from ..lora.recipe import ModelRecipe
 from ..models.base import BaseModel
 from ..models.memory import check_sample
 from ..models.pipeline import pipeline_for
-from ..training.flow import text_sequence_length
+from ..training.flow import packed_size_multiple, text_sequence_length
 from .spec import COMBO, FLOAT, IMAGE, INT, MAX_SEED, MODEL, STRING, Input, Output, Preflight, node
 
 SAMPLERS = families.SAMPLER_NAMES  # names follow ComfyUI's; each family says which it draws with, and how
@@ -75,7 +75,7 @@ def size_multiple(base: BaseModel) -> int:
     import diffusers  # deferred: diffusers takes seconds to import
 
     packs = hasattr(getattr(diffusers, base.family.pipeline_class), "_pack_latents")
-    return max(8, base.vae_scale_factor * 2) if packs else 8
+    return max(8, packed_size_multiple(base)) if packs else 8
 
 
 def image_size(base: BaseModel, width: int, height: int) -> tuple[int, int]:

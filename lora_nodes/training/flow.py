@@ -31,6 +31,12 @@ from ..errors import NodeError
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "shift", "resolution_shift")
 
 
+def packed_size_multiple(base: Any) -> int:
+    """Image sides a pipeline that packs 2x2 latent patches into tokens takes: multiples of the VAE's
+    downscaling times 2 (other sizes it would shrink)."""
+    return base.vae_scale_factor * 2
+
+
 def text_sequence_length(base: Any, pipe: Any) -> dict[str, int]:
     """``{"max_sequence_length": n}`` for a pipeline that pads its sequence text encoder's tokens to a
     length it is told (``{}`` for one that is not told): the tokenizer's own ``model_max_length``,
@@ -87,8 +93,8 @@ class FlowMatching:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE's downscaling times the 2x2 packing."""
-        return self.base.vae_scale_factor * 2
+        """Image sides must be multiples of this (see :func:`packed_size_multiple`)."""
+        return packed_size_multiple(self.base)
 
     def encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """(sequence embeddings, pooled embedding) of each caption, as the pipeline encodes prompts."""

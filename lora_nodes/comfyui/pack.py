@@ -168,7 +168,9 @@ def comfy_class(spec: NodeSpec) -> type:
     })
 
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {spec.comfy_id: comfy_class(spec) for spec in catalogue().values()}
+# ComfyUI's own core nodes (which we also run headless) are ComfyUI's to register, not ours
+PACK_SPECS = [spec for spec in catalogue().values() if not spec.comfy_core]
+NODE_CLASS_MAPPINGS: dict[str, type] = {spec.comfy_id: comfy_class(spec) for spec in PACK_SPECS}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
-    spec.comfy_id: f"{spec.display_name} (lora-nodes)" for spec in catalogue().values()
+    spec.comfy_id: f"{spec.display_name} (lora-nodes)" for spec in PACK_SPECS
 }

@@ -9,9 +9,10 @@ from .spec import Catalogue
 
 @lru_cache(maxsize=1)
 def catalogue() -> Catalogue:
-    """All node types of lora-nodes, by id."""
+    """All node types a workflow may use, by id: ours, then the ComfyUI core nodes we run headless."""
     # deferred: the node modules import torch; ``nodes.spec`` alone (declarations) must stay cheap
     from . import base, dataset, images, lora, merge, sample, save, train
+    from .core import core_specs
 
     return Catalogue([
         base.load_base,
@@ -28,4 +29,5 @@ def catalogue() -> Catalogue:
         merge.extract_lora,
         dataset.load_dataset,
         train.train_lora_node,
+        *core_specs(),
     ])

@@ -20,6 +20,9 @@ LITERAL_TYPES = frozenset({INT, FLOAT, STRING, BOOLEAN, COMBO})
 # ComfyUI's MODEL or CLIP by mistake; IMAGE is ComfyUI's ([batch, height, width, 3] float32 in 0..1).
 MODEL, LORA, LORA_STACK, IMAGE = "LN_MODEL", "LN_LORA", "LN_LORA_STACK", "IMAGE"
 DATASET = "LN_DATASET"
+# ComfyUI's own value types, used by the ComfyUI core nodes we run headless (``nodes.core``): inside
+# this vocabulary MODEL is a recipe over a base, CLIP a text-encoding view of one, VAE the base's VAE.
+CORE_MODEL, CLIP, VAE, CONDITIONING, LATENT = "MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT"
 
 MAX_SEED = 2**64 - 1  # the largest seed an input accepts (Sample's, TrainLoRA's)
 
@@ -115,11 +118,14 @@ class NodeSpec:
     # ``save(outputs, folder)`` and ``load(folder) -> outputs``
     disk_cache: Any = None
     preflight: PreflightCheck | None = field(default=None, compare=False, repr=False)
+    # one of ComfyUI's own nodes, run headless on our engine: keeps ComfyUI's id (no prefix) and is
+    # never registered in the ComfyUI pack (ComfyUI has it already)
+    comfy_core: bool = False
 
     @property
     def comfy_id(self) -> str:
-        """The id this node has inside ComfyUI (namespaced)."""
-        return COMFY_PREFIX + self.id
+        """The id this node has inside ComfyUI (namespaced, except ComfyUI's own core nodes)."""
+        return self.id if self.comfy_core else COMFY_PREFIX + self.id
 
     def input(self, name: str) -> Input | None:
         return next((i for i in self.inputs if i.name == name), None)
@@ -144,13 +150,15 @@ def node(
     output_node: bool = False,
     disk_cache: Any = None,
     preflight: PreflightCheck | None = None,
+    comfy_core: bool = False,
 ) -> Callable[[Callable[..., Any]], NodeSpec]:
     """Declare a node: decorates its run function (``fn(ctx, **inputs)``) and returns the spec.
 
     The function's parameters after ``ctx`` are the node's inputs, in order. Each is annotated
     ``Annotated[type, Input(...)]``; its name is the input's name and its default the input's
-    default (no default: required). An ``optional=True`` input whose parameter defaults to None
-    has no default: left out, the function gets None. A parameter annotated with a dataclass whose
+    default (no default: required). ``comfy_core``: one of ComfyUI's own nodes (its id, inputs and
+    category as ComfyUI has them; see :attr:`NodeSpec.comfy_core`). An ``optional=True`` input whose
+    parameter defaults to None has no default: left out, the function gets None. A parameter annotated with a dataclass whose
     fields are declared the same way is a group: its fields are inputs at that place, in field
     order, and the function gets the dataclass built from them (callers still pass every input by
     its own name). The docstring becomes the node's description. The function returns a tuple
@@ -162,7 +170,7 @@ def node(
         return NodeSpec(
             id=id,
             display_name=display_name,
-            category=f"{CATEGORY_ROOT}/{category}",
+            category=category if comfy_core else f"{CATEGORY_ROOT}/{category}",
             description=inspect.getdoc(fn) or "",
             inputs=inputs,
             outputs=tuple(outputs),
@@ -171,6 +179,7 @@ def node(
             output_node=output_node,
             disk_cache=disk_cache,
             preflight=preflight,
+            comfy_core=comfy_core,
         )
 
     return declare

@@ -13,12 +13,14 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from .cli_display import ProgressDisplay
 from .engine.events import JsonLines, event, ignore
 from .errors import NodeError
 from .fileio import atomic_write_text
+from .modelfolders import MODELS_DIR_VARIABLE, FolderSetupError, configured, using_folders
 from .nodes import catalogue
 
 EXAMPLES = """\
@@ -26,6 +28,7 @@ examples:
   lora-nodes run workflows/quickstart.yaml
   lora-nodes run workflows/quickstart.yaml --set style.path=my_style.safetensors
   lora-nodes run workflows/strength_sweep.yaml --sweep styled.strength_model=0,0.5,1
+  lora-nodes run comfy_prompt.json --models-dir ~/ComfyUI/models   # names such as style/foo.safetensors
   lora-nodes run outputs/quickstart/strength_1_00001.png   # re-run the workflow a PNG was made with
   lora-nodes validate workflows/quickstart.yaml --json
   lora-nodes nodes                                     # every node type and its inputs
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", default="outputs", help="where output files go (default: ./outputs)")
     run.add_argument("--cache-dir", default=None, help="disk cache for expensive results (default: ~/.cache/lora-nodes)")
     run.add_argument("--events", choices=["jsonl"], help="print run events as JSON lines on stdout instead of bars")
+    _add_folder_args(run)
     run.add_argument("--debug", action="store_true", help="show the full traceback when a node fails")
     run.add_argument("--no-memory-check", action="store_true",
                      help="run Sample and TrainLoRA even when their memory estimate exceeds what is free")
@@ -62,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file")
     _add_override_args(validate)
     _add_sweep_arg(validate)
+    _add_folder_args(validate)
     validate.add_argument("--json", action="store_true", help="print the problems as a JSON list")
 
     nodes = sub.add_parser("nodes", help="list node types with their inputs and outputs")
@@ -73,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("file", help="workflow file: .yaml, .json (ours, ComfyUI API or UI format) or .png")
     convert.add_argument("--to", required=True, choices=["yaml", "json", "comfyui-api", "comfyui-ui"])
     convert.add_argument("-o", "--output", help="file to write (default: print to stdout)")
+    _add_folder_args(convert, "files in these folders are written by their name there")
 
     inspect = sub.add_parser("inspect", help="describe a base model, a LoRA file, or what a PNG's chunks say")
     inspect.add_argument("source", help="builtin:NAME, a diffusers folder, a checkpoint, a LoRA file, "
@@ -80,12 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--base", help="with a LoRA: the base to place it on (shows what fits and what not)")
     inspect.add_argument("--config", default="", help="configs+tokenizer folder for a single-file checkpoint")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_folder_args(inspect)
     return parser
 
 
 def _add_override_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                         help="override an input; VALUE is YAML (0.5, true, 'text', [node, output])")
+
+
+def _add_folder_args(parser: argparse.ArgumentParser, why: str = "") -> None:
+    """--models-dir, --extra-model-paths and --input-dir: where model files and input images are found by name."""
+    also = f"; {why}" if why else ""
+    group = parser.add_argument_group(
+        "model folders", "A file input that is not an existing path (relative to the workflow, or absolute) is "
+        "looked up by name, subfolders included (style/foo.safetensors), in the folders of its kind, as "
+        f"ComfyUI looks it up{also}.")
+    group.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                       help="a folder laid out as ComfyUI's models/ (checkpoints/, loras/, vae/, diffusion_models/ "
+                       "or unet/, text_encoders/ or clip/, diffusers/); repeat to search several, in order "
+                       f"(default: ${MODELS_DIR_VARIABLE}, several separated by '{os.pathsep}', else ./models "
+                       "when it exists)")
+    group.add_argument("--extra-model-paths", action="append", default=[], metavar="FILE",
+                       help="a ComfyUI extra_model_paths.yaml: its folders are searched after --models-dir's "
+                       "(sections marked is_default: true, first); repeatable (default: none)")
+    group.add_argument("--input-dir", metavar="DIR",
+                       help="where LoadImage finds images by name, as ComfyUI's input/ folder "
+                       "(default: ./input when it exists)")
 
 
 def _add_sweep_arg(parser: argparse.ArgumentParser) -> None:
@@ -100,13 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "inspect": cmd_inspect,
                "convert": cmd_convert}[args.command]
     try:
-        return handler(args)
+        with _model_folders(args):
+            return handler(args)
+    except FolderSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     except BrokenPipeError:  # e.g. piped into `head`: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except KeyboardInterrupt:
         print("interrupted; files already written were kept", file=sys.stderr)
         return 130
+
+
+def _model_folders(args: argparse.Namespace) -> AbstractContextManager:
+    """The model folders a command's options (and the environment, and ./models) name, in force while it runs."""
+    if not hasattr(args, "models_dir"):
+        return nullcontext()
+    return using_folders(configured(args.models_dir, args.extra_model_paths, args.input_dir))
 
 
 def _quiet_libraries() -> None:
@@ -202,8 +240,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     try:
         workflow = load_workflow(args.file)
-        if args.output:
-            workflow = rebase_paths(workflow, catalogue(), Path(args.output).resolve().parent)
+        # files in a models folder go by their name; with -o, other relative paths are rebased to its folder
+        workflow = rebase_paths(workflow, catalogue(), Path(args.output).resolve().parent if args.output else None)
         text = convert(workflow, args.to, catalogue())
     except WorkflowError as exc:
         _print_problems(exc.problems, False)
@@ -222,23 +260,36 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     from .comfyui.object_info import catalogue_object_info
+    from .nodes.spec import Catalogue
 
-    cat = catalogue()
-    if args.json:
-        print(json.dumps(catalogue_object_info(cat), indent=2))
+    ours = [spec for spec in catalogue().values() if not spec.comfy_core]
+    core = [spec for spec in catalogue().values() if spec.comfy_core]
+    if args.json:  # our pack's /object_info: ComfyUI describes its own core nodes itself
+        print(json.dumps(catalogue_object_info(Catalogue(ours)), indent=2))
         return EXIT_OK
-    for spec in cat.values():
-        print(f"{spec.id}  ({spec.display_name}, {spec.category}, v{spec.version})")
-        print(f"    {spec.description.splitlines()[0] if spec.description else ''}")
-        for decl in spec.inputs:
-            default = "" if decl.required or decl.optional else f" = {decl.default!r}"
-            kind = "|".join(decl.choices) if decl.choices else decl.type
-            flag = " (optional)" if decl.optional else ""
-            print(f"    in  {decl.name}: {kind}{default}{flag}")
-        for out in spec.outputs:
-            print(f"    out {out.name}: {out.type}")
-        print()
+    print("lora-nodes' own nodes (inside ComfyUI their ids start with 'lora-nodes.'):\n")
+    for spec in ours:
+        _print_node(spec)
+    if core:
+        print("ComfyUI core nodes that run headless (their ComfyUI ids, inputs and outputs; "
+              "in ComfyUI they are ComfyUI's own):\n")
+        for spec in core:
+            _print_node(spec)
     return EXIT_OK
+
+
+def _print_node(spec) -> None:
+    """One node type as `lora-nodes nodes` lists it: a title line, its description, inputs and outputs."""
+    print(f"{spec.id}  ({spec.display_name}, {spec.category}, v{spec.version})")
+    print(f"    {spec.description.splitlines()[0] if spec.description else ''}")
+    for decl in spec.inputs:
+        default = "" if decl.required or decl.optional else f" = {decl.default!r}"
+        kind = "|".join(decl.choices) if decl.choices else decl.type
+        flag = " (optional)" if decl.optional else ""
+        print(f"    in  {decl.name}: {kind}{default}{flag}")
+    for out in spec.outputs:
+        print(f"    out {out.name}: {out.type}")
+    print()
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from .lora.files import read_lora
 from .lora.formats import SUFFIXES
 from .lora.model import LoRA
 from .lora.placement import check_placement, place
+from .modelfolders import find_any
 from .models.base import BaseModel
 from .models.builtin import BUILTINS
 from .models.loading import load_base
@@ -34,7 +35,11 @@ def is_lora_file(path: str | Path) -> bool:
 
 
 def inspect_source(source: str, base: str | None = None, config: str = "") -> dict[str, Any]:
-    """A JSON-ready description of ``source`` (a base or a LoRA file), placed on ``base`` if given."""
+    """A JSON-ready description of ``source`` (a base or a LoRA file), placed on ``base`` if given.
+
+    ``source`` and ``base`` may also be names of files in the active model folders (``style/foo.safetensors``).
+    """
+    source, base = _by_name(source), _by_name(base) if base else base
     for given in (source, base or "", config):
         problem = input_path_problem(given, Path.cwd(), "any") if given and given not in BUILTINS else None
         if problem is not None:  # a FIFO, a device or a huge folder is refused before anything reads it
@@ -58,6 +63,18 @@ def inspect_source(source: str, base: str | None = None, config: str = "") -> di
             "error": _placement_error(lora, model),
         }
     return info
+
+
+def _by_name(given: str) -> str:
+    """``given`` itself when it is a built-in or an existing path, else the model folder file of that name
+    (left as it is when there is none: the path check then says it was not found)."""
+    try:
+        if given in BUILTINS or Path(given).expanduser().exists():
+            return given
+    except (OSError, RuntimeError, ValueError):  # no path at all (~user of no user, a NUL): the path check says so
+        return given
+    found = find_any(given)
+    return str(found) if found is not None else given
 
 
 def inspect_png(path: str | Path) -> dict[str, Any]:

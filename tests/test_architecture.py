@@ -23,11 +23,11 @@ LAYERS = [
     {"lora", "models", "datasets"},
     {"families"},
     {"fileio", "pngchunks", "tensorfiles", "nodes.spec"},
-    {"paths"},
+    {"paths", "modelfolders"},
     {"errors"},
 ]
 # (importer, imported) pairs allowed within one layer
-SAME_LAYER_ORDER = {("cli", "cli_display"), ("cli", "comfyui"), ("__init__", "comfyui")}
+SAME_LAYER_ORDER = {("cli", "cli_display"), ("cli", "comfyui"), ("__init__", "comfyui"), ("modelfolders", "paths")}
 
 
 def _module_name(path: Path) -> str:

@@ -31,7 +31,8 @@ def test_object_info_carries_types_defaults_ranges_and_choices():
     assert required["model"] == ["LN_MODEL", {}]
     assert required["steps"][0] == "INT" and required["steps"][1]["default"] == 20
     assert required["steps"][1]["min"] == 1
-    assert required["sampler"][0] == ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "uni_pc_bh2"]
+    assert required["sampler"][0] == ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "heun", "dpm_2", "dpm_2_ancestral",
+                                      "lms", "dpmpp_2m_sde", "dpmpp_sde", "uni_pc", "uni_pc_bh2"]
     assert required["cfg"][1]["step"] == 0.1
     assert info["output"] == ["IMAGE"] and info["output_name"] == ["images"]
     stack = object_info(catalogue()["LoRAStack"])
@@ -41,8 +42,12 @@ def test_object_info_carries_types_defaults_ranges_and_choices():
 
 def test_our_types_never_reuse_comfyui_model_types():
     comfy_types = {"MODEL", "CLIP", "VAE", "LATENT", "CONDITIONING"}
-    for spec in catalogue().values():
+    ours = [spec for spec in catalogue().values() if not spec.comfy_core]
+    for spec in ours:
         assert not comfy_types & ({i.type for i in spec.inputs} | {o.type for o in spec.outputs}), spec.id
+    # ComfyUI's own nodes, run headless, are the only ones that speak ComfyUI's types
+    core = [spec for spec in catalogue().values() if spec.comfy_core]
+    assert {"CheckpointLoaderSimple", "LoraLoader", "KSampler"} <= {spec.id for spec in core}
 
 
 def test_every_parameter_must_declare_an_input():
@@ -68,8 +73,13 @@ def test_namespaced_ids_are_accepted_and_never_collide_with_comfyui_core(tmp_pat
     core = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
     assert len(core) > 300 and {"CheckpointLoaderSimple", "KSampler", "LoraLoader", "SaveImage"} <= core
     cat = catalogue()
-    assert all(spec.comfy_id.startswith("lora-nodes.") and spec.comfy_id not in core for spec in cat.values())
+    ours = [spec for spec in cat.values() if not spec.comfy_core]
+    assert all(spec.comfy_id.startswith("lora-nodes.") and spec.comfy_id not in core for spec in ours)
     assert cat["lora-nodes.Sample"] is cat["Sample"]
+    # the ComfyUI core nodes we run headless keep ComfyUI's ids, and only those
+    headless_core = [spec for spec in cat.values() if spec.comfy_core]
+    assert headless_core and all(spec.comfy_id == spec.id and spec.id in core for spec in headless_core)
+    assert "lora-nodes.KSampler" not in cat
     workflow = parse_workflow({"1": {"class_type": "lora-nodes.LoadBase", "inputs": {}},
                                "2": {"class_type": "lora-nodes.Sample", "inputs": {"model": ["1", 0], "prompt": "x"}},
                                "3": {"class_type": "SaveImages", "inputs": {"images": ["2", 0]}}}, tmp_path)

@@ -170,25 +170,41 @@ def test_unsupported_nodes_are_listed_in_one_problem(capsys):
         load_workflow(FIXTURES / "unsupported.json")
     [problem] = caught.value.problems
     assert problem.code == "unsupported_nodes"
-    for part in ("CheckpointLoaderSimple (node 4)", "KSampler (nodes 3, 7)", "LoraLoader (node 10)", "ComfyUI"):
+    # custom nodes' types (ComfyUI's core nodes run here: see test_core_workflows.py)
+    for part in ("CheckpointLoaderNF4 (node 4)", "KSampler (Efficient) (nodes 3, 7)", "LoraLoader|pysssss (node 10)",
+                 "ComfyUI"):
         assert part in problem.message
     assert "LoadBase" not in problem.message
     assert cli.main(["validate", str(FIXTURES / "unsupported.json")]) == 2
     assert "unsupported_nodes" in capsys.readouterr().err
 
 
-def test_comfyuis_save_image_is_ours_and_preview_image_is_left_out():
+def test_comfyuis_save_image_and_preview_image_are_core_nodes_that_write_what_save_images_writes(tmp_path):
+    """SaveImage keeps its id and widget, and writes what SaveImages writes; PreviewImage writes under previews/."""
     data = ui_data("basic")
-    save = node_of(data, 5)
-    save["type"], save["widgets_values"] = "SaveImage", ["comfy/red_circle"]
+    save = copy.deepcopy(node_of(data, 5))
+    save.update(id=8, type="SaveImage", widgets_values=["comfy/red_circle"])
     preview = {**copy.deepcopy(save), "id": 7, "type": "PreviewImage", "widgets_values": []}
-    preview["inputs"][0]["link"] = 5
-    node_of(data, 4)["outputs"][0]["links"].append(5)
-    data["nodes"].append(preview)
-    data["links"].append([5, 4, 0, 7, 0, "IMAGE"])
+    save["inputs"][0]["link"], preview["inputs"][0]["link"] = 5, 6
+    node_of(data, 4)["outputs"][0]["links"] += [5, 6]
+    data["nodes"] += [save, preview]
+    data["links"] += [[5, 4, 0, 8, 0, "IMAGE"], [6, 4, 0, 7, 0, "IMAGE"]]
     workflow = ui_workflow(data)
-    assert workflow.nodes["5"].type == "SaveImages" and workflow.nodes["5"].inputs["prefix"] == "comfy/red_circle"
-    assert "7" not in workflow.nodes
+    assert workflow.nodes["8"].type == "SaveImage" and workflow.nodes["8"].inputs == {
+        "images": Link("4", 0), "filename_prefix": "comfy/red_circle"}
+    assert workflow.nodes["7"].type == "PreviewImage"
+    assert to_api(workflow, catalogue())["8"]["class_type"] == "SaveImage"  # not namespaced: ComfyUI's own
+    written = run_pixels(workflow, tmp_path / "out", tmp_path / "cache")
+    assert set(written) == {"basic/red_circle_00001.png", "comfy/red_circle_00001.png", "previews/ComfyUI_00001.png"}
+    for name in written:
+        assert np.array_equal(written[name], written["basic/red_circle_00001.png"]), name
+    texts = {}
+    for name in written:
+        with Image.open(tmp_path / "out" / name) as png:
+            texts[name] = dict(png.text)
+    assert list(texts["comfy/red_circle_00001.png"]) == ["lora-nodes", "prompt", "workflow", "parameters"]
+    assert texts["comfy/red_circle_00001.png"] == texts["basic/red_circle_00001.png"]
+    assert json.loads(texts["previews/ComfyUI_00001.png"]["prompt"])["8"]["class_type"] == "SaveImage"
 
 
 def test_is_ui_format():

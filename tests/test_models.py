@@ -113,10 +113,11 @@ def test_single_file_checkpoint_loads_offline_with_a_config_folder(tmp_path, tin
     assert torch.equal(draw(loaded), draw(tiny))
 
 
-def test_single_file_without_config_says_what_to_pass(tmp_path, tiny):
+def test_single_file_loads_alone_and_a_config_folder_given_is_checked(tmp_path, tiny):
+    # issue 13: no config folder needed (tests/test_single_files.py covers the families); one given must be whole
     checkpoint = write_single_file(tiny, tmp_path / "tiny.safetensors")
-    with pytest.raises(ModelLoadError, match="Set LoadBase's 'config' input to an SD1.5/SD2.x diffusers folder"):
-        load_base(str(checkpoint), device="cpu")
+    alone = load_base(str(checkpoint), dtype="float32", device="cpu")
+    assert alone.family.id == "sd1" and torch.equal(draw(alone), draw(tiny))
     configs = save_tiny_folder(tmp_path / "configs")
     shutil.rmtree(configs / "vae")
     with pytest.raises(ModelLoadError, match="lacks vae/config.json"):

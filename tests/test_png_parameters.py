@@ -5,6 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import test_core_workflows as templates  # the ComfyUI templates, and the models folder they run from
 from conftest import write_workflow
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -237,3 +238,181 @@ nodes:
     flux = fields("builtin:tiny-flux")
     assert flux["Guidance"] == "4.5" and flux["CFG scale"] == "1" and flux["Size"] == "32x48"
     assert "Guidance" not in fields("builtin:tiny")
+
+
+# --------------------------------------------------------------------------- graphs of ComfyUI's core nodes
+
+models = templates.models  # the fixture: config-less single files and LoRAs in a ComfyUI models folder
+SMALL, api_file, ui_file = templates.SMALL, templates.api_file, templates.ui_file
+
+
+def lora_file_hash(path: Path) -> str:
+    """A1111's LoRA hash: the file's sshs_model_hash, else the sha256 of its tensor data; 12 digits."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        given = (f.metadata() or {}).get("sshs_model_hash")
+    return (given or sha256_after_header(path))[:12]
+
+
+def run_template(models: Path, out: Path, path: Path, *sets: str) -> list[Path]:
+    """The PNGs ``lora-nodes run`` writes for a ComfyUI template, from the models folder of test_core_workflows."""
+    args = ["run", str(path), "--models-dir", str(models / "models"), "--input-dir", str(models / "input"),
+            "--output-dir", str(out)]
+    for value in sets:
+        args += ["--set", value]
+    assert main(args) == 0
+    return sorted(out.rglob("*.png"))
+
+
+def test_a_comfyui_hires_fix_template_png_carries_a1111_parameters(models, tmp_path):
+    """The saved picture is the second KSampler's (denoise 0.5 over the upscaled latent): it is described,
+    at the final size, with the checkpoint's and the LoRA's hashes; the first pass's preview too."""
+    pngs = run_template(models, tmp_path, ui_file("hires_fix"), *SMALL["hires_fix"])
+    api = json.loads(api_file("hires_fix").read_text())
+    [saved] = [p for p in pngs if p.name.startswith("hires_fix")]
+    text = parameters_of(saved)
+    fields = a1111_parse(text)
+    checkpoint = models / "models" / "checkpoints" / "v1-5-pruned-emaonly-fp16.safetensors"
+    lora = models / "models" / "loras" / "watercolor_style.safetensors"
+    assert fields == {
+        "Prompt": api["6"]["inputs"]["text"], "Negative prompt": api["7"]["inputs"]["text"],
+        "Steps": "2", "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "7", "Seed": "8566257",
+        "Size": "64x64", "Model hash": sha256_file(checkpoint)[:10], "Model": "v1-5-pruned-emaonly-fp16",
+        "Denoising strength": "0.5", "Lora hashes": f"watercolor_style: {lora_file_hash(lora)}"}
+    assert str(models) not in text  # names, not the user's paths
+    [preview] = [p for p in pngs if "previews" in p.parts]
+    first = a1111_parse(parameters_of(preview))  # the first pass: KSampler 3 over the empty latent
+    assert (first["Steps"], first["Sampler"], first["Schedule type"], first["Size"]) == ("2", "Euler a", "Normal",
+                                                                                        "32x32")
+    assert "Denoising strength" not in first
+
+
+def test_a_comfyui_flux_lora_template_png_carries_guidance_and_the_diffusion_models_hash(models, tmp_path):
+    [png] = run_template(models, tmp_path, api_file("flux_lora"), *SMALL["flux_lora"])
+    api = json.loads(api_file("flux_lora").read_text())
+    fields = a1111_parse(parameters_of(png))
+    with Image.open(png) as image:  # the tiny Flux VAE's latent cells are not 8 pixels: the size drawn is its own
+        size = f"{image.width}x{image.height}"
+    denoiser = models / "models" / "diffusion_models" / "flux1-dev.safetensors"
+    lora = models / "models" / "loras" / "flux_watercolor_style.safetensors"
+    assert fields == {
+        "Prompt": api["6"]["inputs"]["text"], "Negative prompt": "", "Steps": "2", "Sampler": "Euler",
+        "Schedule type": "Simple", "CFG scale": "1", "Guidance": "3.5", "Seed": "1117", "Size": size,
+        "Model hash": sha256_file(denoiser)[:10], "Model": "flux1-dev",
+        "Lora hashes": f"flux_watercolor_style: {lora_file_hash(lora)}"}
+    assert "Negative prompt:" not in parameters_of(png)  # an empty negative prompt gets no line, as in A1111
+
+
+def core_chunk(tmp_path: Path, graph: dict, outputs: dict | None = None) -> dict[str, str]:
+    """The chunk SaveImage node "save" of an API-format ``graph`` would carry (bound, not run)."""
+    from lora_nodes.graph.load import parse_workflow
+    from lora_nodes.graph.parameters import parameters_chunk
+    from lora_nodes.graph.validate import bind
+    from lora_nodes.nodes import catalogue
+
+    api = {node_id: {"class_type": kind, "inputs": inputs} for node_id, (kind, inputs) in graph.items()}
+    bound = bind(parse_workflow(api, tmp_path), catalogue())
+    return parameters_chunk(bound, "save", outputs or {})
+
+
+def core_graph(**changes) -> dict:
+    """A text-to-image graph of core nodes on builtin:tiny; ``changes`` replace or add nodes."""
+    graph = {
+        "ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "builtin:tiny"}),
+        "pos": ("CLIPTextEncode", {"text": "a (red:1.2) circle, on white", "clip": ["ckpt", 1]}),
+        "neg": ("CLIPTextEncode", {"text": "blurry", "clip": ["ckpt", 1]}),
+        "empty": ("EmptyLatentImage", {"width": 48, "height": 32, "batch_size": 1}),
+        "draw": ("KSampler", {"model": ["ckpt", 0], "seed": 5, "steps": 3, "cfg": 4.5, "sampler_name": "lms",
+                              "scheduler": "exponential", "denoise": 1.0, "positive": ["pos", 0],
+                              "negative": ["neg", 0], "latent_image": ["empty", 0]}),
+        "decode": ("VAEDecode", {"samples": ["draw", 0], "vae": ["ckpt", 2]}),
+        "save": ("SaveImage", {"images": ["decode", 0], "filename_prefix": "x"}),
+    }
+    return {**graph, **changes}
+
+
+def test_core_graph_loras_clip_skip_and_advanced_sampler(tmp_path, write_lora):
+    """LoraLoaders chained: each file at a non-zero strength counts, on the model or on the prompts' CLIP
+    alone; both strengths 0 does not. CLIPSetLastLayer -2 is A1111's clip skip 2. A KSamplerAdvanced
+    over the whole schedule is described as a KSampler; before a run, Size is the empty latent's."""
+    one, clip_only, off = write_lora("one", seed=1), write_lora("clip_only", seed=2), write_lora("off", seed=3)
+    graph = core_graph(
+        l1=("LoraLoader", {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": str(one),
+                           "strength_model": 0.7, "strength_clip": 0.0}),
+        l2=("LoraLoader", {"model": ["l1", 0], "clip": ["l1", 1], "lora_name": str(off),
+                           "strength_model": 0.0, "strength_clip": 0.0}),
+        side=("LoraLoader", {"model": ["ckpt", 0], "clip": ["l2", 1], "lora_name": str(clip_only),
+                             "strength_model": 1.0, "strength_clip": 0.5}),  # its MODEL goes nowhere
+        skip=("CLIPSetLastLayer", {"clip": ["side", 1], "stop_at_clip_layer": -2}),
+        pos=("CLIPTextEncode", {"text": "a (red:1.2) circle, on white", "clip": ["skip", 0]}),
+        neg=("CLIPTextEncode", {"text": "blurry", "clip": ["skip", 0]}),
+        empty=("EmptySD3LatentImage", {"width": 48, "height": 32, "batch_size": 1}),
+        draw=("KSamplerAdvanced", {"model": ["l2", 0], "add_noise": "enable", "noise_seed": 77, "steps": 4,
+                                   "cfg": 6.0, "sampler_name": "dpm_2_ancestral", "scheduler": "sgm_uniform",
+                                   "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["empty", 0],
+                                   "start_at_step": 0, "end_at_step": 10000,
+                                   "return_with_leftover_noise": "disable"}),
+    )
+    fields = a1111_parse(core_chunk(tmp_path, graph)["parameters"])
+    assert fields == {
+        "Prompt": "a (red:1.2) circle, on white", "Negative prompt": "blurry", "Steps": "4", "Sampler": "DPM2 a",
+        "Schedule type": "SGM Uniform", "CFG scale": "6", "Seed": "77", "Size": "48x32", "Model": "tiny",
+        "Clip skip": "2", "Lora hashes": f"one: {lora_file_hash(one)}, clip_only: {lora_file_hash(clip_only)}"}
+
+
+def test_core_graph_size_is_the_saved_images_and_img2img_gives_denoising_strength(tmp_path):
+    import torch
+    from PIL import Image
+
+    Image.new("RGB", (40, 24), "red").save(tmp_path / "init.png")
+    graph = core_graph(
+        load=("LoadImage", {"image": str(tmp_path / "init.png")}),
+        encode=("VAEEncode", {"pixels": ["load", 0], "vae": ["ckpt", 2]}),
+    )
+    graph["draw"][1].update(latent_image=["encode", 0], denoise=0.35)
+    fields = a1111_parse(core_chunk(tmp_path, graph, {"decode": (torch.zeros(1, 24, 40, 3),)})["parameters"])
+    assert (fields["Size"], fields["Denoising strength"], fields["Sampler"], fields["Schedule type"]) == (
+        "40x24", "0.35", "LMS", "Exponential")
+
+
+def test_core_graphs_of_shapes_not_traced_get_no_chunk(tmp_path):
+    """Prompts combined or timed, a schedule split between two samplers, a picture no sampler drew: no
+    chunk rather than a wrong one."""
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+    combined = core_graph(both=("ConditioningCombine", {"conditioning_1": ["pos", 0], "conditioning_2": ["neg", 0]}))
+    combined["draw"][1]["positive"] = ["both", 0]
+    timed = core_graph(late=("ConditioningSetTimestepRange", {"conditioning": ["pos", 0], "start": 0.5, "end": 1.0}))
+    timed["draw"][1]["positive"] = ["late", 0]
+    split = {"from": {"add_noise": "enable", "start_at_step": 0, "end_at_step": 2, "latent_image": ["empty", 0],
+                      "return_with_leftover_noise": "enable"},
+             "to": {"add_noise": "disable", "start_at_step": 2, "end_at_step": 10000, "latent_image": ["first", 0],
+                    "return_with_leftover_noise": "disable"}}
+    common = {"model": ["ckpt", 0], "noise_seed": 1, "steps": 4, "cfg": 5.0, "sampler_name": "euler",
+              "scheduler": "normal", "positive": ["pos", 0], "negative": ["neg", 0]}
+    two_samplers = core_graph(first=("KSamplerAdvanced", {**common, **split["from"]}),
+                              draw=("KSamplerAdvanced", {**common, **split["to"]}))
+    no_sampler = core_graph(load=("LoadImage", {"image": str(tmp_path / "in.png")}),
+                            encode=("VAEEncode", {"pixels": ["load", 0], "vae": ["ckpt", 2]}),
+                            decode=("VAEDecode", {"samples": ["encode", 0], "vae": ["ckpt", 2]}))
+    assert core_chunk(tmp_path, core_graph())  # the untouched graph has one
+    for graph in (combined, timed, two_samplers, no_sampler):
+        assert core_chunk(tmp_path, graph) == {}
+
+
+def test_our_sample_writes_its_scheduler_clip_skip_and_guidance(tmp_path):
+    from lora_nodes.graph.parameters import parameters_chunk
+    from lora_nodes.graph.validate import bind
+    from lora_nodes.nodes import catalogue
+
+    path = write_workflow(tmp_path, """
+format: lora-nodes/1
+nodes:
+  base: {type: LoadBase, inputs: {source: "builtin:tiny"}}
+  draw: {type: Sample, inputs: {model: [base, model], prompt: x, sampler: dpmpp_2m, scheduler: karras, clip_skip: 2}}
+  save: {type: SaveImages, inputs: {images: [draw, images]}}
+""")
+    fields = a1111_parse(parameters_chunk(bind(load_workflow(path), catalogue()), "save", {})["parameters"])
+    assert (fields["Sampler"], fields["Schedule type"], fields["Clip skip"]) == ("DPM++ 2M", "Karras", "2")

@@ -19,7 +19,7 @@ nodes:
   b:       {type: ApplyLoRA, inputs: {model: [a, model], lora: [lora, lora]}}
   wrong:   {type: Sample, inputs: {model: [lora, lora], prompt: x, stepz: 3}}
   ghost:   {type: Sample, inputs: {model: [nobody, model], prompt: x, seed: "abc"}}
-  noout:   {type: Sample, inputs: {model: [base, latent], prompt: x, sampler: heun}}
+  noout:   {type: Sample, inputs: {model: [base, latent], prompt: x, sampler: heunn}}
   noprompt: {type: Sample, inputs: {model: [base, model]}}
   literal: {type: ApplyLoRA, inputs: {model: base, lora: [lora, 0]}}
   save:    {type: SaveImages, inputs: {images: [noprompt, images]}}

@@ -26,6 +26,7 @@ __all__ = [
     "LoRATarget",
     "TextEncoder",
     "blocks_of",
+    "by_comfy_clip_type",
     "by_id",
     "component_of",
     "describe",
@@ -61,6 +62,20 @@ def by_id(family_id: str | None) -> Family | None:
     return next((f for f in FAMILIES if f.id == family_id), None)
 
 
+def by_comfy_clip_type(name: str, shapes: Mapping[str, Sequence[int]] | None = None) -> Family | None:
+    """The family whose text encoders ComfyUI's CLIP loaders load under ``type`` ``name``
+    (``Family.comfy_clip_types``), or None. Where families share a name, the first text encoder's
+    width in ``shapes`` (a text-encoder file's keys and shapes) tells them apart; without one that
+    fits, the simplest of them."""
+    candidates = [f for f in reversed(FAMILIES) if name in f.comfy_clip_types]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    width = next((int(shape[-1]) for key, shape in (shapes or {}).items()
+                  if key.endswith("token_embedding.weight") and len(shape) == 2), None)
+    fitting = [f for f in candidates if width in (*f.context_widths, *f.builtin_context_widths)]
+    return (fitting or candidates)[0]
+
+
 def from_unet_config(config: Mapping[str, Any]) -> Family:
     """The family of a diffusers UNet config (a dict or a diffusers FrozenDict)."""
     return next(f for f in FAMILIES if f.matches_unet_config(config))
@@ -87,7 +102,8 @@ def from_checkpoint(shapes: Mapping[str, Sequence[int]]) -> Family:
         if family.matches_checkpoint(keys):
             return family
     family = next((f for f in FAMILIES
-                   if _context_width(shapes, f.denoiser_checkpoint_prefix, f.context_key) in f.context_widths), None)
+                   if _context_width(shapes, f.denoiser_checkpoint_prefix, f.context_key)
+                   in (*f.context_widths, *f.builtin_context_widths)), None)
     if family is None:
         names = "/".join(f.display_name for f in reversed(FAMILIES))
         raise ValueError(f"not a recognised {names} single-file checkpoint (no known text encoder or UNet)")

@@ -10,7 +10,6 @@ packages meet here: ``lora`` works on anything that is a :class:`LoRATarget`, an
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,6 +36,12 @@ class TextEncoder:
     # text that only this encoder's module names hold (CLIP's ``text_model``, T5's ``encoder_block``):
     # tells whose text encoder a LoRA key is for where two families use one component name
     key_markers: tuple[str, ...] = ("text_model",)
+    # the token its prompts are padded with ("": the end token, as CLIP's own tokenizer pads;
+    # OpenCLIP's encoders were trained padding with "!", id 0)
+    pad_token: str = ""
+    # diffusers keeps one layer fewer than the original model has: its last hidden state is the
+    # original's penultimate layer (so a file holding the whole model has one layer to drop)
+    cuts_last_layer: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,11 +129,22 @@ class Family:
     # distilled to take the guidance scale as an input (one pass per step), not classifier-free
     # guidance (two passes); the Sample node's ``guidance`` input reaches it
     guidance_distilled: bool = False
+    # the CLIP hidden layer its prompts are read from (as diffusers' encoders number them: -1 the
+    # last, -2 the penultimate), as its pipeline and ComfyUI read it when nothing says otherwise
+    # (ComfyUI's CLIPSetLastLayer, A1111's clip skip); a family that reads the last layer reads
+    # any other through the final layer norm too, one that reads an earlier one never does
+    text_layer: int = -1
     # for a denoiser whose original checkpoint tree differs from diffusers' by more than names
     # (fused weights): (module path -> weight shape) -> (path -> original path for modules that
     # are one weight in both), (fused original path -> its pieces, see LoRATarget.fused_targets)
     original_modules: Callable[[Mapping[str, Sequence[int]]],
                                tuple[dict[str, str], dict[str, tuple[tuple[str, int, int], ...]]]] | None = None
+    # the ``type`` names ComfyUI's CLIP loaders give this family's text encoders (CLIPLoader,
+    # DualCLIPLoader); families sharing one are told apart by the encoder's width (context_widths)
+    comfy_clip_types: tuple[str, ...] = ()
+    # what tells a v-prediction model of this family from its weights when the file carries no
+    # marker: (single-file key, the population standard deviation above which it predicts v)
+    v_prediction_probe: tuple[str, float] | None = None
 
     def __repr__(self) -> str:
         return f"<family {self.id}>"
@@ -204,17 +220,6 @@ class Family:
         if self.native_size_of is None:
             raise NotImplementedError(f"{self.display_name} declares no native size")
         return self.native_size_of(components)
-
-    def make_scheduler(self, sampler: str, base_scheduler: Any) -> Any:
-        """A fresh scheduler of the named sampler on the base's own noise schedule."""
-        import diffusers  # deferred: diffusers takes seconds to import
-
-        class_name, changes = self.samplers[sampler]
-        scheduler_class = getattr(diffusers, class_name)
-        # only what the class takes: another class's settings would be ignored anyway, with a warning
-        accepted = inspect.signature(scheduler_class.__init__).parameters
-        config = {k: v for k, v in base_scheduler.config.items() if k in accepted or k.startswith("_")}
-        return scheduler_class.from_config(config, **changes)
 
     def make_pipeline(self, parts: Mapping[str, Any]) -> Any:
         """Its diffusers pipeline over ``parts`` (components; nothing is copied)."""

@@ -273,4 +273,5 @@ FLUX = Family(
     flow_matching=True,
     guidance_distilled=True,
     original_modules=original_modules,
+    comfy_clip_types=("flux",),
 )

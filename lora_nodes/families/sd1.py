@@ -31,4 +31,5 @@ SD1 = Family(
     pipeline_class="StableDiffusionPipeline",
     pipeline_class_marker="StableDiffusion",
     pipeline_options=NO_SAFETY_CHECKER,
+    comfy_clip_types=("stable_diffusion",),
 )

@@ -32,4 +32,10 @@ SD2 = Family(
     pipeline_class="StableDiffusionPipeline",
     pipeline_class_marker="StableDiffusion",
     pipeline_options=NO_SAFETY_CHECKER,
+    comfy_clip_types=("stable_diffusion",),  # as ComfyUI names SD1.5's too: the encoder's width tells
+    # The released 768 px v-prediction model and the 512 px noise-prediction one share every shape.
+    # Measured on the released weights (a fact ComfyUI's detection also relies on): the first
+    # transformer norm's bias of the last output block spreads far wider in the v model (std above
+    # 0.09). Files that mark v prediction (a ``v_pred`` key) need no probe.
+    v_prediction_probe=(LDM_DENOISER + "output_blocks.11.1.transformer_blocks.0.norm1.bias", 0.09),
 )

@@ -34,5 +34,7 @@ SDXL = Family(
     pipeline_class="StableDiffusionXLPipeline",
     pipeline_class_marker="XL",
     pooled_text_conditioning=True,
+    text_layer=-2,  # both encoders' penultimate layer
     vae_upcast_in_fp16=True,
+    comfy_clip_types=("sdxl",),
 )

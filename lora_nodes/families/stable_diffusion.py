@@ -80,14 +80,17 @@ NAMING = LoRANaming(
     normalize=normalize,
 )
 
+OPEN_CLIP_PAD = "!"  # OpenCLIP pads prompts with token 0, which is "!" in CLIP's vocabulary
+
 # The text encoders as the families keep them (component, tokenizer, checkpoint prefix, layout,
 # kohya prefix): HF CLIP under cond_stage_model.transformer (SD1), OpenCLIP under
 # cond_stage_model.model (SD2), and both under conditioner.embedders (SDXL).
 CLIP_TEXT = TextEncoder("text_encoder", "tokenizer", "cond_stage_model.transformer.", False, KOHYA_TE)
-OPEN_CLIP_TEXT = TextEncoder("text_encoder", "tokenizer", "cond_stage_model.model.", True, KOHYA_TE)
+OPEN_CLIP_TEXT = TextEncoder("text_encoder", "tokenizer", "cond_stage_model.model.", True, KOHYA_TE,
+                             pad_token=OPEN_CLIP_PAD, cuts_last_layer=True)
 FIRST_OF_TWO_TEXT = TextEncoder("text_encoder", "tokenizer", "conditioner.embedders.0.transformer.", False, KOHYA_TE1)
 SECOND_OF_TWO_TEXT = TextEncoder("text_encoder_2", "tokenizer_2", "conditioner.embedders.1.model.", True, KOHYA_TE2,
-                                 model_class="CLIPTextModelWithProjection")
+                                 model_class="CLIPTextModelWithProjection", pad_token=OPEN_CLIP_PAD)
 
 # the original (LDM/SGM) checkpoint layout every SD family shares
 LDM_DENOISER, LDM_VAE = "model.diffusion_model.", "first_stage_model."
@@ -97,6 +100,15 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    # ComfyUI's others that diffusers has (uni_pc is UniPC's bh1 variant at order 3, as ComfyUI runs it)
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    # (bh1's last step to sigma 0 is NaN in diffusers: it stops at the lowest trained level instead)
+    "uni_pc": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"}),
 }
 
 

@@ -17,18 +17,19 @@ from ..pngchunks import chunk_texts
 from .comfy.api import to_api
 from .comfy.ui_write import to_ui
 from .load import parse_workflow
-from .validate import BoundNode
+from .validate import BoundNode, portable_value
 from .workflow import Workflow
 
 
 def embeddable_workflow(workflow: Workflow, bound: dict[str, BoundNode]) -> dict[str, Any]:
-    """The workflow as run (overrides applied, paths absolute), to embed in the files it writes."""
+    """The workflow as run (overrides applied), to embed in the files it writes: files in a models
+    folder by their name there (so the file moves between machines and to ComfyUI), other paths absolute."""
     data = workflow.to_dict()
     for node_id, node in bound.items():
         inputs = data["nodes"][node_id]["inputs"]
         for decl in node.spec.inputs:
             if decl.path and decl.name in inputs and decl.name in node.literals:
-                inputs[decl.name] = node.literals[decl.name]
+                inputs[decl.name] = portable_value(node.literals[decl.name], decl)
     return data
 
 

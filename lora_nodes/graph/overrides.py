@@ -109,7 +109,8 @@ def apply_overrides(workflow: Workflow, overrides: list[Override] | tuple[Overri
     """A copy of ``workflow`` with the overrides applied.
 
     A relative path given on the command line means relative to where the command runs
-    (``cwd``), not to the workflow file, so it is made absolute here.
+    (``cwd``), not to the workflow file, so it is made absolute here (a name not there is looked up
+    in the model folders, as a name in the workflow is).
     """
     result = workflow.copy()
     problems = []
@@ -125,7 +126,7 @@ def apply_overrides(workflow: Workflow, overrides: list[Override] | tuple[Overri
         if is_link(value):
             value = Link(str(value[0]), value[1])
         elif decl is not None and decl.path and isinstance(value, str) and cwd is not None:
-            value = resolve_path(value, cwd)
+            value = resolve_path(value, cwd, decl.folder)
         call.inputs[override.input] = value
     if problems:
         raise WorkflowError(problems)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..modelfolders import find_model, not_found_hint, portable_name
 from ..nodes.spec import BOOLEAN, COMBO, FLOAT, INT, STRING, Catalogue, Input, NodeSpec
 from ..paths import expand_input_path, input_path_problem, output_name_problem
 from .links import bound_graph, cycles, link_order
@@ -34,42 +36,70 @@ class BoundNode:
     links: dict[str, tuple[str, int]]  # input name -> (upstream node id, output index)
 
 
-def resolve_path(value: str, base_dir: Path) -> str:
+def resolve_path(value: str, base_dir: Path, folder: str | None = None) -> str:
     """A path input as an absolute path; ``builtin:`` names and empty strings stay as they are.
 
-    A path that cannot be resolved (a NUL in it, ``~user`` of no user) also stays as it is:
-    validation reports it.
+    The one place a path input is looked up: an existing path (relative to ``base_dir``, or absolute)
+    first; else, for an input offered from a models folder of kind ``folder``, the file of that name
+    in the active model folders (:func:`lora_nodes.modelfolders.find_model`). A path that cannot be
+    resolved (a NUL in it, ``~user`` of no user) stays as it is: validation reports it.
     """
     if not isinstance(value, str) or not value or value.startswith(BUILTIN_PREFIX):
         return value
     try:
-        return str(expand_input_path(value, base_dir))
+        path = expand_input_path(value, base_dir)
     except ValueError:
         return value
+    if folder and not os.path.exists(path):
+        return str(find_model(value, folder) or path)
+    return str(path)
 
 
-def rebase_paths(workflow: Workflow, catalogue: Catalogue, new_dir: Path) -> Workflow:
-    """A copy whose relative file paths still point at the same files from ``new_dir``.
+def rebase_paths(workflow: Workflow, catalogue: Catalogue, new_dir: Path | None = None) -> Workflow:
+    """A copy whose file paths still point at the same files from ``new_dir``, and that names each
+    file lying in a models folder by its name there, so the copy moves between machines (and to ComfyUI).
 
-    Paths inside ``new_dir`` stay relative to it (so a shared folder keeps working); others become
-    absolute.
+    Other paths inside ``new_dir`` stay relative to it (so a shared folder keeps working); others
+    become absolute. ``new_dir`` None: the copy stays where the workflow is, and only model folder
+    files change (to their names).
     """
     result = workflow.copy()
-    result.base_dir = new_dir.resolve()
+    result.base_dir = (new_dir or workflow.base_dir).resolve()
     for call in result.nodes.values():
         spec = _spec(catalogue, call.type)
         for name, value in call.inputs.items():
             decl = spec.input(name) if spec else None
             if decl is None or not decl.path or not isinstance(value, str) or not value:
                 continue
-            if value.startswith((BUILTIN_PREFIX, "~")) or Path(value).is_absolute():
+            portable = _portable(value, decl, workflow.base_dir)
+            if portable is not None:
+                call.inputs[name] = portable
+                continue
+            if new_dir is None or value.startswith((BUILTIN_PREFIX, "~")) or Path(value).is_absolute():
                 continue
             target = Path(resolve_path(value, workflow.base_dir))
             if not target.is_absolute():
                 continue  # not resolvable: left as it is, for validation to report
+            if decl.folder and not target.exists():
+                continue  # a name for a models folder this machine lacks: the machine that runs it looks it up
             call.inputs[name] = (str(target.relative_to(result.base_dir)) if target.is_relative_to(result.base_dir)
                                  else str(target))
     return result
+
+
+def _portable(value: str, decl: Input, base_dir: Path) -> str | None:
+    """The name a path input's file has in a models folder of its kind, or None (not in one, or no kind)."""
+    if not decl.folder or value.startswith(BUILTIN_PREFIX):
+        return None
+    return portable_name(resolve_path(value, base_dir, decl.folder), decl.folder)
+
+
+def portable_value(value: Any, decl: Input) -> Any:
+    """A bound path input's value as a file written for others should carry it: the name of a models
+    folder file in that folder, other values as they are (what :func:`rebase_paths` does to a workflow)."""
+    if not (decl.path and decl.folder and isinstance(value, str) and value) or value.startswith(BUILTIN_PREFIX):
+        return value
+    return portable_name(value, decl.folder) or value
 
 
 def check(workflow: Workflow, catalogue: Catalogue,
@@ -94,7 +124,8 @@ def check(workflow: Workflow, catalogue: Catalogue,
     if not cycles:  # a node with problems of its own is not looked at further (its values are not usable)
         problems += _preflight(bound, flawed={p.node for p in problems})
     if not any(spec.output_node for c in workflow.nodes.values() if (spec := _spec(catalogue, c.type))):
-        problems.append(Problem("no_outputs", "the workflow has no output node (SaveImages, ...): nothing would run"))
+        problems.append(Problem("no_outputs", "the workflow has no output node (SaveImages, SaveImage, ...): nothing "
+                                "would run"))
     return problems, bound
 
 
@@ -151,7 +182,7 @@ def _check_node(node_id: str, spec: NodeSpec, inputs: dict[str, Any], workflow: 
             found = _check_literal(decl, value, workflow.base_dir, suffix_bytes)
             for code, message in found:
                 problem(code, message, decl.name)
-            literals[decl.name] = resolve_path(value, workflow.base_dir) if decl.path and not found else value
+            literals[decl.name] = resolve_path(value, workflow.base_dir, decl.folder) if decl.path and not found else value
     return problems, literals, links
 
 
@@ -234,6 +265,11 @@ def _check_path(decl: Input, value: str, base_dir: Path) -> list[tuple[str, str]
         known = ", ".join(decl.builtins) or "none"
         return [("invalid_choice", f"unknown built-in {shown(value)} (built-ins here: {known})")]
     found = input_path_problem(value, base_dir, decl.path_kind)
+    if found is not None and found[0] == "file_not_found" and decl.folder:
+        located = find_model(value, decl.folder)
+        if located is None:
+            return [(found[0], found[1] + not_found_hint(value, decl.folder))]
+        found = input_path_problem(str(located), base_dir, decl.path_kind)
     return [found] if found else []
 
 

@@ -39,8 +39,12 @@ def place(lora: LoRA, base: LoRATarget) -> Placement:
     """Match every module of ``lora`` to a module of ``base`` (see :func:`placement_of`, which keeps it)."""
     placement = Placement()
     index, targets, fused = base.lora_name_index, base.lora_targets, base.fused_targets
+    # a base of some parts only (ComfyUI's MODEL or CLIP) leaves the other parts' keys to the base that has them
+    absent = {c for c in base.family.lora_components if c not in base.components}
     for key, module in lora.modules.items():
         target = index.get(key)
+        if target is None and absent and families.component_of(key) in absent:
+            continue
         if target is None:
             placement.unplaced[key] = "no module of that name in the base"
             continue
@@ -106,7 +110,7 @@ def check_placement(lora: LoRA, base: LoRATarget) -> Placement:
     if mismatch:
         raise LoRAError(f"{mismatch} (LoRA '{lora.name}' on {base.source}). {FAMILY_ADVICE}")
     placement = placement_of(lora, base)
-    if not placement.placed:
+    if not placement.placed and placement.unplaced:
         components = sorted({families.component_of(k) for k in lora.modules})
         first = min(placement.unplaced)
         examples = ", ".join(sorted(placement.unplaced)[:3])

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import families
+from ..errors import ModelLoadError
 from ..families import Family
 from .ldm import unet_module_map
 from .text_names import to_file_name
@@ -32,17 +33,30 @@ class BaseModel:
     @property
     def unet(self) -> nn.Module:
         """The denoiser (the name predates families without a UNet; see :attr:`denoiser`)."""
-        return self.components[self.family.denoiser]
+        return self.denoiser
 
     @cached_property
     def family(self) -> Family:
-        """The model family, from its denoiser's config."""
-        return families.from_components(self.components)
+        """The model family: ``meta["family"]`` (a family or its id) where the loader recorded it
+        (a base of some parts only, see ``loading.load_parts``), else its denoiser's config's."""
+        recorded = self.meta.get("family")
+        if isinstance(recorded, Family):
+            return recorded
+        family = families.by_id(recorded) if isinstance(recorded, str) else None
+        return family if family is not None else families.from_components(self.components)
 
     @property
     def denoiser(self) -> nn.Module:
         """The model that denoises: a UNet (Stable Diffusion) or a transformer (Flux)."""
+        if self.family.denoiser not in self.components:
+            raise ModelLoadError(f"{self.source} holds no {self.family.denoiser}: it is a base of "
+                                 f"{', '.join(self.parts)} only; load a model that has one")
         return self.components[self.family.denoiser]
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The model parts it holds (a base loaded from some parts only lacks the others)."""
+        return tuple(name for name in self.family.model_parts if name in self.components)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -73,6 +87,8 @@ class BaseModel:
     def _original_modules(self) -> tuple[dict[str, str], dict[str, tuple[tuple[str, int, int], ...]]]:
         """Denoiser module path -> its path in the original checkpoint tree (LDM/SGM, BFL), and
         the original tree's fused modules (see :attr:`fused_targets`), from the family's rules."""
+        if self.family.denoiser not in self.components:
+            return {}, {}
         if self.family.original_modules is None:
             return unet_module_map(self.unet.config), {}
         prefix = f"{self.family.denoiser}."

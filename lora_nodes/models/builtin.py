@@ -304,6 +304,50 @@ BUILTINS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
+def shapes_scaling_factor(weights: str | Path = SHAPES_WEIGHTS) -> float:
+    """The VAE scaling factor ``builtin:shapes`` was trained with, from its weights' metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return float((f.metadata() or {}).get("vae_scaling_factor", "1.0"))
+
+
+def _text_data(config: Any) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+
+
+def builtin_configs(name: str) -> dict[str, Any]:
+    """What a built-in is built from, nothing built: each model part's config (as JSON data; the
+    text encoders' as their transformers config dicts), ``scheduler`` (with its ``_class_name``)
+    and ``tokenizer``: ``"builtin"``. Single files of a built-in are recognised by these."""
+    tokenizer = build_tokenizer()
+    if name == "builtin:tiny-flux":
+        t5_vocab = len(build_t5_tokenizer())
+        return {"transformer": dict(TINY_FLUX_TRANSFORMER), "vae": dict(TINY_FLUX_VAE),
+                "text_encoder": _text_data(_tiny_text_config(tokenizer, num_attention_heads=2)),
+                "text_encoder_2": {**TINY_T5, "vocab_size": t5_vocab, "pad_token_id": 0, "eos_token_id": 1,
+                                   "decoder_start_token_id": 0},
+                "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_SCHEDULE}, "tokenizer": "builtin"}
+    if name == "builtin:tiny-sdxl":
+        second = _tiny_text_config(tokenizer, hidden_act="gelu", hidden_size=48, intermediate_size=96, projection_dim=48)
+        return {"unet": dict(TINY_SDXL_UNET), "vae": dict(TINY_VAE), "text_encoder": _text_data(_tiny_text_config(tokenizer)),
+                "text_encoder_2": _text_data(second),
+                "scheduler": {"_class_name": "EulerDiscreteScheduler", **SDXL_SCHEDULE}, "tokenizer": "builtin"}
+    if name == "builtin:shapes":
+        vocab = tokenizer.get_vocab()
+        from transformers import CLIPTextConfig
+
+        text = CLIPTextConfig(**SHAPES_TEXT, vocab_size=len(vocab), bos_token_id=vocab[tokenizer.bos_token],
+                              eos_token_id=vocab[tokenizer.eos_token], pad_token_id=vocab[tokenizer.pad_token])
+        return {"unet": dict(SHAPES_UNET), "vae": {**SHAPES_VAE, "scaling_factor": shapes_scaling_factor()},
+                "text_encoder": _text_data(text), "scheduler": {"_class_name": "DDIMScheduler", **SD1_SCHEDULE},
+                "tokenizer": "builtin"}
+    if name == "builtin:tiny":
+        return {"unet": dict(TINY_UNET), "vae": dict(TINY_VAE), "text_encoder": _text_data(_tiny_text_config(tokenizer)),
+                "scheduler": {"_class_name": "DDIMScheduler", **SD1_SCHEDULE}, "tokenizer": "builtin"}
+    raise KeyError(name)
+
+
 def builtin_family(name: str) -> Family | None:
     """The family of a built-in, from its UNet config (nothing is built); None for an unknown name."""
     config = {"builtin:tiny": TINY_UNET, "builtin:tiny-sdxl": TINY_SDXL_UNET, "builtin:shapes": SHAPES_UNET,

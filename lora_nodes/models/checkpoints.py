@@ -23,13 +23,15 @@ import torch
 from torch import Tensor
 
 from ..families import Family
-from . import bfl
-from .ldm import from_ldm_checkpoint, to_ldm_checkpoint, vae_from_ldm
+from . import bfl, known_configs
+from .ldm import from_ldm_checkpoint, text_encoder_state, to_ldm_checkpoint, vae_from_ldm
 from .text_names import file_state_dict
 
 # (state, family, configs) -> (configs with the denoiser's filled in, component -> state dict)
 Reader = Callable[[Mapping[str, Tensor], Family, Mapping[str, Any]], tuple[dict[str, Any], dict[str, dict[str, Tensor]]]]
 Writer = Callable[[Mapping[str, Any], Family], dict[str, Tensor]]
+# (state, family) -> every config the file needs, read from its tensors (see known_configs)
+ConfigReader = Callable[[Mapping[str, Tensor], Family], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class CheckpointLayout:
     parts_in: Callable[[Sequence[str], Family], tuple[str, ...]]
     written_parts: Callable[[Family], tuple[str, ...]]  # the model parts ``write`` puts in a file
     denoiser_config_in_tensors: bool  # the denoiser's config is read from its tensors, no config file
+    # every config read from the tensors, none needed from a folder; None: only the denoiser's (if that)
+    configs_from_tensors: ConfigReader | None = None
 
 
 # --------------------------------------------------------------------------- LDM
@@ -50,6 +54,43 @@ class CheckpointLayout:
 def _read_ldm(state: Mapping[str, Tensor], family: Family,
               configs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
     return dict(configs), from_ldm_checkpoint(state, family, configs[family.denoiser], configs[family.vae])
+
+
+def _meta(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The tensors under ``prefix`` as meta tensors of their shapes (names kept): for reading names
+    and shapes through the converters without copying weights."""
+    return {k: torch.empty(tuple(v.shape), device="meta") for k, v in state.items() if k.startswith(prefix)}
+
+
+def _shapes_under(state: Mapping[str, Tensor], prefix: str) -> dict[str, tuple[int, ...]]:
+    return {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+
+
+def ldm_configs(state: Mapping[str, Tensor], family: Family) -> dict[str, Any]:
+    """Every config an LDM/SGM single file needs, read from its tensors (meta tensors will do):
+    each part it holds, the scheduler (what the model predicts: see
+    :func:`.known_configs.objective_of`), and ``tokenizer``: ``"builtin"`` when its text encoders
+    are a built-in's. A part the file lacks has no config here."""
+    configs: dict[str, Any] = {}
+    builtins: dict[str, str | None] = {}
+    for text in family.text_encoders:
+        hf = text_encoder_state(_meta(state, text.checkpoint_prefix), text)
+        if hf:
+            shapes = {k: tuple(v.shape) for k, v in hf.items()}
+            configs[text.component], builtins[text.component] = known_configs.part_config(family, text.component, shapes)
+    pooled = configs.get(family.text_components[-1], {}).get("projection_dim") if family.pooled_text_conditioning else None
+    for part, prefix in ((family.denoiser, family.denoiser_checkpoint_prefix), (family.vae, family.vae_checkpoint_prefix)):
+        shapes = _shapes_under(state, prefix)
+        if shapes:
+            configs[part], builtins[part] = known_configs.part_config(family, part, shapes, pooled)
+    builtin = builtins.get(family.denoiser)
+    objective = known_configs.objective_of(family, state)
+    if builtin is None:
+        known_configs.apply_variant(configs, family, objective)
+    schedule = known_configs.builtin_configs(builtin)["scheduler"] if builtin else None
+    configs["scheduler"] = known_configs.scheduler_config(family, objective, known_configs.ZERO_SNR_MARKER in state,
+                                                          schedule)
+    return configs
 
 
 def _write_ldm(components: Mapping[str, Any], family: Family) -> dict[str, Tensor]:
@@ -94,7 +135,8 @@ def _write_bfl(components: Mapping[str, Any], family: Family) -> dict[str, Tenso
 
 LAYOUTS: dict[str, CheckpointLayout] = {
     "ldm": CheckpointLayout(_read_ldm, _write_ldm, lambda keys, family: family.model_parts,
-                            lambda family: family.model_parts, denoiser_config_in_tensors=False),
+                            lambda family: family.model_parts, denoiser_config_in_tensors=False,
+                            configs_from_tensors=ldm_configs),
     "bfl": CheckpointLayout(_read_bfl, _write_bfl, _bfl_parts, lambda family: (family.denoiser,),
                             denoiser_config_in_tensors=True),
 }
@@ -144,6 +186,14 @@ def _without_prefix(state: Mapping[str, Tensor], prefixes: Sequence[str]) -> dic
 
 def _is_diffusers_vae(keys: Sequence[str]) -> bool:
     return any(key.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for key in keys)
+
+
+def component_keys(state: Mapping[str, Tensor], name: str, family: Family) -> dict[str, Tensor]:
+    """A file holding component ``name`` alone, without the prefix every key shares (see
+    :func:`component_from_file`): the names its config is read from."""
+    if name == family.vae:
+        return _without_prefix(state, (family.vae_checkpoint_prefix, "first_stage_model.", "vae."))
+    return _without_prefix(state, (family.text_encoder(name).checkpoint_prefix, "transformer."))
 
 
 def component_from_file(state: Mapping[str, Tensor], name: str, family: Family,

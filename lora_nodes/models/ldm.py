@@ -457,6 +457,14 @@ def _text_from_ldm(
     return out, _mismatch(what, missing, unexpected)
 
 
+def text_encoder_state(state: Mapping[str, Tensor], text: Any) -> dict[str, Tensor]:
+    """A text encoder's Hugging Face state dict (file spelling) from a checkpoint that keeps it
+    under ``text.checkpoint_prefix`` (a :class:`~lora_nodes.families.TextEncoder`), in HF CLIP or
+    OpenCLIP layout; empty when the checkpoint holds none there."""
+    convert = _open_clip_from_ldm if text.open_clip else _clip_from_ldm
+    return convert(state, text.checkpoint_prefix)[0]
+
+
 def _vae_from_ldm(state: Mapping[str, Tensor], vae_config: Mapping[str, Any],
                   prefix: str) -> tuple[dict[str, Tensor], str | None]:
     vae, problem = _component_from_ldm(state, vae_key_map(vae_config), prefix, "VAE")
@@ -472,6 +480,15 @@ def vae_from_ldm(state: Mapping[str, Tensor], vae_config: Mapping[str, Any], pre
     vae, problem = _vae_from_ldm({k: v for k, v in state.items() if k.startswith(prefix)}, vae_config, prefix)
     _raise_if([problem], "VAE weights do not fit the config")
     return vae
+
+
+def unet_from_ldm(state: Mapping[str, Tensor], unet_config: Mapping[str, Any], prefix: str = "") -> dict[str, Tensor]:
+    """An LDM-named UNet (under ``prefix``) -> the diffusers UNet2DConditionModel state dict.
+    Raises ValueError naming missing and unexpected keys."""
+    present = {k: v for k, v in state.items() if k.startswith(prefix)}
+    unet, problem = _component_from_ldm(present, unet_key_map(unet_config), prefix, "UNet")
+    _raise_if([problem], "UNet weights do not fit the config")
+    return unet
 
 
 def from_ldm_checkpoint(

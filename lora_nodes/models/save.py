@@ -19,6 +19,7 @@ from torch import nn
 from ..fileio import atomic_folder, atomic_write
 from .base import BaseModel
 from .checkpoints import checkpoint_layout
+from .known_configs import V_PREDICTION_MARKER
 from .loading import DTYPES, EMBEDDED_CONFIG_KEY
 from .pipeline import pipeline_for
 from .tokenizer import tokenizer_files
@@ -107,6 +108,8 @@ def single_file_state_dict(base: BaseModel, dtype: torch.dtype) -> dict[str, tor
     """The base's weights as one single-file checkpoint state dict in its family's layout (LDM/SGM
     for Stable Diffusion, BFL for a transformer of that tree), in ``dtype``, on the CPU."""
     state = checkpoint_layout(base.family).write(base.components, base.family)
+    if base.family.training_objective(base.components["scheduler"].config) == "v_prediction":
+        state[V_PREDICTION_MARKER] = torch.tensor([])  # ComfyUI's marker: no shape tells v prediction
     return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
             for k, v in state.items()}
 

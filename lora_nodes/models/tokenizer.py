@@ -127,3 +127,58 @@ def tokenizer_from_files(files: Mapping[str, str], tokenizer_class: Any = None):
         for name, text in files.items():
             Path(folder, Path(name).name).write_text(text, encoding="utf-8")
         return tokenizer_class.from_pretrained(folder)
+
+
+# --------------------------------------------------------------------------- CLIP's own vocabulary
+
+CLIP_MERGES = Path(__file__).with_name("configs") / "clip_merges.txt.gz"  # MIT, see LICENSE-CLIP-BPE.txt
+CLIP_VOCAB_SIZE = 49408  # the byte symbols twice (plain, word end), 48894 merges, start and end
+
+
+def _clip_byte_order() -> list[str]:
+    """CLIP's byte symbols in its vocabulary's order: the printable bytes as themselves, in byte
+    order, then the other bytes as the characters from 256 up (the same symbols as
+    :func:`_byte_symbols`, listed printable first)."""
+    symbols = _byte_symbols()
+    printable = [s for b, s in enumerate(symbols) if ord(s) == b]
+    return printable + [s for b, s in enumerate(symbols) if ord(s) != b]
+
+
+def _clip_files() -> tuple[str, str]:
+    """CLIP's ``vocab.json`` and ``merges.txt`` texts, derived from the shipped merges as CLIP
+    derives its vocabulary: every byte symbol, the same with ``</w>``, each merge's result, then
+    the start and end tokens."""
+    import gzip
+
+    merges_text = gzip.decompress(CLIP_MERGES.read_bytes()).decode("utf-8")
+    merges = [line for line in merges_text.splitlines() if line and not line.startswith("#version")]
+    symbols = _clip_byte_order()
+    tokens = [*symbols, *(s + "</w>" for s in symbols), *(m.replace(" ", "") for m in merges), START, END]
+    return json.dumps({token: i for i, token in enumerate(tokens)}), merges_text
+
+
+def build_clip_tokenizer(pad_token: str = "", max_length: int = 77):
+    """The released CLIP text encoders' tokenizer (49408 tokens), from the merges the package ships;
+    ``pad_token`` "" pads with the end token (CLIP's), else with that token (OpenCLIP's "!")."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_files()
+    with tempfile.TemporaryDirectory() as folder:
+        vocab_file, merges_file = Path(folder, "vocab.json"), Path(folder, "merges.txt")
+        vocab_file.write_text(vocab, encoding="utf-8")
+        merges_file.write_text(merges, encoding="utf-8")
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length,
+                             pad_token=pad_token or END)
+
+
+def tokenizer_for(model_class: str, vocab_size: int, pad_token: str = ""):
+    """The tokenizer of a text encoder of this transformers class and vocabulary size, told by the
+    size: the released CLIP encoders' (49408 tokens, from the shipped merges), or ours (the
+    built-in models'); None when neither fits (a T5 needs its own sentencepiece model)."""
+    if model_class.startswith("T5"):
+        tokenizer = build_t5_tokenizer()
+        return tokenizer if len(tokenizer) == vocab_size else None
+    if vocab_size == CLIP_VOCAB_SIZE:
+        return build_clip_tokenizer(pad_token)
+    tokenizer = build_tokenizer()
+    return tokenizer if len(tokenizer) == vocab_size else None

@@ -1,4 +1,6 @@
-"""Sampling: text to images with the diffusers pipeline, on the recipe's weights."""
+"""Sampling: text to images on the recipe's weights, by the family's diffusers pipeline, or by our sampling
+core (models.sampling, ComfyUI's KSampler) where a ComfyUI scheduler, clip skip, an init image or denoise
+below 1 is asked for (the default inputs draw with the pipeline, as they always have)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,13 @@ from .. import families
 from ..errors import NodeError
 from ..families import Family
 from ..lora.recipe import ModelRecipe
+from ..models import schedules
 from ..models.base import BaseModel
+from ..models.conditioning import Condition, clip_skip_layer, encode_prompt, reads_clip_layers
 from ..models.memory import check_sample
 from ..models.pipeline import pipeline_for
+from ..models.sampling import decode_latents, encode_images, latent_channels, sample_latents
+from ..models.schedules import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from ..training.flow import packed_size_multiple, text_sequence_length
 from .spec import COMBO, FLOAT, IMAGE, INT, MAX_SEED, MODEL, STRING, Input, Output, Preflight, node
 
@@ -40,10 +46,12 @@ def sample_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any
     return Preflight(problems=[("invalid_choice", "sampler", problem)] if problem else [])
 
 
-def make_pipeline(base: BaseModel, sampler: str):
+def make_pipeline(base: BaseModel, sampler: str, seed: int | None = None):
     """A diffusers pipeline over the base's components (no copy) with the sampler's scheduler (one the
-    family draws with: see :func:`sampler_problem`)."""
-    pipe = pipeline_for(base, base.family.make_scheduler(sampler, base.components["scheduler"]))
+    family draws with: see :func:`sampler_problem`); a sampler drawing its own noise draws it from ``seed``."""
+    class_name, changes = base.family.samplers[sampler]
+    scheduler = schedules.make_scheduler(class_name, changes, base.components["scheduler"].config, seed)
+    pipe = pipeline_for(base, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -116,22 +124,52 @@ def sample(
                                      description=f"the distilled guidance of guidance-distilled models ({DISTILLED}: "
                                                  "the model takes it as an input, one pass per step; 3.5 is usual); "
                                                  "ignored by others")] = DEFAULT_GUIDANCE,
+    scheduler: Annotated[str, Input(COMBO, choices=(DEFAULT_SCHEDULER, *SCHEDULER_NAMES),
+                                    description="the noise schedule, by ComfyUI's names; default is the model's "
+                                                "own scheduler config, as diffusers' pipeline schedules it")] = (
+        DEFAULT_SCHEDULER),
+    clip_skip: Annotated[int, Input(INT, min=1, max=24,
+                                    description="as A1111's: 1 reads prompts from the text encoder's usual layer, "
+                                                "2 from one layer before it (ComfyUI's CLIPSetLastLayer -2) ...")] = 1,
+    denoise: Annotated[float, Input(FLOAT, min=0.0, max=1.0, step=0.01,
+                                    description="how much of the schedule to run on the init image (img2img): "
+                                                "1 draws anew, lower keeps more of the image")] = 1.0,
+    image: Annotated[torch.Tensor | None, Input(IMAGE, optional=True,
+                                                description="init image (img2img), drawn over at denoise; "
+                                                            "resized to width x height when those are set")] = None,
 ):
     """Draw images from a prompt with the model's weights (LoRAs merged in place, then reused)."""
+    family = model.base.family
+    if image is not None:
+        image = init_image(model.base, image, width, height)
+        height, width = image.shape[1:3]
     width, height = image_size(model.base, width, height)
-    problem = sampler_problem(model.base.family, sampler)
+    problem = sampler_problem(family, sampler)
     if problem:  # before the LoRAs are merged in
         raise NodeError(problem)
+    if clip_skip > 1 and not reads_clip_layers(family):
+        ctx.warn(f"clip_skip does nothing on {family.display_name}: its prompts are read by a sequence encoder, "
+                 "not from CLIP's layers", clip_skip=clip_skip)
+        clip_skip = 1
     # before any work: an image too big for the machine is refused, not swapped to death or killed
-    passes = guidance_passes_scale(model.base.family, cfg, negative_prompt)
-    check_sample(model.base, width, height, batch_size, passes, enabled=ctx.check_memory)
+    passes = guidance_passes_scale(family, cfg, negative_prompt)
+    images_drawn = batch_size * (1 if image is None else len(image))
+    check_sample(model.base, width, height, images_drawn, passes, enabled=ctx.check_memory)
     base = model.materialize()
-    pipe = make_pipeline(base, sampler)
+    if scheduler != DEFAULT_SCHEDULER or image is not None or clip_skip > 1 or denoise < 1:
+        return (sample_with_core(ctx, base, prompt, negative_prompt, seed, steps, cfg, sampler, scheduler,
+                                 width, height, batch_size, guidance, clip_skip, denoise, image),)
+    pipe = make_pipeline(base, sampler, seed)
     generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same image on any device
     final: dict[str, torch.Tensor] = {}
 
-    def on_step(_pipe, step, _timestep, kwargs):
-        ctx.progress(step + 1, steps)
+    done = [0]
+
+    def on_step(pipe_, _step, _timestep, kwargs):
+        # a second-order sampler calls back per model pass: a step is done when it is back to its first stage
+        if getattr(pipe_.scheduler, "state_in_first_order", True) and done[0] < steps:
+            done[0] += 1
+            ctx.progress(done[0], steps)
         final["latents"] = kwargs["latents"]  # after the last step: what the VAE decodes
         return kwargs
 
@@ -141,9 +179,56 @@ def sample(
             generator=generator, output_type="pt", callback_on_step_end=on_step,
             **guidance_arguments(base, pipe, cfg, guidance, negative_prompt),
         )
+    if done[0] < steps:  # (its last step, to 0, is a first stage only)
+        ctx.progress(steps, steps)
     images = result.images.float().permute(0, 2, 3, 1).contiguous().cpu()
     warn_non_finite(ctx, final.get("latents"), torch.cat(decoded) if decoded else None, images)
     return (images,)
+
+
+def init_image(base: BaseModel, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The init image at the size it is drawn at: ``width`` x ``height`` where set (resized), else its
+    own size cut to the sides the model takes (centred, as ComfyUI's VAEEncode cuts)."""
+    image = image.float()
+    if image.ndim != 4 or image.shape[-1] < 3:
+        raise NodeError(f"image must be [batch, height, width, 3] (ComfyUI's IMAGE), got {list(image.shape)}")
+    image = image[..., :3]
+    if width or height:
+        size = (height or image.shape[1], width or image.shape[2])
+        image = torch.nn.functional.interpolate(image.permute(0, 3, 1, 2), size=size, mode="bilinear",
+                                                antialias=True, align_corners=False).permute(0, 2, 3, 1)
+    multiple = size_multiple(base)
+    rows, cols = (side // multiple * multiple for side in image.shape[1:3])
+    if not rows or not cols:
+        raise NodeError(f"image is {image.shape[2]}x{image.shape[1]}: both sides must be at least {multiple}")
+    top, left = (image.shape[1] - rows) // 2, (image.shape[2] - cols) // 2
+    return image[:, top:top + rows, left:left + cols].clamp(0, 1).contiguous()
+
+
+def sample_with_core(ctx, base: BaseModel, prompt: str, negative_prompt: str, seed: int, steps: int, cfg: float,
+                     sampler: str, scheduler: str, width: int, height: int, batch_size: int, guidance: float,
+                     clip_skip: int, denoise: float, image: torch.Tensor | None) -> torch.Tensor:
+    """Sample by our sampling core (as ComfyUI's KSampler): a ComfyUI scheduler, clip skip, an init image
+    or denoise below 1. The negative prompt of a guidance-distilled model is used only with it given."""
+    family = base.family
+    layer = clip_skip_layer(family, clip_skip)
+    positive = encode_prompt(base, prompt, layer)
+    negative = encode_prompt(base, negative_prompt, layer)
+    if family.guidance_distilled:
+        positive = Condition(positive.tensors, guidance=guidance)
+        negative = Condition(negative.tensors, guidance=guidance)
+    scale = base.vae_scale_factor
+    if image is None:  # ComfyUI's empty latent: zeros
+        latents = torch.zeros(batch_size, latent_channels(base), height // scale, width // scale)
+    else:
+        latents = encode_images(base, image).repeat_interleave(batch_size, dim=0)
+    latents = sample_latents(base, (positive,), (negative,), latents, seed=seed, steps=steps,
+                             cfg=guidance_passes_scale(family, cfg, negative_prompt), sampler=sampler,
+                             scheduler=scheduler, denoise=denoise, progress=ctx.progress)
+    with decoder_watch(base.components["vae"]) as decoded:
+        images = decode_latents(base, latents)
+    warn_non_finite(ctx, latents, torch.cat(decoded) if decoded else None, images)
+    return images
 
 
 def non_finite_rows(batch: torch.Tensor) -> torch.Tensor:

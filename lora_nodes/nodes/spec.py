@@ -62,7 +62,10 @@ class Input:
     path_kind: str = "any"  # with path: "file", "folder" or "any" (either); nothing else is accepted
     writes: bool = False  # a path the node writes under the output folder: checked before anything runs
     builtins: tuple[str, ...] = ()  # ``builtin:`` names this path input also accepts
-    folder: str | None = None  # inside ComfyUI: offer the files of this models folder (loras, checkpoints)
+    # with path: a kind of ComfyUI models folder ("loras", "checkpoints", "vae", "diffusion_models", "text_encoders",
+    # "diffusers"; "input" for images): a value that is no existing path is found by name in that kind's folders
+    # (lora_nodes.modelfolders), and written back as that name; inside ComfyUI its files are offered as choices
+    folder: str | None = None
     multiline: bool = False
     in_key: bool = True  # False: changes how the work is done, not its result (left out of the cache key)
     content_key: bool = False  # a path keyed by its files' names, sizes and contents only (not where or when)
@@ -280,7 +283,12 @@ class Catalogue(Mapping[str, NodeSpec]):
             raise ValueError("two node specs share an id")
 
     def __getitem__(self, key: str) -> NodeSpec:
-        return self._specs[key.removeprefix(COMFY_PREFIX) if isinstance(key, str) else key]
+        if isinstance(key, str) and key.startswith(COMFY_PREFIX):
+            spec = self._specs[key.removeprefix(COMFY_PREFIX)]
+            if spec.comfy_core:  # ComfyUI's own nodes have no namespaced id
+                raise KeyError(key)
+            return spec
+        return self._specs[key]
 
     def __iter__(self):
         return iter(self._specs)

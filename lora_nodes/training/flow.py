@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import NodeError
+from ..models.sampling import resolution_mu
 
 # How the noise level of each training image is drawn (TrainConfig.timestep_sampling):
 #   uniform        s ~ U(0, 1): diffusers' default ("none" weighting) and kohya's "uniform";
@@ -68,14 +69,6 @@ def noise_levels(sampling: str, count: int, generator: torch.Generator, schedule
         mu = resolution_mu(tokens, schedule)
         return math.exp(mu) / (math.exp(mu) + (1 / levels - 1))
     raise NodeError(f"timestep_sampling {sampling!r} is none of {', '.join(TIMESTEP_SAMPLING)}")
-
-
-def resolution_mu(tokens: int, schedule: Mapping[str, Any]) -> float:
-    """The sampler's exponential schedule shift for images of ``tokens`` packed tokens: on the line
-    through (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift) of the schedule."""
-    first, last = schedule.get("base_image_seq_len", 256), schedule.get("max_image_seq_len", 4096)
-    low, high = schedule.get("base_shift", 0.5), schedule.get("max_shift", 1.15)
-    return low + (high - low) * (tokens - first) / (last - first)
 
 
 class FlowMatching:

@@ -14,6 +14,7 @@ from ...nodes.spec import REQUIRED, Catalogue
 from ..problems import Problem, WorkflowError, describe
 from ..workflow import Link, NodeCall, Workflow, node_ids, parse_inputs
 from .shared import check_convertible, comfy_ids, output_index, title, unsupported_nodes_error
+from .widgets import without_editor_widgets
 
 
 def is_api_format(data: dict[Any, Any]) -> bool:
@@ -37,8 +38,11 @@ def from_api(data: dict[str, Any], base_dir: Path, catalogue: Catalogue, source:
             continue
         inputs, input_problems = parse_inputs(body.get("inputs"), node_id, node_type)
         problems += input_problems
-        if node_type not in catalogue:
+        spec = catalogue.get(node_type)
+        if spec is None:
             unknown[node_id] = node_type
+        else:
+            inputs = without_editor_widgets(spec, inputs)
         nodes[node_id] = NodeCall(node_type, inputs)
     if problems:
         raise WorkflowError(problems)
@@ -50,8 +54,9 @@ def from_api(data: dict[str, Any], base_dir: Path, catalogue: Catalogue, source:
 def to_api(workflow: Workflow, catalogue: Catalogue) -> dict:
     """The workflow as a ComfyUI API-format prompt: ``{"<id>": {"class_type", "inputs", "_meta"}}``.
 
-    Types are namespaced, links are ``[source_id, output_index]``, and every input that has a
-    default is written out (ComfyUI needs each required widget value).
+    Our types are namespaced (ComfyUI's core nodes keep their own ids), links are
+    ``[source_id, output_index]``, and every input that has a default is written out (ComfyUI needs
+    each required widget value).
     """
     specs = check_convertible(workflow, catalogue)
     ids = comfy_ids(workflow)

@@ -23,15 +23,16 @@ STRUCTURAL_CODES = frozenset({"unknown_node_type", "missing_node", "missing_outp
 
 
 def unsupported_nodes_error(types_by_id: dict[str, str]) -> WorkflowError:
-    """One problem that lists every node type we do not implement, with the ids of its nodes."""
+    """One problem that lists every node type we do not run (neither ours nor a ComfyUI core node we have),
+    with the ids of its nodes."""
     by_type: dict[str, list[str]] = {}
     for node_id, node_type in types_by_id.items():
         by_type.setdefault(node_type, []).append(node_id)
     groups = [f"{cut(t, 80)} (node{'s' * (len(ids) > 1)} {listing(ids, 5)})" for t, ids in sorted(by_type.items())]
     listed = "; ".join(groups[:12]) + (f"; ... ({len(groups) - 12} more types)" if len(groups) > 12 else "")
-    message = (f"this workflow uses node types that lora-nodes does not implement: {listed}. "
-               "They run inside ComfyUI; build the graph from lora-nodes nodes ('lora-nodes nodes' lists them) "
-               "to run it here")
+    message = (f"this workflow uses node types that lora-nodes does not run: {listed}. Graphs of ComfyUI's core "
+               "nodes run here, but only of those 'lora-nodes nodes' lists (with ours); custom nodes and the core "
+               "nodes we lack run only inside ComfyUI: replace them with listed ones, or run the graph in ComfyUI")
     return WorkflowError([Problem("unsupported_nodes", message)])
 
 

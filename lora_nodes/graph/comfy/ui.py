@@ -23,12 +23,8 @@ from .widgets import CONTROL_VALUES, has_control_widget, widget_inputs
 MODE_MUTED, MODE_BYPASSED = 2, 4
 REROUTE, PRIMITIVE = "Reroute", "PrimitiveNode"
 
-# Left out: notes, and PreviewImage (a viewer in the editor; a headless run has no one to show it to).
-IGNORED_TYPES = frozenset({"Note", "MarkdownNote", "PreviewImage"})
-# ComfyUI core nodes with an exact counterpart here: type -> (our type, [(their widget, our input)]).
-CORE_EQUIVALENTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
-    "SaveImage": ("SaveImages", [("filename_prefix", "prefix")]),
-}
+# Left out: the editor's notes (ComfyUI's core nodes are in the catalogue, PreviewImage too: see nodes.core)
+IGNORED_TYPES = frozenset({"Note", "MarkdownNote"})
 VIRTUAL_TYPES = frozenset({REROUTE, PRIMITIVE}) | IGNORED_TYPES
 
 
@@ -304,7 +300,7 @@ def from_ui(data: dict, base_dir: Path, catalogue: Catalogue, source: Path | Non
     """
     graph = _UiGraph(data)
     real = [node_id for node_id in graph.nodes if graph.is_real(node_id)]
-    unsupported = {i: t for i in real if catalogue.get(t := graph.nodes[i]["type"]) is None and t not in CORE_EQUIVALENTS}
+    unsupported = {i: t for i in real if catalogue.get(t := graph.nodes[i]["type"]) is None}
     if unsupported:
         raise unsupported_nodes_error(unsupported)
     built = {node_id: _build_node(graph, node_id, catalogue) for node_id in real}
@@ -315,11 +311,8 @@ def from_ui(data: dict, base_dir: Path, catalogue: Catalogue, source: Path | Non
 
 def _build_node(graph: _UiGraph, node_id: str, catalogue: Catalogue) -> _Built:
     node = graph.nodes[node_id]
-    if node["type"] in CORE_EQUIVALENTS:
-        spec, widgets = _core_equivalent(node, catalogue)
-    else:
-        spec = catalogue[node["type"]]
-        widgets = widget_values_by_name(node, spec)
+    spec = catalogue[node["type"]]
+    widgets = widget_values_by_name(node, spec)
     built = _Built(NodeCall(spec.id, dict(widgets)), spec)
     for slot in node.get("inputs") or []:
         if slot.get("link") is None:
@@ -335,16 +328,6 @@ def _build_node(graph: _UiGraph, node_id: str, catalogue: Catalogue) -> _Built:
     declared = {d.name: inputs[d.name] for d in spec.inputs if d.name in inputs}
     built.call.inputs = {**declared, **{k: v for k, v in inputs.items() if k not in declared}}
     return built
-
-
-def _core_equivalent(node: dict[str, Any], catalogue: Catalogue) -> tuple[NodeSpec, dict[str, Any]]:
-    """Our spec standing in for a ComfyUI core node, and its widget values under our input names."""
-    ours, renames = CORE_EQUIVALENTS[node["type"]]
-    raw = node.get("widgets_values")
-    if isinstance(raw, list):
-        raw = {theirs: value for (theirs, _), value in zip(renames, raw)}
-    raw = raw if isinstance(raw, dict) else {}
-    return catalogue[ours], {mine: raw[theirs] for theirs, mine in renames if raw.get(theirs) is not None}
 
 
 def _set_linked_input(built: _Built, name: str, decl: Input | None, resolved: _Resolved,

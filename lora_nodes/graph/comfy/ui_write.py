@@ -1,6 +1,7 @@
 """ComfyUI's UI format (the editor's ``workflow.json``): writing it, and laying the graph out.
 
-The file written opens in a ComfyUI with our pack installed: namespaced node types, every widget
+The file written opens in a ComfyUI with our pack installed: our node types namespaced (ComfyUI's
+core nodes under their own ids), every widget
 value present (a seed followed by its control value), the same ids and titles as the API format
 written from the same workflow, and the layout a UI file left, or else a left-to-right one by depth.
 """

@@ -1,4 +1,4 @@
-"""How ComfyUI's editor shows one of our nodes: its inputs, the widgets and sockets they become.
+"""How ComfyUI's editor shows a node (ours, or a core node): its inputs, the widgets and sockets they become.
 
 ComfyUI groups a node's inputs as required, then optional (the ``input_order`` of its
 ``/object_info``); literal inputs become widgets, whose values a UI-format file lists in that order,
@@ -8,12 +8,17 @@ readers and writers, take the order and the seed rule from here.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ...nodes.spec import INT, Input, NodeSpec
 
 # INT widgets that ComfyUI's editor follows with a "control_after_generate" widget: the pack asks for
 # it, and a UI-format file holds its value (one of CONTROL_VALUES) right after the seed's
 SEED_NAMES = frozenset({"seed", "noise_seed"})
 CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
+# widgets ComfyUI's editor adds to a core node beside its declared inputs, whose values API-format prompts
+# carry too (LoadImage's upload button: "upload": "image"); they mean nothing to the node
+EDITOR_WIDGETS: dict[str, frozenset[str]] = {"LoadImage": frozenset({"upload"})}
 
 
 def input_groups(spec: NodeSpec) -> tuple[list[Input], list[Input]]:
@@ -40,3 +45,10 @@ def socket_inputs(spec: NodeSpec) -> list[Input]:
 def has_control_widget(decl: Input) -> bool:
     """Whether ComfyUI's editor puts a ``control_after_generate`` widget after this one: INT seeds."""
     return decl.type == INT and decl.name in SEED_NAMES
+
+
+def without_editor_widgets(spec: NodeSpec, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` less the values of widgets the editor adds to ``spec``'s node (see EDITOR_WIDGETS)."""
+    extra = EDITOR_WIDGETS.get(spec.id, frozenset()) if spec.comfy_core else frozenset()
+    return {name: value for name, value in inputs.items()
+            if name not in extra or spec.input(name) is not None}

@@ -44,16 +44,20 @@ def bare_single_file(base, path, dtype=None):
     return path
 
 
+# what saving a transformers model writes into its config (the version, its class, its dtype), not the model
+SAVING_RECORDS = ("transformers_version", "architectures", "dtype", "torch_dtype")
+
+
 def configs_of(base):
     """Each model part's config (and the scheduler's), without private entries and without what saving a
-    model records about the saving (transformers' version, the ``architectures`` save_pretrained adds to
-    the shared built-in's config when another test saves it)."""
+    model records about the saving (:data:`SAVING_RECORDS`, which save_pretrained adds to the shared
+    built-in's config when another test saves it)."""
     configs = {}
     for name, part in base.components.items():
         config = getattr(part, "config", None)
         if config is not None:
             data = config.to_dict() if hasattr(config, "to_dict") else json.loads(json.dumps(dict(config)))
-            configs[name] = {k: v for k, v in data.items() if not k.startswith("_") and k not in ("transformers_version", "architectures")}
+            configs[name] = {k: v for k, v in data.items() if not k.startswith("_") and k not in SAVING_RECORDS}
     return configs
 
 

@@ -7,6 +7,7 @@ checked is what a user would see: pictures that differ or are equal, errors and 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -99,6 +100,14 @@ def test_lora_loader_puts_each_strength_on_its_own_side(tiny):
     assert {t.split(".")[0] for t in new_clip.model.patch_plan()} == {"text_encoder"}
     assert new_clip.base is tiny and new_model.base is tiny  # nothing copied
     assert model.loras == () and clip.model.loras == ()  # the inputs are not changed
+
+
+def test_a_side_at_strength_zero_is_left_as_it_came(tiny):
+    model, clip, _ = load(tiny)
+    new_model, new_clip = with_lora(model, clip, EXAMPLE_LORA, strength_model=0.7, strength_clip=0.0)
+    assert new_clip is clip and len(new_model.loras) == 1
+    new_model, new_clip = with_lora(model, clip, EXAMPLE_LORA, strength_model=0.0, strength_clip=0.5)
+    assert new_model is model and [(a.strength_model, a.strength_text) for a in new_clip.model.loras] == [(0.0, 0.5)]
 
 
 def test_lora_loaders_at_strength_zero_read_nothing(tiny, tmp_path):
@@ -195,6 +204,34 @@ def test_clip_set_last_layer(tiny):
     assert not torch.allclose(encode(penultimate, "a red circle")[0].tensors["embeds"], default)
 
 
+def test_sdxl_reads_the_last_layer_at_minus_one_without_the_final_norm(tiny_sdxl):
+    # ComfyUI's SDXL encoders never normalise a layer they read: -1 is the last layer as it leaves the
+    # transformer (not transformers' normalised last_hidden_state)
+    _, clip, _ = load(tiny_sdxl)
+    (last,) = run(conditioning.clip_set_last_layer, clip=clip, stop_at_clip_layer=-1)
+    states, normalised = [], []
+    with torch.no_grad():
+        for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            tok = tiny_sdxl.components[tokenizer]
+            ids = tok("a red circle", padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
+            output = tiny_sdxl.components[encoder](ids.input_ids, output_hidden_states=True)
+            states.append(output.hidden_states[-1])
+            normalised.append(output.last_hidden_state)
+    embeds = encode(last, "a red circle")[0].tensors["embeds"]
+    assert torch.allclose(embeds, torch.cat(states, dim=-1), atol=1e-5)
+    assert not torch.allclose(embeds, torch.cat(normalised, dim=-1), atol=1e-3)
+
+
+def test_minus_one_on_an_encoder_kept_without_its_last_layer_is_reported():
+    from lora_nodes.families.sd1 import SD1
+    from lora_nodes.families.sd2 import SD2
+    from lora_nodes.models.conditioning import missing_layer_note
+
+    assert "reads the penultimate layer" in missing_layer_note(SD2, -1)
+    assert missing_layer_note(SD2, -2) is None and missing_layer_note(SD2, None) is None
+    assert missing_layer_note(SD1, -1) is None
+
+
 def test_emphasis_changes_the_conditioning_and_embeddings_are_reported(tiny):
     _, clip, _ = load(tiny)
     plain = encode(clip, "a red circle")[0].tensors["embeds"]
@@ -255,6 +292,38 @@ def test_ksampler_advanced_in_two_halves(tiny):
     second = advanced(first, "disable", 2, 10000, "disable")
     assert torch.allclose(second.samples, whole.samples, atol=1e-4)
     assert not torch.allclose(first.samples, whole.samples, atol=1e-2)
+
+
+def test_conditioning_of_another_family_is_refused_naming_both(tiny, flux):
+    model, _, _ = load(tiny)
+    _, flux_clip, _ = load(flux)
+    foreign, own = encode(flux_clip, "a red circle"), encode(load(tiny)[1], "")
+    with pytest.raises(NodeError, match="encoded by the text encoders of a Flux model, but the model that "
+                                        "samples is SD1.5"):
+        denoise(model, foreign, own, empty_latent(tiny))
+
+
+def test_validation_finds_conditioning_of_another_family(tmp_path):
+    from lora_nodes.graph import load_workflow
+    from lora_nodes.graph.validate import check
+    from lora_nodes.nodes import catalogue
+
+    path = write_workflow(tmp_path, """
+nodes:
+  sd:   {type: CheckpointLoaderSimple, inputs: {ckpt_name: "builtin:tiny"}}
+  fx:   {type: CheckpointLoaderSimple, inputs: {ckpt_name: "builtin:tiny-flux"}}
+  last: {type: CLIPSetLastLayer, inputs: {clip: [fx, 1], stop_at_clip_layer: -1}}
+  pos:  {type: CLIPTextEncode, inputs: {text: a, clip: [last, 0]}}
+  both: {type: ConditioningCombine, inputs: {conditioning_1: [pos, 0], conditioning_2: [pos, 0]}}
+  neg:  {type: CLIPTextEncode, inputs: {text: "", clip: [sd, 1]}}
+  lat:  {type: EmptyLatentImage, inputs: {width: 32, height: 32}}
+  ks:   {type: KSampler, inputs: {model: [sd, 0], positive: [both, 0], negative: [neg, 0], latent_image: [lat, 0]}}
+  img:  {type: VAEDecode, inputs: {samples: [ks, 0], vae: [sd, 2]}}
+  save: {type: SaveImage, inputs: {images: [img, 0]}}
+""")
+    problems, _ = check(load_workflow(path), catalogue())
+    assert [(p.node, p.input, p.code) for p in problems] == [("ks", "positive", "family_mismatch")]
+    assert "Flux" in problems[0].message and "SD1.5" in problems[0].message
 
 
 def test_a_sampler_the_family_lacks_is_refused_naming_those_it_has(tiny):
@@ -462,3 +531,29 @@ nodes:
     assert Image.open(png).size == (48, 48)
     assert not events.of("error"), events.of("error")
     assert result is not None
+
+
+def test_validation_finds_a_clip_type_of_another_family_than_the_model(tiny, tmp_path, capsys):
+    """DualCLIPLoader's type names one family: a KSampler fed its prompts with a model of another is refused
+    before anything runs (the files are not even read)."""
+    from lora_nodes.cli import main
+    from lora_nodes.models.save import save_single_file
+
+    model_file = tmp_path / "sd1.safetensors"
+    save_single_file(tiny, model_file)
+    (tmp_path / "clip_l.safetensors").write_bytes(b"")
+    (tmp_path / "clip_g.safetensors").write_bytes(b"")
+    path = write_workflow(tmp_path, f"""
+nodes:
+  ckpt: {{type: CheckpointLoaderSimple, inputs: {{ckpt_name: "{model_file}"}}}}
+  clip: {{type: DualCLIPLoader, inputs: {{clip_name1: clip_l.safetensors, clip_name2: clip_g.safetensors, type: sdxl}}}}
+  pos: {{type: CLIPTextEncode, inputs: {{text: a red circle, clip: [clip, 0]}}}}
+  latent: {{type: EmptyLatentImage, inputs: {{width: 64, height: 64}}}}
+  sample: {{type: KSampler, inputs: {{model: [ckpt, 0], positive: [pos, 0], negative: [pos, 0], latent_image: [latent, 0]}}}}
+  image: {{type: VAEDecode, inputs: {{samples: [sample, 0], vae: [ckpt, 2]}}}}
+  save: {{type: SaveImage, inputs: {{images: [image, 0]}}}}
+""")
+    assert main(["validate", str(path), "--json"]) == 2
+    problems = json.loads(capsys.readouterr().out)
+    mismatches = [p for p in problems if p["code"] == "family_mismatch"]
+    assert mismatches and all(p["node"] == "sample" for p in mismatches), problems

@@ -14,7 +14,7 @@ from lora_nodes.graph import load_workflow
 from lora_nodes.graph.validate import check
 from lora_nodes.lora.recipe import ModelRecipe
 from lora_nodes.models.base import BaseModel
-from lora_nodes.models.conditioning import Condition, encode_prompt
+from lora_nodes.models.conditioning import MAX_WORD_LENGTH, Condition, clip_windows, encode_prompt
 from lora_nodes.models.sampling import (
     SCHEDULER_NAMES,
     decode_latents,
@@ -125,6 +125,40 @@ def test_conditions_average_and_keep_to_their_part_of_the_schedule(tiny):
     assert torch.allclose(sample_latents(tiny, (positive[0], never), negative, empty(tiny), **options), one, atol=1e-5)
 
 
+@pytest.mark.parametrize("fixture", ["tiny", "flux"])
+def test_a_side_with_no_active_condition_predicts_a_clean_image_of_zeros(request, fixture):
+    # ComfyUI averages the denoised images of the active conditions, and the mean of none is zero: with
+    # no condition ever active, every Euler step aims at x0 = 0 and the last step (to sigma 0) lands there
+    base = request.getfixturevalue(fixture)
+    positive, _ = conditions(base)
+    never = Condition(positive[0].tensors, start=0.0, end=0.0, family=positive[0].family)
+    result = sample_latents(base, (never,), (never,), empty(base), seed=2, steps=3, cfg=1.0, sampler="euler",
+                            scheduler="simple")
+    shift = base.components["vae"].config.get("shift_factor") or 0.0  # the raw latent of a scaled zero
+    assert torch.allclose(result, torch.full_like(result, shift), atol=1e-5)
+
+
+class WindowTokenizer:
+    """A tokenizer of windows of 10 (8 tokens between start and end), to count windows by hand."""
+
+    model_max_length, bos_token_id, eos_token_id, pad_token_id = 10, 1, 2, 0
+
+
+def test_a_short_weighted_piece_is_kept_in_one_window_and_a_long_one_is_split():
+    short, other = [(5, 1.0)] * 6, [(6, 1.2)] * 4  # 4 < MAX_WORD_LENGTH: does not fit after 6, starts a window
+    assert MAX_WORD_LENGTH == 8
+    assert clip_windows(WindowTokenizer, [short, other]) == [
+        [(1, 1.0), *short, (2, 1.0), (0, 1.0), (0, 1.0)],
+        [(1, 1.0), *other, (2, 1.0), *[(0, 1.0)] * 4],
+    ]
+    long = [(7, 1.0)] * 8  # 8 tokens: fills the 2 places left, the other 6 go on in the next window
+    assert clip_windows(WindowTokenizer, [short, long]) == [
+        [(1, 1.0), *short, (7, 1.0), (7, 1.0), (2, 1.0)],
+        [(1, 1.0), *[(7, 1.0)] * 6, (2, 1.0), (0, 1.0), (0, 1.0)],
+    ]
+    assert clip_windows(WindowTokenizer, []) == [[(1, 1.0), (2, 1.0), *[(0, 1.0)] * 8]]
+
+
 def test_progress_counts_steps_not_model_passes(tiny):
     seen = []
     run(tiny, "heun", steps=3, progress=lambda done, total: seen.append((done, total)))
@@ -169,8 +203,8 @@ nodes:
     assert "karras" in problems[0].message and "beta" in problems[0].message
 
 
-def draw(recipe, **overrides):
-    ctx = NodeContext("s", "Sample", None, None, Collector())
+def draw(recipe, events=None, **overrides):
+    ctx = NodeContext("s", "Sample", None, None, Collector() if events is None else events)
     inputs = {"prompt": PROMPT, "negative_prompt": "", "seed": 3, "steps": 3, "cfg": 5.0, "sampler": "euler",
               "width": 32, "height": 32, "batch_size": 1}
     return sample.run(ctx, recipe, **{**inputs, **overrides})[0]
@@ -196,7 +230,10 @@ def shapes():
 def test_sample_draws_over_an_init_image_as_much_as_denoise_says(shapes):
     image = draw(ModelRecipe(shapes), steps=4)  # a picture of the model's own; redrawn from other noise:
     light = draw(ModelRecipe(shapes), image=image, denoise=0.3, width=0, height=0, batch_size=2, seed=8)
-    full = draw(ModelRecipe(shapes), image=image, denoise=1.0, width=0, height=0, seed=8)
+    events = Collector()
+    full = draw(ModelRecipe(shapes), events, image=image, denoise=1.0, width=0, height=0, seed=8)
+    (warning,) = events.of("warning")  # at denoise 1 the image gives only the size: the user is told
+    assert "denoise" in warning["message"] and "anew" in warning["message"]
     assert light.shape == (2, 32, 32, 3)  # the image's size; batch_size pictures per init image
     assert (light[:1] - image).abs().mean() < 0.25 * (full - image).abs().mean()
     resized = draw(ModelRecipe(shapes), image=image, denoise=0.5, width=48, height=24)

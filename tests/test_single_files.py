@@ -8,6 +8,7 @@ them, CLIP token ids as OpenAI's tokenizer gives them, and pictures compared wit
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -16,9 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from lora_nodes import families
 from lora_nodes.lora.recipe import ModelRecipe
+from lora_nodes.models.base import BaseModel
 from lora_nodes.models.checkpoints import ldm_configs
 from lora_nodes.models.ldm import to_ldm_checkpoint, vae_key_map
-from lora_nodes.models.loading import base_family, load_base, load_parts
+from lora_nodes.models.loading import base_family, load_base
+from lora_nodes.models.parts import load_parts
 from lora_nodes.models.save import save_single_file
 from lora_nodes.models.text_names import file_state_dict
 from lora_nodes.models.tokenizer import build_clip_tokenizer
@@ -76,6 +79,41 @@ def test_shapes_single_file_without_configs_draws_the_same_picture(shapes, tmp_p
     assert configs_of(loaded) == configs_of(shapes)
     assert loaded.components["tokenizer"].get_vocab() == shapes.components["tokenizer"].get_vocab()
     assert torch.equal(draw(loaded), draw(shapes))
+
+
+# What a single file's shapes cannot tell, so that a file that is none of ours takes it from the family's
+# released model (written here from what the shapes hold: a count of groups or heads splits no tensor;
+# the token ids and the projection are the tokenizer's and the contrastive head's; the sample size and the
+# VAE's scaling factor are how the model was trained, not how it is built).
+UNTOLD_BY_SHAPES = {
+    "unet": {"sample_size"},
+    "vae": {"norm_num_groups", "sample_size", "scaling_factor"},
+    "text_encoder": {"num_attention_heads", "projection_dim", "bos_token_id", "eos_token_id", "pad_token_id"},
+}
+
+
+def test_shapes_single_file_dimensions_come_from_the_shapes_not_from_recognising_it(shapes, tmp_path, monkeypatch):
+    """The proof above with recognition of our built-ins switched off: every dimension is read from
+    the tensors' shapes; what shapes cannot tell (UNTOLD_BY_SHAPES) is all that still needs the
+    built-in's config, and given that, the picture is the same."""
+    from lora_nodes.models import known_configs
+
+    path = bare_single_file(shapes, tmp_path / "shapes.safetensors")
+    monkeypatch.setattr(known_configs, "recognised", lambda *args, **kwargs: None)
+    loaded = load_base(str(path), dtype="float32", device="cpu")
+    ours, theirs = configs_of(loaded), configs_of(shapes)
+    for name, untold in UNTOLD_BY_SHAPES.items():
+        told = {k: v for k, v in ours[name].items() if k not in untold}
+        assert told == {k: v for k, v in theirs[name].items() if k not in untold}, name
+    assert ours["scheduler"] == theirs["scheduler"]
+    # the tokenizer is still ours, told by the encoder's vocabulary size (no released CLIP has 640 tokens)
+    assert loaded.components["tokenizer"].get_vocab() == shapes.components["tokenizer"].get_vocab()
+    # with what shapes cannot tell given (the built-in's modules, holding the weights the file gave)
+    given = dict(loaded.components)
+    for name in UNTOLD_BY_SHAPES:
+        given[name] = copy.deepcopy(shapes.components[name])
+        given[name].load_state_dict(loaded.components[name].state_dict())  # strict: same names, same shapes
+    assert torch.equal(draw(BaseModel(str(path), given, torch.float32, torch.device("cpu"))), draw(shapes))
 
 
 def test_tiny_single_files_alone_in_half_precision(tiny, tiny_sdxl, tmp_path):

@@ -72,7 +72,7 @@ def by_comfy_clip_type(name: str, shapes: Mapping[str, Sequence[int]] | None = N
         return candidates[0] if candidates else None
     width = next((int(shape[-1]) for key, shape in (shapes or {}).items()
                   if key.endswith("token_embedding.weight") and len(shape) == 2), None)
-    fitting = [f for f in candidates if width in (*f.context_widths, *f.builtin_context_widths)]
+    fitting = [f for f in candidates if width in f.all_context_widths]
     return (fitting or candidates)[0]
 
 
@@ -103,7 +103,7 @@ def from_checkpoint(shapes: Mapping[str, Sequence[int]]) -> Family:
             return family
     family = next((f for f in FAMILIES
                    if _context_width(shapes, f.denoiser_checkpoint_prefix, f.context_key)
-                   in (*f.context_widths, *f.builtin_context_widths)), None)
+                   in f.all_context_widths), None)
     if family is None:
         names = "/".join(f.display_name for f in reversed(FAMILIES))
         raise ValueError(f"not a recognised {names} single-file checkpoint (no known text encoder or UNet)")
@@ -215,7 +215,7 @@ def from_lora(base_model_version: str, keys: Iterable[str],
         shape = delta_shape(key)
         if len(shape) >= 2:  # 1-D: fits nothing
             width = int(shape[1])
-            family = next((f for f in candidates if width in (*f.context_widths, *f.builtin_context_widths)), None)
+            family = next((f for f in candidates if width in f.all_context_widths), None)
             if family is not None:
                 return family
     return None

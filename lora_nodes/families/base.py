@@ -142,6 +142,9 @@ class Family:
     # the ``type`` names ComfyUI's CLIP loaders give this family's text encoders (CLIPLoader,
     # DualCLIPLoader); families sharing one are told apart by the encoder's width (context_widths)
     comfy_clip_types: tuple[str, ...] = ()
+    # where ComfyUI's DualCLIPLoader lists this family's type (its first comfy_clip_types name) among
+    # its choices (0: first, the default); None: a family DualCLIPLoader does not load
+    comfy_dual_clip_place: int | None = None
     # what tells a v-prediction model of this family from its weights when the file carries no
     # marker: (single-file key, the population standard deviation above which it predicts v)
     v_prediction_probe: tuple[str, float] | None = None
@@ -153,6 +156,12 @@ class Family:
     def text_components(self) -> tuple[str, ...]:
         """The text encoders' component names, in order."""
         return tuple(t.component for t in self.text_encoders)
+
+    @property
+    def all_context_widths(self) -> tuple[int, ...]:
+        """Every cross-attention context width that tells this family: the released models' and the
+        built-in tiny models'."""
+        return (*self.context_widths, *self.builtin_context_widths)
 
     @property
     def lora_components(self) -> tuple[str, ...]:

@@ -274,4 +274,5 @@ FLUX = Family(
     guidance_distilled=True,
     original_modules=original_modules,
     comfy_clip_types=("flux",),
+    comfy_dual_clip_place=2,  # ComfyUI: sdxl, sd3, flux, hunyuan_video, hidream, hunyuan_image
 )

@@ -37,4 +37,5 @@ SDXL = Family(
     text_layer=-2,  # both encoders' penultimate layer
     vae_upcast_in_fp16=True,
     comfy_clip_types=("sdxl",),
+    comfy_dual_clip_place=0,  # ComfyUI: sdxl, sd3, flux, hunyuan_video, hidream, hunyuan_image
 )

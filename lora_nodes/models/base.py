@@ -38,7 +38,7 @@ class BaseModel:
     @cached_property
     def family(self) -> Family:
         """The model family: ``meta["family"]`` (a family or its id) where the loader recorded it
-        (a base of some parts only, see ``loading.load_parts``), else its denoiser's config's."""
+        (a base of some parts only, see ``parts.load_parts``), else its denoiser's config's."""
         recorded = self.meta.get("family")
         if isinstance(recorded, Family):
             return recorded
@@ -60,7 +60,17 @@ class BaseModel:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.components["vae"].config.block_out_channels) - 1)
+        """How many pixels one latent cell spans per side: the one home of this number (the family's shipped
+        VAE config's, for a base that holds no VAE, as ``models.sampling.base_vae_config`` gives it; read
+        here without that module, which imports this one)."""
+        vae = self.components.get(self.family.vae)
+        if vae is not None:
+            config = vae.config
+        else:
+            from .known_configs import default_config  # deferred: the shipped configs are read on demand
+
+            config = default_config(self.family, "vae")
+        return 2 ** (len(config["block_out_channels"]) - 1)
 
     @property
     def native_size(self) -> int:

@@ -78,7 +78,7 @@ def ldm_configs(state: Mapping[str, Tensor], family: Family) -> dict[str, Any]:
         if hf:
             shapes = {k: tuple(v.shape) for k, v in hf.items()}
             configs[text.component], builtins[text.component] = known_configs.part_config(family, text.component, shapes)
-    pooled = configs.get(family.text_components[-1], {}).get("projection_dim") if family.pooled_text_conditioning else None
+    pooled = pooled_width(family, configs)
     for part, prefix in ((family.denoiser, family.denoiser_checkpoint_prefix), (family.vae, family.vae_checkpoint_prefix)):
         shapes = _shapes_under(state, prefix)
         if shapes:
@@ -91,6 +91,15 @@ def ldm_configs(state: Mapping[str, Tensor], family: Family) -> dict[str, Any]:
     configs["scheduler"] = known_configs.scheduler_config(family, objective, known_configs.ZERO_SNR_MARKER in state,
                                                           schedule)
     return configs
+
+
+def pooled_width(family: Family, configs: Mapping[str, Any]) -> int | None:
+    """The width of the pooled text embedding the denoiser takes (SDXL's added conditioning): the
+    last text encoder's projection in ``configs``; None for a family without one, or when that
+    encoder's config is not known."""
+    if not family.pooled_text_conditioning:
+        return None
+    return configs.get(family.text_components[-1], {}).get("projection_dim")
 
 
 def _write_ldm(components: Mapping[str, Any], family: Family) -> dict[str, Tensor]:

@@ -5,13 +5,18 @@ family's denoiser reads (prompt embeddings; pooled embeddings where the family h
 distilled guidance of guidance-distilled families, and the part of the schedule it is active in.
 A :data:`Conditioning` is several of them: the sampler averages their predictions.
 
-How a prompt is encoded (as ComfyUI encodes it; for plain text of one window, as the family's
-diffusers pipeline does):
+How a prompt is encoded (CLIP encoders as ComfyUI encodes them; for plain text of one window,
+as the family's diffusers pipeline does):
 
 - CLIP encoders read windows of their tokenizer's length: start token, up to length - 2 tokens,
   end token, then padding with the tokenizer's pad token. A longer prompt is encoded window by
-  window and the windows' embeddings are concatenated; a sequence encoder without a start token
-  (T5) reads one window, cut at its length.
+  window and the windows' embeddings are concatenated. As in ComfyUI, a weighted piece of fewer
+  than :data:`MAX_WORD_LENGTH` tokens is never split between windows: one that does not fit in
+  what is left of a window ends that window early (padded) and starts the next.
+- A sequence encoder without a start token (T5) reads one window of its tokenizer's length (at
+  most 512), cut there, as the family's diffusers pipeline reads it. ComfyUI differs here: its
+  Flux T5 pads to at least 256 tokens and never cuts, so a Flux prompt encoded here gives slightly
+  other embeddings than ComfyUI's (the padding is attended to) and a prompt past 512 tokens is cut.
 - The sequence embeddings are the CLIP encoders' chosen hidden layer, side by side (SD, SDXL),
   or the sequence encoder's output where the family has one (Flux's T5; its CLIP gives only the
   pooled vector). The pooled vector, for families with pooled conditioning, is the last CLIP
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
     from .base import BaseModel
 
 Tokens = list[tuple[int, float]]  # (token id, weight)
+# a weighted piece of fewer tokens than this is kept in one CLIP window (ComfyUI's rule, see above)
+MAX_WORD_LENGTH = 8
 
 
 @dataclass(frozen=True)
@@ -44,12 +51,15 @@ class Condition:
     families with pooled text conditioning, ``"pooled"`` ([1, width]). ``guidance`` is FluxGuidance's
     value for guidance-distilled families (None: 3.5). ``start`` / ``end``: the fractions of the
     schedule it is active in (ConditioningSetTimestepRange; 0 = the first step, 1 = the last).
+    ``family``: the id of the family whose text encoders made it (a denoiser of another family
+    cannot read it: the sampler says so by name rather than failing on tensor shapes).
     """
 
     tensors: dict[str, Tensor]
     guidance: float | None = None
     start: float = 0.0
     end: float = 1.0
+    family: str | None = None
 
 
 Conditioning = tuple[Condition, ...]  # several entries (ConditioningCombine): their predictions averaged
@@ -61,10 +71,12 @@ def encode_prompt(base: BaseModel, prompt: str | Sequence[tuple[str, float]],
 
     ``prompt``: text, or ``(text, weight)`` pieces as ComfyUI's emphasis parser gives them; a weight
     moves its tokens' embeddings away from the empty prompt's (ComfyUI's rule). Prompts longer than
-    one window of the tokenizer are encoded in windows and concatenated, as ComfyUI does.
+    one window of a CLIP tokenizer are encoded in windows and concatenated, as ComfyUI does (see the
+    module docstring for the sequence encoder's one window, where we differ).
     ``last_layer``: ComfyUI's CLIPSetLastLayer (-1 the last CLIP layer, -2 the penultimate: A1111's
     clip_skip N is ``-N``); None is the family's own choice when no CLIPSetLastLayer is given (the
-    last layer for SD1, the penultimate for SD2 and SDXL: ``Family.text_layer``).
+    last layer for SD1, the penultimate for SD2 and SDXL: ``Family.text_layer``). An encoder kept
+    without its last layer (SD2's: see :func:`missing_layer_note`) reads its penultimate layer for -1.
     """
     pieces = [(prompt, 1.0)] if isinstance(prompt, str) else [(str(t), float(w)) for t, w in prompt]
     family = base.family
@@ -82,7 +94,7 @@ def encode_prompt(base: BaseModel, prompt: str | Sequence[tuple[str, float]],
         tensors = {"embeds": torch.cat([h[:, :length] for h in hidden], dim=-1)}
         if family.pooled_text_conditioning and pooled is not None:
             tensors["pooled"] = pooled
-    return Condition(tensors)
+    return Condition(tensors, family=family.id)
 
 
 def is_clip(encoder: TextEncoder) -> bool:
@@ -97,7 +109,21 @@ def clip_layer_index(family: Family, encoder: TextEncoder, last_layer: int | Non
     if last_layer is None:
         return family.text_layer
     index = int(last_layer) + (1 if encoder.cuts_last_layer else 0)
-    return min(index, -1)
+    return min(index, -1)  # the original's last layer, which we do not hold: the nearest we do
+
+
+def missing_layer_note(family: Family, last_layer: int | None) -> str | None:
+    """Why ``last_layer`` (CLIPSetLastLayer's value) reads another layer than ComfyUI reads on ``family``,
+    or None: -1 on an encoder loaded without its last layer (as diffusers keeps SD2's) reads the
+    penultimate layer, which ComfyUI reads only for -2."""
+    if last_layer is None or not reads_clip_layers(family):
+        return None
+    cut = [t for t in family.text_encoders if t.cuts_last_layer]
+    if not cut or clip_layer_index(family, cut[0], last_layer) == int(last_layer) + 1:
+        return None
+    return (f"{family.display_name}'s text encoder is loaded without its last layer (as diffusers keeps it), "
+            f"so stop_at_clip_layer {last_layer} reads the penultimate layer, as -2 does; ComfyUI reads the "
+            "last layer here")
 
 
 def clip_skip_layer(family: Family, clip_skip: int) -> int | None:
@@ -116,23 +142,41 @@ def reads_clip_layers(family: Family) -> bool:
     return all(is_clip(t) for t in family.text_encoders)
 
 
-def weighted_tokens(tokenizer: Any, pieces: Sequence[tuple[str, float]]) -> Tokens:
-    """Each piece's tokens (no start or end token) with the piece's weight, in order."""
-    tokens: Tokens = []
+def weighted_groups(tokenizer: Any, pieces: Sequence[tuple[str, float]]) -> list[Tokens]:
+    """Each non-empty piece's tokens (no start or end token) with the piece's weight, in order."""
+    groups = []
     for text, weight in pieces:
         if text:
-            tokens += [(int(i), weight) for i in tokenizer(text, add_special_tokens=False).input_ids]
-    return tokens
+            groups.append([(int(i), weight) for i in tokenizer(text, add_special_tokens=False).input_ids])
+    return groups
 
 
-def clip_windows(tokenizer: Any, tokens: Tokens) -> list[Tokens]:
+def weighted_tokens(tokenizer: Any, pieces: Sequence[tuple[str, float]]) -> Tokens:
+    """Each piece's tokens (no start or end token) with the piece's weight, in order."""
+    return [token for group in weighted_groups(tokenizer, pieces) for token in group]
+
+
+def clip_windows(tokenizer: Any, groups: Sequence[Tokens]) -> list[Tokens]:
     """Windows of the tokenizer's length: start token, up to length - 2 tokens, end token, padding
-    (at least one window, for the empty prompt)."""
+    (at least one window, for the empty prompt). A group (one weighted piece's tokens) shorter than
+    :data:`MAX_WORD_LENGTH` that does not fit in what is left of a window starts the next one;
+    a longer group fills the window and goes on in the next."""
     length = int(tokenizer.model_max_length)
     size = length - 2
+    bodies: list[Tokens] = [[]]
+    for group in groups:
+        group = list(group)
+        while group:
+            room = size - len(bodies[-1])
+            if len(group) <= room:
+                bodies[-1] += group
+                break
+            if len(group) >= MAX_WORD_LENGTH:  # split: as much as fits here, the rest in the next window
+                bodies[-1] += group[:room]
+                group = group[room:]
+            bodies.append([])
     windows = []
-    for first in range(0, max(len(tokens), 1), size):
-        body = tokens[first:first + size]
+    for body in bodies:
         window = [(tokenizer.bos_token_id, 1.0), *body, (tokenizer.eos_token_id, 1.0)]
         windows.append(window + [(tokenizer.pad_token_id, 1.0)] * (length - len(window)))
     return windows
@@ -143,7 +187,7 @@ def encode_clip(base: BaseModel, encoder: TextEncoder, pieces: Sequence[tuple[st
     """(sequence embeddings from hidden layer ``layer`` or None when not asked, pooled vector of the
     first window) of one CLIP encoder, its windows weighted and concatenated."""
     model, tokenizer = base.components[encoder.component], base.components[encoder.tokenizer]
-    windows = clip_windows(tokenizer, weighted_tokens(tokenizer, pieces))
+    windows = clip_windows(tokenizer, weighted_groups(tokenizer, pieces))
     weighted = any(w != 1.0 for window in windows for _, w in window)
     if weighted:  # the empty prompt's window: what weights are relative to
         windows.append(clip_windows(tokenizer, [])[0])
@@ -153,9 +197,15 @@ def encode_clip(base: BaseModel, encoder: TextEncoder, pieces: Sequence[tuple[st
     pooled = (output.pooler_output if pooled is None else pooled)[:1]
     if layer is None:
         return None, pooled
-    states = output.last_hidden_state if layer == -1 else output.hidden_states[layer]
-    if normalize and layer != -1:  # the last layer's output is normalized already
-        states = getattr(model, "text_model", model).final_layer_norm(states)  # transformers 4 nests it
+    # a family whose encoders read any layer through the final layer norm (SD1, SD2) has the last
+    # layer's output normalized already; one whose encoders never normalize (SDXL) reads the last
+    # layer as it leaves the transformer, as ComfyUI reads it for CLIPSetLastLayer -1
+    if normalize and layer == -1:
+        states = output.last_hidden_state
+    else:
+        states = output.hidden_states[layer]
+        if normalize:
+            states = getattr(model, "text_model", model).final_layer_norm(states)  # transformers 4 nests it
     if weighted:
         states = apply_weights(states[:-1], states[-1:], windows[:-1])
     return states.reshape(1, -1, states.shape[-1]), pooled
@@ -163,7 +213,8 @@ def encode_clip(base: BaseModel, encoder: TextEncoder, pieces: Sequence[tuple[st
 
 def encode_sequence(base: BaseModel, encoder: TextEncoder, pieces: Sequence[tuple[str, float]]) -> Tensor:
     """A sequence encoder's (T5's) output for the prompt: one window of its tokenizer's length (at
-    most 512), ended by its end token and padded, weighted like CLIP's."""
+    most 512), ended by its end token and padded, weighted like CLIP's. This is the family's diffusers
+    pipeline's rule, not ComfyUI's (see the module docstring)."""
     model, tokenizer = base.components[encoder.component], base.components[encoder.tokenizer]
     length = int(min(tokenizer.model_max_length, 512))
 

@@ -10,7 +10,9 @@ sampler's steps; the noisy start as ComfyUI makes it (``x0 + sigma noise`` for d
 times ``sqrt(1 + sigma^2)`` when sampling starts at the model's highest level; ``sigma noise +
 (1 - sigma) x0`` for flow matching); then the sampler's diffusers scheduler steps along the sigmas
 with the denoiser's classifier-free-guided prediction, ``uncond + cfg (cond - uncond)``, each side
-the mean of its conditions active at that step (one pass when cfg is 1, as ComfyUI does).
+the mean of its conditions active at that step (one pass when cfg is 1, as ComfyUI does). A side
+with no condition active at a step predicts a clean image of zeros, as ComfyUI's mean of no
+denoised predictions is zero.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from .. import families
 from ..errors import NodeError
 from . import schedules
 from .conditioning import Condition, Conditioning
@@ -33,8 +36,8 @@ if TYPE_CHECKING:
     from ..families import Family
     from .base import BaseModel
 
-__all__ = ["SCHEDULER_NAMES", "decode_latents", "encode_images", "latent_channels", "sample_latents",
-           "sampling_problem"]
+__all__ = ["SCHEDULER_NAMES", "conditioning_problem", "decode_latents", "encode_images", "latent_channels",
+           "sample_latents", "sampling_problem", "whole_cells"]
 
 DEFAULT_GUIDANCE = 3.5  # the distilled guidance of a condition that sets none (ComfyUI's and diffusers')
 
@@ -49,6 +52,18 @@ def sampling_problem(family: Family, sampler: str, scheduler: str) -> str | None
     return None
 
 
+def conditioning_problem(family: Family, encoded_by: Iterable[str | None]) -> str | None:
+    """Why conditioning encoded by the text encoders of the families ``encoded_by`` (ids; None: not
+    known) cannot guide a denoiser of ``family``, or None."""
+    others = [f for f in dict.fromkeys(encoded_by) if f is not None and f != family.id]
+    if not others:
+        return None
+    names = ", ".join(families.describe(families.by_id(f)) for f in others)
+    return (f"the conditioning was encoded by the text encoders of a {names} model, but the model that samples "
+            f"is {family.display_name}: encode the prompts with text encoders of the same family as the model "
+            "(its checkpoint's CLIP, or CLIPLoader / DualCLIPLoader with the type for it)")
+
+
 # -- what the base says: scheduler config, latent scaling, packing ---------------------------------------
 
 def scheduler_config(base: BaseModel) -> Mapping[str, Any]:
@@ -61,7 +76,7 @@ def scheduler_config(base: BaseModel) -> Mapping[str, Any]:
     return default_config(base.family, "scheduler")
 
 
-def vae_config(base: BaseModel) -> Mapping[str, Any]:
+def base_vae_config(base: BaseModel) -> Mapping[str, Any]:
     """The VAE's config (the family's shipped one for a base that holds no VAE: its latent scaling)."""
     vae = base.components.get(base.family.vae)
     if vae is not None:
@@ -73,7 +88,7 @@ def vae_config(base: BaseModel) -> Mapping[str, Any]:
 
 def latent_scaling(base: BaseModel) -> tuple[float, float]:
     """(scaling_factor, shift_factor): the denoiser sees ``(raw - shift) * scale``."""
-    config = vae_config(base)
+    config = base_vae_config(base)
     return float(config.get("scaling_factor") or 1.0), float(config.get("shift_factor") or 0.0)
 
 
@@ -92,11 +107,6 @@ def latent_channels(base: BaseModel) -> int:
     """The channels of the latents the denoiser takes, unpacked (4 for SD, 16 for Flux)."""
     channels = int(base.denoiser.config.in_channels)
     return channels // 4 if packs_latents(base.family) else channels
-
-
-def vae_scale(base: BaseModel) -> int:
-    """How many pixels one latent spans per side."""
-    return 2 ** (len(vae_config(base)["block_out_channels"]) - 1)
 
 
 # -- sigmas ---------------------------------------------------------------------------------------
@@ -134,11 +144,7 @@ def sampling_sigmas(base: BaseModel, levels: NoiseLevels, sampler: str, schedule
     """The sigmas of a KSampler run before KSamplerAdvanced's cut (see :func:`schedules.comfy_sigmas`)."""
     if scheduler != DEFAULT_SCHEDULER:
         return schedules.comfy_sigmas(levels, scheduler, sampler, steps, denoise)
-    if denoise > 0.9999:
-        return default_sigmas(base, sampler, steps, latent_shape)
-    if denoise <= 0.0:
-        return []
-    return default_sigmas(base, sampler, int(steps / denoise), latent_shape)[-(steps + 1):]
+    return schedules.denoised_tail(lambda count: default_sigmas(base, sampler, count, latent_shape), steps, denoise)
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -162,6 +168,9 @@ def sample_latents(base: BaseModel, positive: Conditioning, negative: Conditioni
         raise NodeError(problem)
     if not positive:
         raise NodeError("the positive conditioning is empty: connect an encoded prompt")
+    problem = conditioning_problem(family, (c.family for c in (*positive, *negative)))
+    if problem:
+        raise NodeError(problem)
     config = scheduler_config(base)
     levels = schedules.noise_levels(config, family.flow_matching)
     raw = latents.detach().float().cpu()
@@ -202,6 +211,7 @@ class Run:
         self.positive, self.negative = tuple(positive), tuple(negative)
         self.packed = packs_latents(base.family)
         self.device, self.dtype = base.device, base.dtype
+        self.prediction_type = scheduler_config(base).get("prediction_type", "epsilon")
 
     def denoise(self, start: Tensor, sigmas: list[float], sampler: str, seed: int,
                 progress: Callable[[int, int], None] | None) -> Tensor:
@@ -261,11 +271,29 @@ class Run:
         return negative + self.cfg * (positive - negative)
 
     def predict_mean(self, conditions: Conditioning, x: Tensor, timestep: Tensor, sigma: float) -> Tensor:
-        """The mean prediction of the conditions active at ``sigma`` (zero when none is: ComfyUI's)."""
+        """The mean prediction of the conditions active at ``sigma``; when none is, the prediction of a
+        clean image of zeros (ComfyUI averages denoised images, and its mean of none is zero)."""
         active = [c for c in conditions if self.is_active(c, sigma)]
         if not active:
-            return torch.zeros_like(x)
+            return self.zero_image_prediction(x, sigma)
         return torch.stack([self.predict(c, x, timestep) for c in active]).mean(dim=0)
+
+    def zero_image_prediction(self, x: Tensor, sigma: float) -> Tensor:
+        """The raw prediction whose denoised image is all zeros, at model input ``x`` and level ``sigma``.
+
+        The model input is ``alpha x0 + s noise`` with ``alpha = 1 / sqrt(1 + sigma^2)`` and
+        ``s = sigma alpha`` (diffusion), or ``(1 - sigma) x0 + sigma noise`` (flow matching); with
+        ``x0 = 0`` the noise is ``x / s`` (or ``x / sigma``), v is ``alpha noise`` and the velocity
+        ``noise - x0`` is ``x / sigma``.
+        """
+        x = x.float().cpu()
+        if sigma <= 0.0:  # the input is the clean image itself: no prediction can make it zero
+            return torch.zeros_like(x)
+        if self.levels.flow:
+            return x / sigma
+        alpha = 1.0 / math.sqrt(1.0 + sigma ** 2)
+        noise = x / (sigma * alpha)
+        return noise * alpha if self.prediction_type == "v_prediction" else noise
 
     def is_active(self, condition: Condition, sigma: float) -> bool:
         """Whether ``sigma`` lies in the condition's part of the schedule (ConditioningSetTimestepRange)."""
@@ -299,7 +327,7 @@ class Run:
     def time_ids(self, batch: int) -> Tensor:
         """Added size conditioning: original size, crop (0, 0), target size, all the image's size (as
         ComfyUI sets them when the conditioning gives none)."""
-        height, width = (side * vae_scale(self.base) for side in self.shape[-2:])
+        height, width = (side * self.base.vae_scale_factor for side in self.shape[-2:])
         ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
         return ids.expand(batch, -1)
 
@@ -319,7 +347,7 @@ class Run:
         output = self.base.denoiser(hidden_states=packed, timestep=level, guidance=guidance,
                                     pooled_projections=tensors["pooled"], encoder_hidden_states=tensors["embeds"],
                                     txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
-        scale = vae_scale(self.base)
+        scale = self.base.vae_scale_factor
         return pipeline._unpack_latents(output, height * scale, width * scale, scale).float().cpu()
 
 
@@ -348,6 +376,16 @@ def the_vae(base: BaseModel) -> Any:
     if vae is None:
         raise NodeError(f"{base.source} holds no VAE: load one (VAELoader) to encode or decode images")
     return vae
+
+
+def whole_cells(images: Tensor, cells: int) -> Tensor:
+    """The middle of ``images`` ([B, H, W, C]) with sides a multiple of ``cells`` (as ComfyUI's VAE cuts them)."""
+    height, width = images.shape[1:3]
+    keep_height, keep_width = height // cells * cells, width // cells * cells
+    if not keep_height or not keep_width:
+        raise NodeError(f"the image is {width}x{height} pixels; both sides must be at least {cells}")
+    top, left = (height - keep_height) // 2, (width - keep_width) // 2
+    return images[:, top:top + keep_height, left:left + keep_width]
 
 
 def encode_images(base: BaseModel, images: Tensor) -> Tensor:

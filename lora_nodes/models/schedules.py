@@ -29,6 +29,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# ComfyUI's sampler names, in its order: its files may carry any of them. Each family says which it
+# draws with (Family.samplers); the others are refused, naming those it has (models.sampling.sampling_problem).
+SAMPLER_NAMES: tuple[str, ...] = (
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
+    "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
+    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
+    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
+)
 # ComfyUI's scheduler names, in ComfyUI's order
 SCHEDULER_NAMES: tuple[str, ...] = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta",
                                     "normal", "linear_quadratic", "kl_optimal")
@@ -209,6 +220,12 @@ def comfy_sigmas(levels: NoiseLevels, scheduler: str, sampler: str, steps: int, 
             return sigmas[:-2] + sigmas[-1:]
         return scheduler_sigmas(levels, scheduler, count)
 
+    return denoised_tail(calculate, steps, denoise)
+
+
+def denoised_tail(calculate: Callable[[int], list[float]], steps: int, denoise: float) -> list[float]:
+    """ComfyUI's cut for ``denoise``: the whole schedule ``calculate(steps)`` at 1; below, the last
+    ``steps`` steps of ``calculate(int(steps / denoise))``; nothing at 0."""
     if denoise > 0.9999:
         return calculate(steps)
     if denoise <= 0.0:

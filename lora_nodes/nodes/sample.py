@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Annotated, Any
 
 import torch
@@ -16,10 +17,19 @@ from ..families import Family
 from ..lora.recipe import ModelRecipe
 from ..models import schedules
 from ..models.base import BaseModel
-from ..models.conditioning import Condition, clip_skip_layer, encode_prompt, reads_clip_layers
+from ..models.conditioning import clip_skip_layer, encode_prompt, reads_clip_layers
 from ..models.memory import check_sample
 from ..models.pipeline import pipeline_for
-from ..models.sampling import decode_latents, encode_images, latent_channels, sample_latents
+from ..models.sampling import (
+    DEFAULT_GUIDANCE,
+    decode_latents,
+    encode_images,
+    latent_channels,
+    packs_latents,
+    sample_latents,
+    sampling_problem,
+    whole_cells,
+)
 from ..models.schedules import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from ..training.flow import packed_size_multiple, text_sequence_length
 from .spec import COMBO, FLOAT, IMAGE, INT, MAX_SEED, MODEL, STRING, Input, Output, Preflight, node
@@ -27,28 +37,24 @@ from .spec import COMBO, FLOAT, IMAGE, INT, MAX_SEED, MODEL, STRING, Input, Outp
 SAMPLERS = families.SAMPLER_NAMES  # names follow ComfyUI's; each family says which it draws with, and how
 # the families that take the guidance scale as an input (one pass) rather than by classifier-free guidance
 DISTILLED = "/".join(f.display_name for f in families.FAMILIES if f.guidance_distilled) or "none here"
-DEFAULT_GUIDANCE = 3.5  # what diffusers' pipelines of guidance-distilled models default to
-
-
-def sampler_problem(family: Family, sampler: str) -> str | None:
-    """Why ``sampler`` cannot draw with a base of ``family`` (naming the ones that can), or None."""
-    if sampler in family.samplers:
-        return None
-    return (f"sampler {sampler!r} does not draw with {families.describe(family)}; its samplers are "
-            f"{', '.join(family.samplers)}")
 
 
 def sample_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any]]) -> Preflight:
     """Sample before running: a sampler the model's family cannot draw with is refused by name."""
     family = families.by_id(upstream.get("model", {}).get("family"))
-    sampler = literals.get("sampler", "euler")
-    problem = sampler_problem(family, sampler) if family is not None and isinstance(sampler, str) else None
-    return Preflight(problems=[("invalid_choice", "sampler", problem)] if problem else [])
+    sampler, scheduler = literals.get("sampler", "euler"), literals.get("scheduler", DEFAULT_SCHEDULER)
+    if family is None or not isinstance(sampler, str) or not isinstance(scheduler, str):
+        return Preflight()
+    problem = sampling_problem(family, sampler, scheduler)
+    if problem is None:
+        return Preflight()
+    blamed = "sampler" if sampler not in family.samplers else "scheduler"
+    return Preflight(problems=[("invalid_choice", blamed, problem)])
 
 
 def make_pipeline(base: BaseModel, sampler: str, seed: int | None = None):
     """A diffusers pipeline over the base's components (no copy) with the sampler's scheduler (one the
-    family draws with: see :func:`sampler_problem`); a sampler drawing its own noise draws it from ``seed``."""
+    family draws with: see :func:`~lora_nodes.models.sampling.sampling_problem`); a sampler drawing its own noise draws it from ``seed``."""
     class_name, changes = base.family.samplers[sampler]
     scheduler = schedules.make_scheduler(class_name, changes, base.components["scheduler"].config, seed)
     pipe = pipeline_for(base, scheduler)
@@ -80,10 +86,7 @@ def guidance_passes_scale(family: Family, cfg: float, negative_prompt: str) -> f
 def size_multiple(base: BaseModel) -> int:
     """Image sides must be multiples of this: 8, or more where the pipeline packs 2x2 latent patches
     into tokens (the VAE's downscaling times 2; such a pipeline would otherwise shrink the image)."""
-    import diffusers  # deferred: diffusers takes seconds to import
-
-    packs = hasattr(getattr(diffusers, base.family.pipeline_class), "_pack_latents")
-    return max(8, packed_size_multiple(base)) if packs else 8
+    return max(8, packed_size_multiple(base)) if packs_latents(base.family) else 8
 
 
 def image_size(base: BaseModel, width: int, height: int) -> tuple[int, int]:
@@ -143,8 +146,11 @@ def sample(
     if image is not None:
         image = init_image(model.base, image, width, height)
         height, width = image.shape[1:3]
+        if denoise >= 1.0:
+            ctx.warn("at denoise 1 the init image gives only the size: the picture is drawn anew from noise; "
+                     "lower denoise to keep some of the image", denoise=denoise)
     width, height = image_size(model.base, width, height)
-    problem = sampler_problem(family, sampler)
+    problem = sampling_problem(family, sampler, scheduler)
     if problem:  # before the LoRAs are merged in
         raise NodeError(problem)
     if clip_skip > 1 and not reads_clip_layers(family):
@@ -197,12 +203,7 @@ def init_image(base: BaseModel, image: torch.Tensor, width: int, height: int) ->
         size = (height or image.shape[1], width or image.shape[2])
         image = torch.nn.functional.interpolate(image.permute(0, 3, 1, 2), size=size, mode="bilinear",
                                                 antialias=True, align_corners=False).permute(0, 2, 3, 1)
-    multiple = size_multiple(base)
-    rows, cols = (side // multiple * multiple for side in image.shape[1:3])
-    if not rows or not cols:
-        raise NodeError(f"image is {image.shape[2]}x{image.shape[1]}: both sides must be at least {multiple}")
-    top, left = (image.shape[1] - rows) // 2, (image.shape[2] - cols) // 2
-    return image[:, top:top + rows, left:left + cols].clamp(0, 1).contiguous()
+    return whole_cells(image, size_multiple(base)).clamp(0, 1).contiguous()
 
 
 def sample_with_core(ctx, base: BaseModel, prompt: str, negative_prompt: str, seed: int, steps: int, cfg: float,
@@ -215,8 +216,7 @@ def sample_with_core(ctx, base: BaseModel, prompt: str, negative_prompt: str, se
     positive = encode_prompt(base, prompt, layer)
     negative = encode_prompt(base, negative_prompt, layer)
     if family.guidance_distilled:
-        positive = Condition(positive.tensors, guidance=guidance)
-        negative = Condition(negative.tensors, guidance=guidance)
+        positive, negative = replace(positive, guidance=guidance), replace(negative, guidance=guidance)
     scale = base.vae_scale_factor
     if image is None:  # ComfyUI's empty latent: zeros
         latents = torch.zeros(batch_size, latent_channels(base), height // scale, width // scale)

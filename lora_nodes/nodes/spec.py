@@ -23,6 +23,7 @@ DATASET = "LN_DATASET"
 # ComfyUI's own value types, used by the ComfyUI core nodes we run headless (``nodes.core``): inside
 # this vocabulary MODEL is a recipe over a base, CLIP a text-encoding view of one, VAE the base's VAE.
 CORE_MODEL, CLIP, VAE, CONDITIONING, LATENT = "MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT"
+MASK = "MASK"  # ComfyUI's mask type: [batch, height, width] float32, 1 where the image was transparent
 
 MAX_SEED = 2**64 - 1  # the largest seed an input accepts (Sample's, TrainLoRA's)
 

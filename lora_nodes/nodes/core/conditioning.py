@@ -7,12 +7,12 @@ pieces with the CLIP's text encoders, its LoRAs merged in; the other nodes edit 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Annotated
+from typing import Annotated, Any
 
 from ... import families
-from ...models.conditioning import Conditioning, encode_prompt
-from ..sample import DEFAULT_GUIDANCE
-from ..spec import CLIP, CONDITIONING, FLOAT, INT, STRING, Input, Output, node
+from ...models.conditioning import Conditioning, encode_prompt, missing_layer_note
+from ...models.sampling import DEFAULT_GUIDANCE
+from ..spec import CLIP, CONDITIONING, FLOAT, INT, STRING, Input, Output, Preflight, node
 from .emphasis import parse_prompt
 from .values import ClipRecipe
 
@@ -21,11 +21,24 @@ _DISTILLED = next((f.id for f in families.FAMILIES if f.guidance_distilled), "di
 GUIDANCE_CATEGORY = f"advanced/conditioning/{_DISTILLED}"
 
 
+def family_facts(*upstream: dict[str, Any]) -> dict[str, Any]:
+    """``{"family": id}`` when the inputs' facts name one family (the sampler checks it against the
+    model's), else nothing."""
+    named = {facts["family"] for facts in upstream if facts.get("family")}
+    return {"family": named.pop()} if len(named) == 1 else {}
+
+
+def pass_family(literals: dict[str, Any], upstream: dict[str, dict[str, Any]]) -> Preflight:
+    """Tell downstream whose text encoders made the conditioning (from the CLIP or conditioning linked in)."""
+    return Preflight(facts=family_facts(*upstream.values()))
+
+
 @node(
     "CLIPTextEncode",
     display_name="CLIP Text Encode (Prompt)",
     category="conditioning",
     outputs=[Output("CONDITIONING", CONDITIONING, "the encoded prompt, to guide the diffusion model")],
+    preflight=pass_family,
     comfy_core=True,
 )
 def clip_text_encode(
@@ -50,6 +63,7 @@ def clip_text_encode(
     display_name="CLIP Set Last Layer",
     category="conditioning",
     outputs=[Output("CLIP", CLIP)],
+    preflight=pass_family,
     comfy_core=True,
 )
 def clip_set_last_layer(
@@ -60,6 +74,9 @@ def clip_set_last_layer(
                                                          "last, -2 the one before (A1111's clip skip 2) ...")] = -1,
 ):
     """Read prompts from an earlier layer of the text encoders (A1111's clip skip N is -N)."""
+    note = missing_layer_note(clip.base.family, stop_at_clip_layer)
+    if note:
+        ctx.warn(note, stop_at_clip_layer=stop_at_clip_layer)
     return (clip.with_last_layer(stop_at_clip_layer),)
 
 
@@ -68,6 +85,7 @@ def clip_set_last_layer(
     display_name="FluxGuidance",
     category=GUIDANCE_CATEGORY,
     outputs=[Output("CONDITIONING", CONDITIONING)],
+    preflight=pass_family,
     comfy_core=True,
 )
 def flux_guidance(
@@ -86,6 +104,7 @@ def flux_guidance(
     display_name="Conditioning (Combine)",
     category="conditioning",
     outputs=[Output("CONDITIONING", CONDITIONING)],
+    preflight=pass_family,
     comfy_core=True,
 )
 def conditioning_combine(
@@ -102,6 +121,7 @@ def conditioning_combine(
     display_name="ConditioningSetTimestepRange",
     category="advanced/conditioning",
     outputs=[Output("CONDITIONING", CONDITIONING)],
+    preflight=pass_family,
     comfy_core=True,
 )
 def conditioning_set_timestep_range(

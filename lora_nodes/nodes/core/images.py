@@ -19,9 +19,8 @@ from PIL import Image, ImageOps, ImageSequence
 
 from ...errors import NodeError
 from ..images import save_images, to_pil
-from ..spec import COMBO, IMAGE, INT, STRING, Input, Output, Preflight, node
+from ..spec import COMBO, IMAGE, INT, MASK, STRING, Input, Output, Preflight, node
 
-MASK = "MASK"  # ComfyUI's mask type: [batch, height, width] float32, 1 where the image was transparent
 MAX_RESOLUTION = 16384  # ComfyUI's bound on an image or latent side
 IMAGE_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 CROP_METHODS = ("disabled", "center")

@@ -12,7 +12,7 @@ import torch
 
 from ...errors import NodeError
 from ...models.base import BaseModel
-from ...models.sampling import decode_latents, encode_images, vae_config
+from ...models.sampling import base_vae_config, decode_latents, encode_images, whole_cells
 from ..spec import COMBO, FLOAT, IMAGE, INT, LATENT, VAE, Input, Output, node
 from .images import CROP_METHODS, MAX_RESOLUTION, center_crop, resize_samples
 from .values import COMFY_LATENT_DOWNSCALE, Latent
@@ -52,7 +52,8 @@ def fit_to_model(latent: Latent, channels: int, downscale: int | None) -> torch.
 
 
 def vae_downscale(base: BaseModel) -> int | None:
-    """How many pixels a latent cell of ``base`` stands for, or None when it holds no VAE (UNETLoader's)."""
+    """How many pixels a latent cell of ``base``'s own VAE stands for (``BaseModel.vae_scale_factor``), or
+    None when it holds no VAE (UNETLoader's): then the latent's own downscale is kept."""
     return base.vae_scale_factor if base.family.vae in base.parts else None
 
 
@@ -228,7 +229,7 @@ def vae_decode(
 ):
     """Decode latents into images."""
     # the VAE's own channel count: a VAE loaded alone (VAELoader) has no denoiser to ask
-    latents = fit_to_model(samples, int(vae_config(vae)["latent_channels"]), vae_downscale(vae))
+    latents = fit_to_model(samples, int(base_vae_config(vae)["latent_channels"]), vae_downscale(vae))
     return (decode_latents(vae, latents),)
 
 
@@ -248,16 +249,6 @@ def vae_encode(
     cells = vae.vae_scale_factor
     pixels = whole_cells(pixels[..., :3], cells)
     return (Latent(encode_images(vae, pixels), cells),)
-
-
-def whole_cells(images: torch.Tensor, cells: int) -> torch.Tensor:
-    """The middle of ``images`` ([B, H, W, 3]) with sides a multiple of ``cells`` (as ComfyUI's VAE cuts them)."""
-    height, width = images.shape[1:3]
-    keep_height, keep_width = height // cells * cells, width // cells * cells
-    if not keep_height or not keep_width:
-        raise NodeError(f"the image is {width}x{height} pixels; the VAE needs at least {cells}x{cells}")
-    top, left = (height - keep_height) // 2, (width - keep_width) // 2
-    return images[:, top:top + keep_height, left:left + keep_width]
 
 
 SPECS = [empty_latent_image, empty_sd3_latent_image, latent_upscale, latent_upscale_by, vae_decode, vae_encode]

@@ -15,7 +15,7 @@ from ...errors import LoRAError, NodeError
 from ...lora.model import LoRA
 from ...lora.placement import FAMILY_ADVICE
 from ...lora.recipe import AppliedLoRA, ModelRecipe
-from ...models import loading
+from ...models import loading, parts
 from ...models.base import BaseModel
 from ...models.builtin import BUILTINS
 from ..base import COMPONENT_INPUTS, load_base_preflight
@@ -23,23 +23,38 @@ from ..lora import apply_to, load_lora, load_lora_preflight, lora_problems
 from ..spec import CLIP, COMBO, CORE_MODEL, FLOAT, STRING, VAE, Input, Output, Preflight, node
 from .values import ClipRecipe
 
-# ComfyUI's CLIPLoader and DualCLIPLoader ``type`` choices. A name that is no family of ours is still
-# accepted as a choice (ComfyUI's files carry it); validation then says which names we run.
-# The names of families we run come from the families themselves (Family.comfy_clip_types), the older
-# families first as ComfyUI lists them (its first, the default, is the oldest's).
+# ComfyUI's CLIPLoader and DualCLIPLoader ``type`` choices, in ComfyUI's order (its first is the
+# default). A name that is no family of ours is still accepted as a choice (ComfyUI's files carry it);
+# validation then says which names we run. DualCLIPLoader's names of families we run come from the
+# families themselves, each at the place ComfyUI gives it (Family.comfy_dual_clip_place); the others
+# are written here at theirs.
 CLIP_TYPES = ("stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
               "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image")
-_DUAL_CLIP_OTHERS = ("sd3", "hunyuan_video", "hidream", "hunyuan_image")
-DUAL_CLIP_TYPES = (*dict.fromkeys(name for family in reversed(families.FAMILIES) if len(family.text_encoders) == 2
-                                  for name in family.comfy_clip_types), *_DUAL_CLIP_OTHERS)
+_DUAL_CLIP_OTHERS = {1: "sd3", 3: "hunyuan_video", 4: "hidream", 5: "hunyuan_image"}
+
+
+def _dual_clip_types() -> tuple[str, ...]:
+    """DualCLIPLoader's ``type`` choices: ours and the others, each at its place in ComfyUI's list."""
+    places = dict(_DUAL_CLIP_OTHERS)
+    for family in families.FAMILIES:
+        if family.comfy_dual_clip_place is not None:
+            if family.comfy_dual_clip_place in places:  # a family declared at a place already taken
+                raise ValueError(f"{family.display_name}: DualCLIPLoader place {family.comfy_dual_clip_place} "
+                                 f"is {places[family.comfy_dual_clip_place]!r}'s")
+            places[family.comfy_dual_clip_place] = family.comfy_clip_types[0]
+    return tuple(places[place] for place in sorted(places))
+
+
+DUAL_CLIP_TYPES = _dual_clip_types()
 CLIP_DEVICES = ("default", "cpu")
 UNET_WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 UNSUPPORTED_TYPE = "unsupported_type"  # a ComfyUI CLIP type no family of ours has
 
 
-def _model_file(kind: str, description: str, builtins: tuple[str, ...] = ()) -> Input:
-    """A model file input, found by name in the ``kind`` models folder (or a path)."""
-    return Input(STRING, path=True, path_kind="file", folder=kind, builtins=builtins, description=description)
+def _model_file(kind: str, description: str, builtins: tuple[str, ...] = (), path_kind: str = "file") -> Input:
+    """A model file input, found by name in the ``kind`` models folder (or a path); ``path_kind``
+    "any" where a folder is taken too (a checkpoint may be a diffusers folder, as LoadBase takes)."""
+    return Input(STRING, path=True, path_kind=path_kind, folder=kind, builtins=builtins, description=description)
 
 
 def _lora_strength(what: str) -> Input:
@@ -74,7 +89,11 @@ def clip_type_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, 
     """CLIPLoader / DualCLIPLoader: a ``type`` that no family of ours has is refused, naming those we run."""
     name = literals.get("type")
     problem = clip_type_problem(name) if isinstance(name, str) else None
-    return Preflight(problems=[(UNSUPPORTED_TYPE, "type", problem)] if problem else [])
+    if problem:
+        return Preflight(problems=[(UNSUPPORTED_TYPE, "type", problem)])
+    # a type that only one family has tells the family downstream (a KSampler then compares it with the model's)
+    named = [family for family in families.FAMILIES if name in family.comfy_clip_types]
+    return Preflight(facts={"family": named[0].id} if len(named) == 1 else {})
 
 
 def clip_type_problem(name: str) -> str | None:
@@ -123,7 +142,7 @@ def checkpoint_loader_simple(
     ctx,
     ckpt_name: Annotated[str, _model_file("checkpoints", "a checkpoint: its name in the checkpoints folder, a "
                                           "single-file .safetensors, a diffusers folder or builtin:NAME",
-                                          tuple(BUILTINS))],
+                                          tuple(BUILTINS), path_kind="any")],
 ):
     """Load a checkpoint once; its MODEL, CLIP and VAE share the one base."""
     base = loading.load_base(ckpt_name)
@@ -152,7 +171,7 @@ def unet_loader(
     if weight_dtype != "default":
         ctx.warn(f"weight_dtype {weight_dtype}: the weights are kept at the usual precision (lora-nodes does "
                  "not compute in fp8)")
-    return (ModelRecipe(loading.load_parts({"denoiser": unet_name})),)
+    return (ModelRecipe(parts.load_parts({"denoiser": unet_name})),)
 
 
 @node(
@@ -199,7 +218,7 @@ def _clip_from_files(files: dict[str, str], clip_type: str, device: str | None) 
     problem = clip_type_problem(clip_type)
     if problem:
         raise NodeError(problem)
-    base = loading.load_parts(files, family_hint=clip_type, device="cpu" if device == "cpu" else "auto")
+    base = parts.load_parts(files, family_hint=clip_type, device="cpu" if device == "cpu" else "auto")
     return ClipRecipe(ModelRecipe(base))
 
 
@@ -216,7 +235,7 @@ def vae_loader(
                                          "taesd previews and pixel_space are not available here)")],
 ):
     """Load a VAE from a file of its own."""
-    return (loading.load_parts({"vae": vae_name}),)
+    return (parts.load_parts({"vae": vae_name}),)
 
 
 # --------------------------------------------------------------------------- LoRA loaders
@@ -244,7 +263,11 @@ def lora_loader(
     if _changes_nothing(strength_model, strength_clip):
         return model, clip  # as ComfyUI: the file is not even read
     lora = _read_lora(ctx, lora_name)
-    return _on_model(ctx, model, lora, strength_model), _on_clip(ctx, clip, model, lora, strength_clip)
+    # a side at strength 0 is left as it was: nothing is added to its recipe (nor warned about it)
+    new_model = _on_model(ctx, model, lora, strength_model) if strength_model != 0 else model
+    checked = strength_model != 0 and clip.base is model.base  # the LoRA was checked on this base just now
+    new_clip = _on_clip(ctx, clip, lora, strength_clip, checked) if strength_clip != 0 else clip
+    return new_model, new_clip
 
 
 @node(
@@ -281,18 +304,20 @@ def _on_model(ctx, model: ModelRecipe, lora: LoRA, strength: float) -> ModelReci
     return apply_to(ctx, model, [AppliedLoRA(lora, strength, 0.0)])
 
 
-def _on_clip(ctx, clip: ClipRecipe, model: ModelRecipe, lora: LoRA, strength: float) -> ClipRecipe:
+def _on_clip(ctx, clip: ClipRecipe, lora: LoRA, strength: float, checked: bool) -> ClipRecipe:
     """``clip`` with ``lora``'s text-encoder modules at ``strength``.
 
-    Over the model's own base, the LoRA was checked when it was put on the model; over a base of
-    its own (CLIPLoader), it is checked there, unless it has no text-encoder modules to place.
+    ``checked``: the LoRA was just checked on this base (put on the model over the same base), so
+    it is not checked again; otherwise it is checked here, by its family where it has no
+    text-encoder modules to place.
     """
-    applied = AppliedLoRA(lora, 0.0, strength)
-    if clip.base is model.base:
-        return clip.with_loras(applied)
     if not _has_modules(lora, text=True):
-        _check_family(lora, clip.base)
-        return clip
+        if not checked:
+            _check_family(lora, clip.base)
+        return clip  # nothing of it changes a text encoder
+    applied = AppliedLoRA(lora, 0.0, strength)
+    if checked:
+        return clip.with_loras(applied)
     return ClipRecipe(apply_to(ctx, clip.model, [applied]), clip.last_layer)
 
 

@@ -14,7 +14,9 @@ from ...errors import NodeError
 from ...lora.recipe import ModelRecipe
 from ...models.conditioning import Conditioning
 from ...models.memory import check_sample
-from ...models.sampling import SCHEDULER_NAMES, latent_channels, sample_latents, sampling_problem
+from ...models.sampling import conditioning_problem, latent_channels, sample_latents, sampling_problem
+from ...models.schedules import SAMPLER_NAMES, SCHEDULER_NAMES
+from ..lora import FAMILY_MISMATCH
 from ..spec import (
     COMBO,
     CONDITIONING,
@@ -31,33 +33,29 @@ from ..spec import (
 from .latents import fit_to_model, vae_downscale
 from .values import Latent
 
-# ComfyUI's sampler names, in its order: its files may carry any of them. Those a family does not
-# draw with are refused at validation, naming the ones it does (sampling_problem).
-SAMPLER_NAMES = (
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
-    "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
-    "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
-    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
-    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
-    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
-    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
-)
 SWITCH = ("enable", "disable")  # KSamplerAdvanced's add_noise, in ComfyUI's order
 SWITCH_OFF_FIRST = ("disable", "enable")  # its return_with_leftover_noise
 MAX_STEP = 10000
 
 
 def ksampler_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any]]) -> Preflight:
-    """KSampler(Advanced): a sampler or scheduler the model's family cannot draw with is refused by name."""
+    """KSampler(Advanced): a sampler or scheduler the model's family cannot draw with is refused by name,
+    and so is conditioning whose text encoders are known to be of another family than the model."""
     family = families.by_id(upstream.get("model", {}).get("family"))
     sampler, scheduler = literals.get("sampler_name"), literals.get("scheduler")
-    if family is None or not isinstance(sampler, str) or not isinstance(scheduler, str):
+    if family is None:
         return Preflight()
-    problem = sampling_problem(family, sampler, scheduler)
-    if problem is None:
-        return Preflight()
-    blamed = "sampler_name" if sampler not in family.samplers else "scheduler"
-    return Preflight(problems=[("invalid_choice", blamed, problem)])
+    problems = []
+    if isinstance(sampler, str) and isinstance(scheduler, str):
+        problem = sampling_problem(family, sampler, scheduler)
+        if problem:
+            blamed = "sampler_name" if sampler not in family.samplers else "scheduler"
+            problems.append(("invalid_choice", blamed, problem))
+    for side in ("positive", "negative"):
+        problem = conditioning_problem(family, [upstream.get(side, {}).get("family")])
+        if problem:
+            problems.append((FAMILY_MISMATCH, side, problem))
+    return Preflight(problems=problems)
 
 
 def _seed(description: str) -> Input:
@@ -146,7 +144,8 @@ def _sample(ctx, model: ModelRecipe, latent: Latent, positive: Conditioning, neg
             cfg: float, sampler: str, scheduler: str, **options: Any) -> Latent:
     """The latent denoised by ``model``: checks first, then the LoRAs merged in, then the sampler."""
     base = model.base
-    problem = sampling_problem(base.family, sampler, scheduler)
+    encoded_by = (condition.family for condition in (*positive, *negative))
+    problem = sampling_problem(base.family, sampler, scheduler) or conditioning_problem(base.family, encoded_by)
     if problem:  # before the LoRAs are merged in
         raise NodeError(problem)
     cells = vae_downscale(base) or latent.downscale

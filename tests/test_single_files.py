@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_nodes import families
+from lora_nodes.errors import ModelLoadError
 from lora_nodes.lora.recipe import ModelRecipe
 from lora_nodes.models.base import BaseModel
 from lora_nodes.models.checkpoints import ldm_configs
@@ -310,3 +311,15 @@ def test_a_lora_on_a_base_of_some_parts_places_what_that_part_holds(tiny, tmp_pa
     placement = check_placement(lora, clip)
     text_modules = {k for k in lora.modules if families.component_of(k) == "text_encoder"}
     assert placement.unplaced == {} and set(placement.sources) == text_modules and text_modules
+
+
+def test_a_text_encoder_whose_tokenizer_is_unknown_says_what_works(flux, tmp_path):
+    """A T5 of a vocabulary we ship no tokenizer for (a real T5-XXL has 32128 tokens): the part loader names
+    the file and says to load the model with LoadBase and a config folder (its tokenizer_2/)."""
+    t5 = {k: v for k, v in flux.components["text_encoder_2"].state_dict().items() if k != "encoder.embed_tokens.weight"}
+    t5["shared.weight"] = torch.cat([t5["shared.weight"], torch.zeros(7, t5["shared.weight"].shape[1])])
+    save_file({k: v.contiguous() for k, v in t5.items()}, str(tmp_path / "t5xxl_other.safetensors"))
+    save_file(file_state_dict(flux.components["text_encoder"]), str(tmp_path / "clip_l.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"t5xxl_other\.safetensors: no tokenizer is known.*LoadBase.*config"):
+        load_parts({"text_encoder": tmp_path / "clip_l.safetensors", "text_encoder_2": tmp_path / "t5xxl_other.safetensors"},
+                   family_hint="flux", dtype="float32", device="cpu")

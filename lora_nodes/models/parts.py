@@ -224,8 +224,13 @@ def _tokenizer_of(text: TextEncoder, config: Mapping[str, Any],
         return tokenizer_kind(text.model_class).builtin()
     try:
         return tokenizer_by_vocabulary(text, config)
-    except ModelLoadError as exc:
-        raise ModelLoadError(f"{path.name}: {exc}") from exc
+    except ModelLoadError:
+        # a part loader has no config input: say what works instead (LoadBase takes a config folder)
+        raise ModelLoadError(
+            f"{path.name}: no tokenizer is known for this {text.model_class} ({text.component}) and the file carries "
+            "none; lora-nodes ships CLIP's tokenizer only. Load the model with lora-nodes' LoadBase instead, with "
+            f"its 'config' set to a diffusers folder of the model that has {text.tokenizer}/ (no weights needed)"
+        ) from None
 
 
 def _parts_scheduler(family: Family, denoiser: tuple[dict[str, torch.Tensor], dict[str, str]] | None,

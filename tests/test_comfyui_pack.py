@@ -138,3 +138,48 @@ def test_a_lora_trains_through_the_pack_inside_comfyuis_inference_mode(pack):
         lora, loss = call(mappings, "lora-nodes.TrainLoRA", model=model, dataset=dataset, steps=2, rank=2)
     assert loss.shape[0] == 1 and loss.shape[-1] == 3
     assert any(m.up.abs().sum() > 0 for m in lora.modules.values())
+
+
+def test_requirements_txt_is_pyprojects_dependencies_without_torch():
+    """ComfyUI users install requirements.txt into ComfyUI's environment: ours, never another torch."""
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    assert [line for line in lines if line and not line.startswith("#")] == \
+        [d for d in declared if not d.startswith("torch>")]
+
+
+def test_a_missing_dependency_is_one_log_line_naming_the_pip_command(tmp_path, caplog):
+    from lora_nodes.comfyui import missing_requirements, report_missing_requirements
+
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# comment\nsafetensors>=0.4\nno-such-package-lora-nodes>=1\n\npillow\n")
+    assert missing_requirements(requirements) == ["no-such-package-lora-nodes"]
+    with caplog.at_level("WARNING", logger="lora_nodes"):
+        report_missing_requirements(requirements)
+    (record,) = caplog.records
+    assert "no-such-package-lora-nodes" in record.getMessage()
+    assert f"{sys.executable} -m pip install -r {requirements}" in record.getMessage()
+    assert missing_requirements(tmp_path / "absent.txt") == []  # installed as a package: nothing to check
+
+
+def test_log_lines_name_the_prompts_node_id(pack, caplog):
+    mappings = pack.NODE_CLASS_MAPPINGS
+    assert mappings["lora-nodes.Sample"].INPUT_TYPES()["hidden"]["comfy_node_id"] == "UNIQUE_ID"
+    (model,) = call(mappings, "lora-nodes.LoadBase", source="builtin:tiny", device="cpu")
+    with caplog.at_level("WARNING", logger="lora_nodes"):  # an init image at denoise 1 only sets the size: a warning
+        call(mappings, "lora-nodes.Sample", model=model, prompt="x", steps=1, image=torch.zeros(1, 32, 32, 3),
+             comfy_node_id="17")
+    assert any(r.getMessage().startswith("lora-nodes: node 17 (Sample): ") for r in caplog.records), caplog.text
+
+
+def test_a_relative_dataset_path_is_comfyuis_input_folders(monkeypatch, tmp_path):
+    from lora_nodes.comfyui.pack import _resolve_file
+
+    folder_paths = types.SimpleNamespace(get_input_directory=lambda: str(tmp_path / "input"),
+                                         get_full_path=lambda kind, name: None)
+    monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
+    spec = catalogue()["LoadDataset"]
+    assert _resolve_file(spec, "path", "stars") == str(tmp_path / "input" / "stars")
+    assert _resolve_file(spec, "path", str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")

@@ -8,9 +8,42 @@ describes it, which ``lora-nodes nodes --json`` prints), loads without building 
 
 from __future__ import annotations
 
+import logging
+import re
+import sys
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 MAPPINGS = ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS")
+REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"  # the repository's, beside the pack
+
+
+def missing_requirements(requirements: Path = REQUIREMENTS) -> list[str]:
+    """The distributions ``requirements`` names that are not installed (none when there is no such file)."""
+    try:
+        lines = requirements.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    names = [re.split(r"[<>=!~;\[\s]", line.strip(), maxsplit=1)[0] for line in lines]
+    missing = []
+    for name in (n for n in names if n and not n.startswith("#")):
+        try:
+            metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
+def report_missing_requirements(requirements: Path = REQUIREMENTS) -> list[str]:
+    """At ComfyUI's start-up: one log line naming what is missing and the pip command that installs it
+    (rather than a ModuleNotFoundError at a node's first use). Returns the missing names."""
+    missing = missing_requirements(requirements)
+    if missing:
+        logging.getLogger("lora_nodes").warning(
+            "lora-nodes: missing %s; its nodes fail until you run: %s -m pip install -r %s",
+            ", ".join(missing), sys.executable, requirements)
+    return missing
 
 
 def __getattr__(name: str) -> Any:

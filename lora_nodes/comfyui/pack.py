@@ -63,8 +63,10 @@ def input_types(spec: NodeSpec) -> dict[str, dict[str, Any]]:
         if decl.type == COMBO:
             kind = list(decl.choices)
         types["optional" if decl.optional else "required"][decl.name] = (kind, options)
+    # the prompt's node id, so that what a node logs names the node the user sees
+    types["hidden"] = {"comfy_node_id": "UNIQUE_ID"}
     if spec.output_node:
-        types["hidden"] = {"comfy_prompt": "PROMPT", "comfy_extra_pnginfo": "EXTRA_PNGINFO"}
+        types["hidden"].update({"comfy_prompt": "PROMPT", "comfy_extra_pnginfo": "EXTRA_PNGINFO"})
     return types
 
 
@@ -78,6 +80,9 @@ def _resolve_file(spec: NodeSpec, name: str, value: Any) -> Any:
         found = folder_paths.get_full_path(decl.folder, value)
         if found:
             return found
+    if folder_paths is not None and not decl.folder and not Path(value).expanduser().is_absolute():
+        # a relative path of no models folder (a dataset folder) is ComfyUI's input folder's, not its cwd's
+        return str((Path(folder_paths.get_input_directory()) / value).resolve())
     return str(Path(value).expanduser().resolve())
 
 
@@ -93,7 +98,7 @@ class _ComfyProgress:
             self._progress(ev["value"], ev["max"])
         elif kind in ("warning", "info"):
             log.log(logging.WARNING if kind == "warning" else logging.INFO,
-                    "lora-nodes %s (%s): %s", ev["node"], ev["type"], ev["message"])
+                    "lora-nodes: node %s (%s): %s", ev["node"], ev["type"], ev["message"])
 
     def _progress(self, value: int, maximum: int) -> None:
         management = _comfy("comfy.model_management")
@@ -115,13 +120,14 @@ def _output_dir() -> Path:
 def _run(spec: NodeSpec, self: Any, **inputs: Any) -> Any:
     """What ComfyUI calls (``FUNCTION``): our node function with a context made for ComfyUI."""
     prompt, extra = inputs.pop("comfy_prompt", None), inputs.pop("comfy_extra_pnginfo", None)
+    node_id = inputs.pop("comfy_node_id", None)
     values = {d.name: _resolve_file(spec, d.name, inputs.get(d.name)) for d in spec.inputs}
     output_dir = _output_dir()
     # imported here, not with the pack: importing the pack imports no torch (this module does)
     from ..models.memory import MEMORY_CHECK_VARIABLE
 
     graph = (extra or {}).get("workflow")
-    ctx = NodeContext(spec.comfy_id, spec.id, output_dir, output_dir.parent / "cache" / "lora-nodes",
+    ctx = NodeContext(str(node_id) if node_id is not None else spec.comfy_id, spec.id, output_dir, output_dir.parent / "cache" / "lora-nodes",
                       _ComfyProgress(),
                       # inside ComfyUI, PNGs embed ComfyUI's own prompt and editor graph, as its SaveImage does
                       png_chunks=lambda: chunk_texts(prompt=prompt, graph=graph),

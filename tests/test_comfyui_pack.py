@@ -183,3 +183,23 @@ def test_a_relative_dataset_path_is_comfyuis_input_folders(monkeypatch, tmp_path
     spec = catalogue()["LoadDataset"]
     assert _resolve_file(spec, "path", "stars") == str(tmp_path / "input" / "stars")
     assert _resolve_file(spec, "path", str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
+
+
+def test_load_base_offers_and_loads_comfyuis_diffusers_folders(monkeypatch, tmp_path, pack, tiny):
+    from lora_nodes.models.save import save_diffusers_folder
+
+    save_diffusers_folder(tiny, tmp_path / "diffusers" / "tiny-pipeline")
+    (tmp_path / "diffusers" / "not-a-pipeline").mkdir()
+    folder_paths = types.SimpleNamespace(
+        get_filename_list=lambda folder: ["sd15.safetensors"] if folder == "checkpoints" else [],
+        get_full_path=lambda folder, name: None,
+        get_folder_paths=lambda kind: [str(tmp_path / kind)],
+        get_output_directory=lambda: str(tmp_path / "output"),
+    )
+    monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
+    mappings = pack.NODE_CLASS_MAPPINGS
+    choices = mappings["lora-nodes.LoadBase"].INPUT_TYPES()["required"]["source"][0]
+    assert choices[-2:] == ["sd15.safetensors", "tiny-pipeline"]
+    (model,) = call(mappings, "lora-nodes.LoadBase", source="tiny-pipeline", device="cpu")
+    assert model.base.source == str(tmp_path / "diffusers" / "tiny-pipeline")
+    assert model.base.family.id == tiny.family.id  # (the pack imports its own copy of the package)

@@ -18,6 +18,7 @@ from typing import Any
 from ..engine.context import NodeContext
 from ..engine.events import Event
 from ..graph.comfy.widgets import has_control_widget
+from ..modelfolders import ALSO_SEARCHED, DIFFUSERS_MARKER
 from ..nodes import catalogue
 from ..nodes.spec import COMBO, REQUIRED, NodeSpec
 from ..pngchunks import chunk_texts
@@ -43,7 +44,29 @@ def _file_choices(spec_input) -> list[str] | None:
         files = folder_paths.get_filename_list(spec_input.folder)
     except Exception:  # noqa: BLE001 - an unknown folder name in an older ComfyUI: plain paths then
         return None
-    return [*spec_input.builtins, *files]
+    pipelines = [name for kind in ALSO_SEARCHED.get(spec_input.folder, ()) for name in _pipeline_folders(kind)]
+    return [*spec_input.builtins, *files, *pipelines]
+
+
+def _pipeline_roots(kind: str) -> list[Path]:
+    """ComfyUI's folders of ``kind`` (``diffusers``): none where its folder_paths does not know the kind."""
+    folder_paths = _comfy("folder_paths")
+    try:
+        return [Path(root) for root in folder_paths.get_folder_paths(kind)]
+    except Exception:  # noqa: BLE001 - an older ComfyUI, or a stand-in without the kind
+        return []
+
+
+def _pipeline_folders(kind: str) -> list[str]:
+    """The diffusers pipeline folders (holding model_index.json) in ComfyUI's ``kind`` folders, by name."""
+    names = []
+    for root in _pipeline_roots(kind):
+        try:
+            entries = sorted(root.iterdir())
+        except OSError:
+            continue
+        names += [entry.name for entry in entries if (entry / DIFFUSERS_MARKER).is_file()]
+    return names
 
 
 def input_types(spec: NodeSpec) -> dict[str, dict[str, Any]]:
@@ -80,6 +103,11 @@ def _resolve_file(spec: NodeSpec, name: str, value: Any) -> Any:
         found = folder_paths.get_full_path(decl.folder, value)
         if found:
             return found
+        for kind in ALSO_SEARCHED.get(decl.folder, ()):  # a base may be a diffusers folder (LoadBase's choices)
+            pipeline = next((root / value for root in _pipeline_roots(kind) if (root / value / DIFFUSERS_MARKER).is_file()),
+                            None)
+            if pipeline is not None:
+                return str(pipeline)
     if folder_paths is not None and not decl.folder and not Path(value).expanduser().is_absolute():
         # a relative path of no models folder (a dataset folder) is ComfyUI's input folder's, not its cwd's
         return str((Path(folder_paths.get_input_directory()) / value).resolve())

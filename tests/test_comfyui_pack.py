@@ -183,6 +183,8 @@ def test_a_relative_dataset_path_is_comfyuis_input_folders(monkeypatch, tmp_path
     spec = catalogue()["LoadDataset"]
     assert _resolve_file(spec, "path", "stars") == str(tmp_path / "input" / "stars")
     assert _resolve_file(spec, "path", str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
+    # a component file is no folder the user brings: it stays where it was (not moved into input/)
+    assert _resolve_file(catalogue()["LoadBase"], "vae", "vae.safetensors") != str(tmp_path / "input" / "vae.safetensors")
 
 
 def test_load_base_offers_and_loads_comfyuis_diffusers_folders(monkeypatch, tmp_path, pack, tiny):

@@ -108,8 +108,9 @@ def _resolve_file(spec: NodeSpec, name: str, value: Any) -> Any:
                             None)
             if pipeline is not None:
                 return str(pipeline)
-    if folder_paths is not None and not decl.folder and not Path(value).expanduser().is_absolute():
-        # a relative path of no models folder (a dataset folder) is ComfyUI's input folder's, not its cwd's
+    if folder_paths is not None and decl.path_kind == "folder" and not Path(value).expanduser().is_absolute():
+        # a relative folder the user brings (LoadDataset's images, LoadBase's config) is in ComfyUI's input
+        # folder, not in whatever folder ComfyUI was started from
         return str((Path(folder_paths.get_input_directory()) / value).resolve())
     return str(Path(value).expanduser().resolve())
 

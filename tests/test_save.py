@@ -194,9 +194,16 @@ def test_save_lora_kohya_round_trip_metadata_and_hash(ctx, tiny, write_lora):
     assert meta["sshs_model_hash"] == data_section_sha256(path)
     assert load_file(str(path)).keys() == load_file(str(source)).keys()
     assert_bitwise(merged(tiny, lora, STRENGTH), merged(tiny, read_lora(path), STRENGTH))
+    # the same LoRA saved again (a graph queued twice) leaves the file as it is; another LoRA is refused
+    written = path.read_bytes(), path.stat().st_mtime_ns
+    save_lora.run(ctx, lora, "copy.safetensors", "kohya", None, 0, False)
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == written
+    other = read_lora(write_lora("other", rank=4, alpha=2.0, seed=6, metadata=metadata))
     with pytest.raises(NodeError, match="already exists"):
-        save_lora.run(ctx, lora, "copy.safetensors", "kohya", None, 0, False)
-    save_lora.run(ctx, lora, "copy", "kohya", ModelRecipe(tiny), 0, True)
+        save_lora.run(ctx, other, "copy.safetensors", "kohya", None, 0, False)
+    assert path.read_bytes() == written[0]
+    save_lora.run(ctx, other, "copy", "kohya", ModelRecipe(tiny), 0, True)
+    assert path.read_bytes() != written[0]
     with pytest.raises(NodeError, match="outside the output folder"):  # output names are relative to it
         save_lora.run(ctx, lora, str(path), "kohya", ModelRecipe(tiny), 0, True)
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
+
+import torch
+from torch import Tensor
 
 from ..errors import NodeError
 from ..fileio import atomic_write
@@ -67,6 +71,9 @@ def save_lora(
 ):
     """Write a LoRA as a .safetensors file in kohya or diffusers naming.
 
+    A file already at ``path`` is replaced only with ``overwrite``; one that holds exactly this
+    LoRA (the same graph queued again) is left as it is, without an error.
+
     Names are converted through the connected model only (never guessed). kohya files keep
     LyCORIS modules (LoHa, LoKr, DoRA, LoCon) as they are where kohya names the module as the file
     does, and carry sd-scripts' ss_* metadata and hashes; modules on weights that kohya's files
@@ -76,7 +83,6 @@ def save_lora(
     weights and equals the original at strength 1 only.
     """
     target = output_path(ctx, path, SUFFIX)
-    refuse_overwrite(target, overwrite)
     base = model.base if model is not None else None
     if base is not None:
         check_placement(lora, base)
@@ -87,11 +93,36 @@ def save_lora(
                      module=name, energy=energy)
     from safetensors.torch import save_file
 
-    try:  # checked before the work, and again as the file is put in place (another writer may be quicker)
-        atomic_write(target, lambda tmp: save_file(built.tensors, str(tmp), metadata=built.metadata), overwrite)
-    except FileExistsError as exc:
-        raise exists_error(target) from exc
+    if target.exists() and not overwrite:
+        # the same graph queued again (its LoRA cached) finds its own file: nothing to write, nothing lost
+        if not holds(target, built.tensors, built.metadata):
+            raise exists_error(target)
+        ctx.info(f"{target} already holds this LoRA (the same tensors and metadata): left as it is")
+    else:
+        try:  # the check again as the file is put in place (another writer may be quicker)
+            atomic_write(target, lambda tmp: save_file(built.tensors, str(tmp), metadata=built.metadata), overwrite)
+        except FileExistsError as exc:
+            raise exists_error(target) from exc
     ctx.wrote(target)
+
+
+def holds(target: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bool:
+    """Whether the .safetensors file ``target`` holds exactly these tensors (names, dtypes, values) and
+    this metadata. Compared as content: safetensors does not write its header in a fixed order, so two
+    writes of one LoRA need not be equal byte for byte. A file that does not read holds nothing."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(target), "pt") as stored:
+            if (stored.metadata() or {}) != dict(metadata) or set(stored.keys()) != set(tensors):
+                return False
+            for name, tensor in tensors.items():
+                kept = stored.get_tensor(name)
+                if kept.dtype != tensor.dtype or not torch.equal(kept, tensor.cpu()):
+                    return False
+    except Exception:  # noqa: BLE001 - a damaged or foreign file is simply not this LoRA
+        return False
+    return True
 
 
 @node(

@@ -59,18 +59,20 @@ class BaseModel:
         return tuple(name for name in self.family.model_parts if name in self.components)
 
     @property
-    def vae_scale_factor(self) -> int:
-        """How many pixels one latent cell spans per side: the one home of this number (the family's shipped
-        VAE config's, for a base that holds no VAE, as ``models.sampling.base_vae_config`` gives it; read
-        here without that module, which imports this one)."""
+    def vae_config(self) -> dict[str, Any]:
+        """The VAE's config; for a base that holds no VAE (a diffusion model loaded alone), the family's
+        shipped one, which says how its latents are scaled and how many pixels a latent cell spans."""
         vae = self.components.get(self.family.vae)
         if vae is not None:
-            config = vae.config
-        else:
-            from .known_configs import default_config  # deferred: the shipped configs are read on demand
+            return dict(vae.config)
+        from .known_configs import default_config  # deferred: the shipped configs are read on demand
 
-            config = default_config(self.family, "vae")
-        return 2 ** (len(config["block_out_channels"]) - 1)
+        return default_config(self.family, "vae")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """How many pixels one latent cell spans per side."""
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
 
     @property
     def native_size(self) -> int:

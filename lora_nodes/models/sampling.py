@@ -76,19 +76,9 @@ def scheduler_config(base: BaseModel) -> Mapping[str, Any]:
     return default_config(base.family, "scheduler")
 
 
-def base_vae_config(base: BaseModel) -> Mapping[str, Any]:
-    """The VAE's config (the family's shipped one for a base that holds no VAE: its latent scaling)."""
-    vae = base.components.get(base.family.vae)
-    if vae is not None:
-        return dict(vae.config)
-    from .known_configs import default_config
-
-    return default_config(base.family, "vae")
-
-
 def latent_scaling(base: BaseModel) -> tuple[float, float]:
     """(scaling_factor, shift_factor): the denoiser sees ``(raw - shift) * scale``."""
-    config = base_vae_config(base)
+    config = base.vae_config
     return float(config.get("scaling_factor") or 1.0), float(config.get("shift_factor") or 0.0)
 
 

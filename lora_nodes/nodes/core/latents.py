@@ -12,7 +12,7 @@ import torch
 
 from ...errors import NodeError
 from ...models.base import BaseModel
-from ...models.sampling import base_vae_config, decode_latents, encode_images, whole_cells
+from ...models.sampling import decode_latents, encode_images, whole_cells
 from ..spec import COMBO, FLOAT, IMAGE, INT, LATENT, VAE, Input, Output, node
 from .images import CROP_METHODS, MAX_RESOLUTION, center_crop, resize_samples
 from .values import COMFY_LATENT_DOWNSCALE, Latent
@@ -229,7 +229,7 @@ def vae_decode(
 ):
     """Decode latents into images."""
     # the VAE's own channel count: a VAE loaded alone (VAELoader) has no denoiser to ask
-    latents = fit_to_model(samples, int(base_vae_config(vae)["latent_channels"]), vae_downscale(vae))
+    latents = fit_to_model(samples, int(vae.vae_config["latent_channels"]), vae_downscale(vae))
     return (decode_latents(vae, latents),)
 
 

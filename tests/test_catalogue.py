@@ -42,9 +42,16 @@ def test_object_info_carries_types_defaults_ranges_and_choices():
 
 def test_our_types_never_reuse_comfyui_model_types():
     comfy_types = {"MODEL", "CLIP", "VAE", "LATENT", "CONDITIONING"}
+    # the bridge (issue 14) is the one place our nodes meet ComfyUI's models: MODEL and CLIP in and out
+    bridge = {"ApplyLoRAToModel", "ApplyLoRAStackToModel"}
     ours = [spec for spec in catalogue().values() if not spec.comfy_core]
     for spec in ours:
-        assert not comfy_types & ({i.type for i in spec.inputs} | {o.type for o in spec.outputs}), spec.id
+        used = {i.type for i in spec.inputs} | {o.type for o in spec.outputs}
+        if spec.id in bridge:
+            assert comfy_types & used == {"MODEL", "CLIP"}, spec.id
+            assert [o.type for o in spec.outputs] == ["MODEL", "CLIP"]
+        else:
+            assert not comfy_types & used, spec.id
     # ComfyUI's own nodes, run headless, are the only ones that speak ComfyUI's types
     core = [spec for spec in catalogue().values() if spec.comfy_core]
     assert {"CheckpointLoaderSimple", "LoraLoader", "KSampler"} <= {spec.id for spec in core}

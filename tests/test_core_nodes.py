@@ -557,3 +557,21 @@ nodes:
     problems = json.loads(capsys.readouterr().out)
     mismatches = [p for p in problems if p["code"] == "family_mismatch"]
     assert mismatches and all(p["node"] == "sample" for p in mismatches), problems
+
+
+def test_save_image_writes_comfyuis_pixel_levels_and_save_images_rounds(tmp_path):
+    """ComfyUI's SaveImage cuts each level down (255 * value, then to 8 bits); ours rounds. Run headless,
+    ComfyUI's node writes the levels ComfyUI would."""
+    from PIL import Image
+
+    from lora_nodes.nodes import images as our_images
+    from lora_nodes.nodes.core import images as core_images
+
+    picture = torch.tensor([0.0, 0.5, 0.999, 1.0 / 255 * 10.6]).view(1, 1, 4, 1).expand(1, 1, 4, 3).contiguous()
+    context = NodeContext("n", "SaveImage", tmp_path, tmp_path, Collector())
+    core_images.save_image.run(context, picture, "comfy")
+    our_images.save_images.run(context, picture, "ours")
+    comfy = list(Image.open(tmp_path / "comfy_00001.png").getdata())
+    ours = list(Image.open(tmp_path / "ours_00001.png").getdata())
+    assert [p[0] for p in comfy] == [0, 127, 254, 10]
+    assert [p[0] for p in ours] == [0, 128, 255, 11]

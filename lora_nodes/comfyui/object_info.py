@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..graph.comfy.widgets import input_groups
+from ..graph.comfy.widgets import control_option, input_groups
 from ..nodes.spec import COMBO, REQUIRED, Catalogue, Input, NodeSpec
 
 PYTHON_MODULE = "custom_nodes.lora-nodes"  # where ComfyUI says a node comes from
@@ -51,6 +51,7 @@ def input_info(decl: Input) -> list[Any]:
             options[key] = getattr(decl, key)
     if decl.multiline:
         options["multiline"] = True
+    options.update(control_option(decl))
     if decl.description:
         options["tooltip"] = decl.description
     kind: Any = list(decl.choices) if decl.type == COMBO else decl.type

@@ -8,9 +8,12 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..paths import scan_tree
+
+if TYPE_CHECKING:
+    from ..nodes.spec import NodeSpec
 
 CONTENT_HASH_LIMIT = 64 * 2**20  # files up to this size are hashed by content; larger by size and mtime
 
@@ -89,3 +92,25 @@ def node_key(node_type: str, version: int, literals: dict[str, Any],
         "upstream": {name: list(ref) for name, ref in upstream.items()},
         "files": files,
     })
+
+
+def spec_key(spec: NodeSpec, literals: dict[str, Any], upstream: dict[str, tuple[str, int]],
+             fingerprints: Fingerprints) -> str:
+    """The cache key of a node of type ``spec``: the one rule both hosts use (the scheduler headless,
+    the ComfyUI pack from ComfyUI's prompt).
+
+    ``literals`` are its literal inputs as it runs with them (defaults filled in, paths resolved),
+    ``upstream`` each linked input's (upstream key, output index). Keyed: the node type and version,
+    the literals that change the result (``in_key``), the upstream keys, and a fingerprint of each
+    existing file a path input names (by content alone where ``content_key``). Raises OSError for
+    a file that exists but cannot be read.
+    """
+    files = {}
+    for decl in spec.inputs:
+        value = literals.get(decl.name)
+        if decl.path and value and Path(value).exists():
+            fingerprint = fingerprints(value)
+            files[decl.name] = content_fingerprint(fingerprint) if decl.content_key else fingerprint
+    keyed = {d.name for d in spec.inputs if d.in_key and not d.content_key}
+    return node_key(spec.id, spec.version, {name: value for name, value in literals.items() if name in keyed},
+                    upstream, files)

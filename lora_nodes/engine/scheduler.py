@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from ..fileio import describe_any_failure, exclusive_lock, work_folder
 from ..graph.embed import embeddable_workflow, png_chunks
 from ..graph.links import bound_graph, link_order, needed_by
 from ..graph.overrides import Override, bind_variants
@@ -23,8 +20,9 @@ from ..graph.workflow import Workflow
 from ..nodes import catalogue as default_catalogue
 from ..nodes.spec import Catalogue
 from .context import NodeContext, NodeError
+from .diskcache import DiskCache
 from .events import EventSink, event, ignore
-from .keys import Fingerprints, content_fingerprint, node_key
+from .keys import Fingerprints, spec_key
 
 
 class RunFailed(Exception):
@@ -72,6 +70,10 @@ class Runner:
         self._results: dict[str, tuple[Any, ...]] = {}
         self._files: dict[str, list[str]] = {}
         self._fingerprint = Fingerprints()
+
+    @property
+    def _disk(self) -> DiskCache:
+        return DiskCache(self.cache_dir, self.emit)
 
     def run(self, workflow: Workflow, file_suffix: str = "", variant: str = "") -> RunResult:
         """Validate and run ``workflow``. Raises WorkflowError (invalid) or RunFailed (a node failed)."""
@@ -128,10 +130,10 @@ class Runner:
             self.emit(event("cached", node=node.id, type=node.spec.id, cache="memory", files=self._files[key]))
             result.cached.append(node.id)
         else:
-            with self._one_process_at_a_time(node, key):
+            with self._disk.one_process_at_a_time(node.id, node.spec, key):
                 if self._load_from_disk(node, key):
                     self.emit(event("cached", node=node.id, type=node.spec.id, cache="disk", files=[],
-                                    folder=str(self._disk_folder(node, key))))
+                                    folder=str(self._disk.folder(node.spec, key))))
                     result.cached.append(node.id)
                 else:
                     ctx = NodeContext(node.id, node.spec.id, self.output_dir, self.cache_dir, self.emit,
@@ -141,71 +143,17 @@ class Runner:
         result.outputs[node.id] = self._results[key]
         result.files += self._files[key]
 
-    @contextmanager
-    def _one_process_at_a_time(self, node: BoundNode, key: str) -> Iterator[None]:
-        """For a node kept on disk: hold its key's lock while looking in the disk cache, running and
-        storing, so a second process with the same work waits and then takes the first one's result
-        instead of doing it again.
-
-        Not under a multi-process launch (WORLD_SIZE > 1): there every process runs the node
-        together, and one waiting for another would leave the rest waiting for it.
-        """
-        if node.spec.disk_cache is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            yield
-            return
-        lock = work_folder(self.cache_dir, "locks", node.spec.id, f"{key}.lock")
-
-        def waiting() -> None:
-            self.emit(event("info", node=node.id, type=node.spec.id, lock=str(lock),
-                            message=f"another process is running {node.spec.id} with these same inputs; waiting "
-                                    f"for it to finish, to take its result from the disk cache ({lock})"))
-
-        with exclusive_lock(lock, on_wait=waiting) as previous:
-            if previous:
-                self.emit(event("info", node=node.id, type=node.spec.id, lock=str(lock),
-                                message=f"taking over from {previous}, which stopped while running "
-                                        f"{node.spec.id} with these same inputs (its lock was freed when it ended)"))
-            yield
-
     def _key(self, node: BoundNode, keys: dict[str, str]) -> str:
-        files = {}
-        for decl in node.spec.inputs:
-            value = node.literals.get(decl.name)
-            if decl.path and value and Path(value).exists():
-                fingerprint = self._fingerprint(value)
-                files[decl.name] = content_fingerprint(fingerprint) if decl.content_key else fingerprint
-        keyed = {d.name for d in node.spec.inputs if d.in_key and not d.content_key}
-        literals = {name: value for name, value in node.literals.items() if name in keyed}
         upstream = {name: (keys[up], index) for name, (up, index) in node.links.items()}
-        return node_key(node.spec.id, node.spec.version, literals, upstream, files)
-
-    def _disk_folder(self, node: BoundNode, key: str) -> Path:
-        return work_folder(self.cache_dir, "results", node.spec.id, key)
+        return spec_key(node.spec, node.literals, upstream, self._fingerprint)
 
     def _load_from_disk(self, node: BoundNode, key: str) -> bool:
         """Take a result an earlier process kept on disk; False when there is none (or it is unreadable)."""
-        cache = node.spec.disk_cache
-        folder = self._disk_folder(node, key)
-        if cache is None or not folder.is_dir():
-            return False
-        try:
-            outputs = tuple(cache.load(folder))
-        except Exception as exc:  # noqa: BLE001 - a damaged entry is redone, not fatal
-            self.emit(event("warning", node=node.id, type=node.spec.id,
-                            message=f"ignoring the unreadable disk cache entry {folder}: {exc}"))
+        outputs = self._disk.load(node.id, node.spec, key)
+        if outputs is None:
             return False
         self._results[key], self._files[key] = outputs, []
         return True
-
-    def _save_to_disk(self, node: BoundNode, key: str, outputs: tuple[Any, ...]) -> None:
-        folder = self._disk_folder(node, key)
-        try:
-            node.spec.disk_cache.save(outputs, folder)
-        except Exception as exc:  # noqa: BLE001 - any writer's failure: the result is still good for this run
-            self.emit(event("warning", node=node.id, type=node.spec.id, folder=str(folder),
-                            message=f"could not write the disk cache in {folder}: {describe_any_failure(exc, folder)}; "
-                                    "the result is used from memory in this run, but a new process will "
-                                    "run the node again (a training resumes from its last checkpoint)"))
 
     def _execute(self, node: BoundNode, ctx: NodeContext, key: str, keys: dict[str, str]) -> None:
         inputs: dict[str, Any] = {decl.name: None for decl in node.spec.inputs}
@@ -225,8 +173,8 @@ class Runner:
             raise RuntimeError(f"{node.spec.id} returned {len(outputs)} values for {len(node.spec.outputs)} outputs")
         self._results[key] = outputs
         self._files[key] = list(ctx.files)
-        if node.spec.disk_cache is not None and self.main_process:
-            self._save_to_disk(node, key, outputs)
+        if self.main_process:
+            self._disk.save(node.id, node.spec, key, outputs)
         self.emit(event("executed", node=node.id, type=node.spec.id, files=list(ctx.files),
                         seconds=round(time.perf_counter() - started, 4)))
 

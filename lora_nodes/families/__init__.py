@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import Family, LoRANaming, LoRATarget, TextEncoder
+from .base import Family, HostPiece, LoRANaming, LoRATarget, TextEncoder
 from .flux import FLUX
 from .sd1 import SD1
 from .sd2 import SD2
@@ -22,6 +22,7 @@ __all__ = [
     "SAMPLER_NAMES",
     "TEXT_COMPONENTS",
     "Family",
+    "HostPiece",
     "LoRANaming",
     "LoRATarget",
     "TextEncoder",

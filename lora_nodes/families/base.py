@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:  # annotations only: importing the families must not import torch
     from torch import nn
@@ -42,6 +42,8 @@ class TextEncoder:
     # diffusers keeps one layer fewer than the original model has: its last hidden state is the
     # original's penultimate layer (so a file holding the whole model has one layer to drop)
     cuts_last_layer: bool = False
+    # what ComfyUI's CLIP calls it: its weights there are ``<comfy_name>.transformer.<Hugging Face name>``
+    comfy_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,15 @@ class Family:
 
         pipeline_class = getattr(diffusers, self.pipeline_class)
         return pipeline_class.from_pretrained(folder, local_files_only=True, **self.pipeline_options)
+
+
+class HostPiece(NamedTuple):
+    """Where a model another program holds (ComfyUI's MODEL and CLIP) keeps one of our parameters,
+    or some of its rows: the ``lora`` and ``models`` packages meet here (see models.hosted)."""
+
+    key: str  # the host's parameter name
+    rows: range | None = None  # the rows of the host's tensor that hold it (None: the whole tensor)
+    own_rows: range | None = None  # the rows of our parameter those are (None: all of them)
 
 
 class LoRATarget(Protocol):

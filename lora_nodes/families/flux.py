@@ -243,9 +243,10 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "uni_pc_bh2": ("UniPCMultistepScheduler", {**_FLOW_SOLVER, "solver_type": "bh2"}),
 }
 
-CLIP_L = TextEncoder("text_encoder", "tokenizer", "text_encoders.clip_l.transformer.", False, KOHYA_CLIP)
+CLIP_L = TextEncoder("text_encoder", "tokenizer", "text_encoders.clip_l.transformer.", False, KOHYA_CLIP,
+                     comfy_name="clip_l")
 T5_XXL = TextEncoder("text_encoder_2", "tokenizer_2", "text_encoders.t5xxl.transformer.", False, KOHYA_T5,
-                     model_class="T5EncoderModel", key_markers=("encoder_block", "encoder.block"))
+                     model_class="T5EncoderModel", key_markers=("encoder_block", "encoder.block"), comfy_name="t5xxl")
 
 FLUX = Family(
     id="flux",

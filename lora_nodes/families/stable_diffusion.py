@@ -85,12 +85,15 @@ OPEN_CLIP_PAD = "!"  # OpenCLIP pads prompts with token 0, which is "!" in CLIP'
 # The text encoders as the families keep them (component, tokenizer, checkpoint prefix, layout,
 # kohya prefix): HF CLIP under cond_stage_model.transformer (SD1), OpenCLIP under
 # cond_stage_model.model (SD2), and both under conditioner.embedders (SDXL).
-CLIP_TEXT = TextEncoder("text_encoder", "tokenizer", "cond_stage_model.transformer.", False, KOHYA_TE)
+CLIP_TEXT = TextEncoder("text_encoder", "tokenizer", "cond_stage_model.transformer.", False, KOHYA_TE,
+                        comfy_name="clip_l")
 OPEN_CLIP_TEXT = TextEncoder("text_encoder", "tokenizer", "cond_stage_model.model.", True, KOHYA_TE,
-                             pad_token=OPEN_CLIP_PAD, cuts_last_layer=True)
-FIRST_OF_TWO_TEXT = TextEncoder("text_encoder", "tokenizer", "conditioner.embedders.0.transformer.", False, KOHYA_TE1)
+                             pad_token=OPEN_CLIP_PAD, cuts_last_layer=True, comfy_name="clip_h")
+FIRST_OF_TWO_TEXT = TextEncoder("text_encoder", "tokenizer", "conditioner.embedders.0.transformer.", False, KOHYA_TE1,
+                                comfy_name="clip_l")
 SECOND_OF_TWO_TEXT = TextEncoder("text_encoder_2", "tokenizer_2", "conditioner.embedders.1.model.", True, KOHYA_TE2,
-                                 model_class="CLIPTextModelWithProjection", pad_token=OPEN_CLIP_PAD)
+                                 model_class="CLIPTextModelWithProjection", pad_token=OPEN_CLIP_PAD,
+                                 comfy_name="clip_g")
 
 # the original (LDM/SGM) checkpoint layout every SD family shares
 LDM_DENOISER, LDM_VAE = "model.diffusion_model.", "first_stage_model."

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .. import families
@@ -102,6 +102,18 @@ def placement_of(lora: LoRA, base: LoRATarget) -> Placement:
     if lora not in cache:
         cache[lora] = place(lora, base)
     return cache[lora]
+
+
+def describe_unplaced(unplaced: Mapping[str, str], examples: int = 3) -> str:
+    """The keys that found no place, in one sentence grouped by reason (a few example keys each),
+    instead of a line per key: ``7 keys: no module of that name in the base (e.g. a, b, c); ...``."""
+    by_reason: dict[str, list[str]] = {}
+    for key in sorted(unplaced):
+        by_reason.setdefault(unplaced[key], []).append(key)
+    groups = sorted(by_reason.items(), key=lambda item: -len(item[1]))
+    return "; ".join(f"{len(keys)} key{'s' if len(keys) > 1 else ''}: {reason} "
+                     f"(e.g. {', '.join(keys[:examples])}{', ...' if len(keys) > examples else ''})"
+                     for reason, keys in groups)
 
 
 def check_placement(lora: LoRA, base: LoRATarget) -> Placement:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..families import Family
+from ..families import Family, HostPiece
 from ..families.flux import BFL_ROOTS, CHECKPOINT_PREFIXES
 
 # (diffusers parameter, first row, end row) with rows of the BFL tensor: a diffusers tensor is the
@@ -224,6 +224,19 @@ def bfl_key_plan(family: Family, config: Mapping[str, Any]) -> dict[str, Pieces]
     """BFL parameter name (no prefix) -> its pieces ``(diffusers parameter, first row, end row)``,
     rows of the BFL tensor, for a transformer with this diffusers config (see :data:`Pieces`)."""
     return dict(_plan(family, _config_json(config)))
+
+
+def original_pieces(family: Family, config: Mapping[str, Any]) -> dict[str, tuple[HostPiece, ...]]:
+    """The diffusers transformer's parameter -> where the BFL tree keeps it: each piece a BFL
+    parameter (no prefix), its rows, and which of our rows they are (as :func:`from_bfl` cuts them)."""
+    taken: dict[str, int] = {}
+    pieces: dict[str, list[HostPiece]] = {}
+    for key, plan in bfl_key_plan(family, config).items():
+        for path, start, end in plan:
+            first = taken.get(path, 0)
+            pieces.setdefault(path, []).append(HostPiece(key, range(start, end), range(first, first + end - start)))
+            taken[path] = first + end - start
+    return {path: tuple(found) for path, found in pieces.items()}
 
 
 # --------------------------------------------------------------------------- conversion

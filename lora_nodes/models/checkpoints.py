@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..families import Family
+from ..families import Family, HostPiece
 from . import bfl, known_configs
-from .ldm import from_ldm_checkpoint, text_encoder_state, to_ldm_checkpoint, vae_from_ldm
+from .ldm import from_ldm_checkpoint, text_encoder_state, to_ldm_checkpoint, unet_key_map, vae_from_ldm
 from .text_names import file_state_dict
 
 # (state, family, configs) -> (configs with the denoiser's filled in, component -> state dict)
@@ -32,6 +32,8 @@ Reader = Callable[[Mapping[str, Tensor], Family, Mapping[str, Any]], tuple[dict[
 Writer = Callable[[Mapping[str, Any], Family], dict[str, Tensor]]
 # (state, family) -> every config the file needs, read from its tensors (see known_configs)
 ConfigReader = Callable[[Mapping[str, Tensor], Family], dict[str, Any]]
+# (family, denoiser config) -> the denoiser's parameter -> where the original tree keeps it (no prefix)
+OriginalPieces = Callable[[Family, Mapping[str, Any]], dict[str, tuple[HostPiece, ...]]]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class CheckpointLayout:
     parts_in: Callable[[Sequence[str], Family], tuple[str, ...]]
     written_parts: Callable[[Family], tuple[str, ...]]  # the model parts ``write`` puts in a file
     denoiser_config_in_tensors: bool  # the denoiser's config is read from its tensors, no config file
+    original_pieces: OriginalPieces  # where the file's tree keeps each denoiser parameter (and which rows)
     # every config read from the tensors, none needed from a folder; None: only the denoiser's (if that)
     configs_from_tensors: ConfigReader | None = None
 
@@ -54,6 +57,11 @@ class CheckpointLayout:
 def _read_ldm(state: Mapping[str, Tensor], family: Family,
               configs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
     return dict(configs), from_ldm_checkpoint(state, family, configs[family.denoiser], configs[family.vae])
+
+
+def _ldm_pieces(family: Family, config: Mapping[str, Any]) -> dict[str, tuple[HostPiece, ...]]:
+    """Every UNet parameter is one LDM/SGM tensor of the same shape."""
+    return {name: (HostPiece(original),) for name, original in unet_key_map(config).items()}
 
 
 def _meta(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -145,9 +153,9 @@ def _write_bfl(components: Mapping[str, Any], family: Family) -> dict[str, Tenso
 LAYOUTS: dict[str, CheckpointLayout] = {
     "ldm": CheckpointLayout(_read_ldm, _write_ldm, lambda keys, family: family.model_parts,
                             lambda family: family.model_parts, denoiser_config_in_tensors=False,
-                            configs_from_tensors=ldm_configs),
+                            original_pieces=_ldm_pieces, configs_from_tensors=ldm_configs),
     "bfl": CheckpointLayout(_read_bfl, _write_bfl, _bfl_parts, lambda family: (family.denoiser,),
-                            denoiser_config_in_tensors=True),
+                            denoiser_config_in_tensors=True, original_pieces=bfl.original_pieces),
 }
 
 

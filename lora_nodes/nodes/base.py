@@ -47,8 +47,9 @@ def _component_file(description: str) -> Input:
 def load_base(
     ctx,
     source: Annotated[str, Input(STRING, path=True, builtins=tuple(BUILTINS), folder="checkpoints",
-                                 description="builtin:NAME, a diffusers pipeline folder, or a single-file "
-                                             ".safetensors checkpoint")] = "builtin:tiny",
+                                 description="builtin:NAME, a single-file .safetensors checkpoint or a "
+                                             "diffusers pipeline folder: by name in the checkpoints or "
+                                             "diffusers models folders, or by path")] = "builtin:tiny",
     dtype: Annotated[str, Input(COMBO, choices=("auto", "float32", "float16", "bfloat16"),
                                 description="weight precision; auto is float16 on a GPU and float32 on "
                                             "the CPU")] = "auto",
@@ -69,7 +70,7 @@ def load_base(
         "for a single-file checkpoint: a .safetensors file with the VAE in original (LDM) or diffusers names "
         "(e.g. ae.safetensors), as ComfyUI's VAE loader takes it")] = "",
 ):
-    """Load a base model once; every variant made from it shares its weights.
+    """Load a base model once; every node using it shares its weights (nothing is copied).
 
     A single-file checkpoint that holds only the denoiser (a transformer as ComfyUI's diffusion
     model loader takes it) takes its text encoders and VAE from files of their own or from the

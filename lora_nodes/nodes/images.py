@@ -28,10 +28,15 @@ def next_free_index(folder: Path, stem: str) -> int:
     return max((int(m.group(1)) for name in names if (m := pattern.match(name))), default=0) + 1
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """One [height, width, 3] float image in 0..1 as an 8-bit PIL image (NaN as black, infinities clamped)."""
+def to_pil(image: torch.Tensor, truncate: bool = False) -> Image.Image:
+    """One [height, width, 3] float image in 0..1 as an 8-bit PIL image (NaN as black, infinities clamped).
+
+    Levels are rounded to the nearest; ``truncate`` cuts them down instead, as ComfyUI's SaveImage
+    does (so ComfyUI's own nodes, run headless, write the levels ComfyUI writes).
+    """
     pixels = torch.nan_to_num(image.detach().float(), nan=0.0, posinf=1.0, neginf=0.0)
-    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    levels = pixels.clamp(0, 1) * 255
+    array = (levels if truncate else levels.round()).to(torch.uint8).cpu().numpy()
     return Image.fromarray(np.ascontiguousarray(array))
 
 
@@ -48,6 +53,12 @@ def save_images(
                                  description="file name start; may include sub-folders")] = "lora-nodes",
 ):
     """Write each image as a PNG under the output folder, with the workflow embedded to re-run it."""
+    write_pngs(ctx, images, prefix)
+
+
+def write_pngs(ctx, images: torch.Tensor, prefix: str, truncate: bool = False) -> None:
+    """SaveImages' work: ``PREFIX_00001.png`` ... under the output folder, each name claimed atomically,
+    the run's text chunks embedded (``truncate``: pixel levels as ComfyUI's SaveImage makes them)."""
     stem_path = ctx.output_path(f"{prefix}{ctx.file_suffix}")
     folder, stem = stem_path.parent, stem_path.name
     bad = int(non_finite_rows(images).sum())
@@ -60,7 +71,7 @@ def save_images(
     info = png_info(ctx.png_chunks())
     numbers = itertools.count(next_free_index(folder, stem))  # shared: each image goes on from the last
     for image in images:
-        picture = to_pil(image)
+        picture = to_pil(image, truncate)
         # each name is claimed atomically: a writer at the same moment (another thread or process
         # with the same prefix) makes this one take the next free number instead of overwriting
         path = write_new_file((folder / f"{stem}_{n:05d}.png" for n in numbers),

@@ -102,7 +102,9 @@ def merge_loras(
                                                                  "ties/dare: 0 keeps full deltas")] = 0,
     density: Annotated[float, Input(FLOAT, min=0.0, max=1.0, step=0.01,
                                     description="ties/dare: fraction of values kept")] = 0.5,
-    seed: Annotated[int, Input(INT, min=0, max=2**63 - 1, description="dare: the random drop pattern")] = 0,
+    # no "randomize" control in ComfyUI's editor: the same inputs give the same merge on every queue
+    seed: Annotated[int, Input(INT, min=0, max=2**63 - 1, seed_control=False,
+                               description="dare: the random drop pattern")] = 0,
     model: Annotated[ModelRecipe | None, Input(MODEL, optional=True,
                                                description="the base the LoRAs are for: lets LoRAs with different "
                                                            "key namings merge")] = None,

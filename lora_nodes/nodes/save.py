@@ -56,9 +56,10 @@ OVERWRITE = Input(BOOLEAN, description="replace an existing file or folder at pa
 def save_lora(
     ctx,
     lora: Annotated[LoRA, Input(LORA)],
-    path: Annotated[str, Input(STRING, writes=True,
-                               description="file to write; relative paths go under the output folder; "
-                                           ".safetensors is added")] = "loras/lora.safetensors",
+    path: Annotated[str, Input(STRING, writes=True, folder="loras",
+                               description="file to write, under the output folder (inside ComfyUI: under "
+                                           "models/loras, where LoadLoRA lists it); .safetensors is "
+                                           "added")] = "lora.safetensors",
     format: Annotated[str, Input(COMBO, choices=("kohya", "diffusers"),
                                  description="kohya: lora_unet_*/lora_te*_* keys (A1111, ComfyUI, sd-scripts); "
                                              "diffusers: unet.*.lora_A/lora_B keys (load_lora_weights)")] = "kohya",
@@ -71,8 +72,9 @@ def save_lora(
 ):
     """Write a LoRA as a .safetensors file in kohya or diffusers naming.
 
-    A file already at ``path`` is replaced only with ``overwrite``; one that holds exactly this
-    LoRA (the same graph queued again) is left as it is, without an error.
+    Headless the file goes under the output folder; inside ComfyUI under its models/loras folder,
+    so that LoadLoRA lists it. A file already at ``path`` is replaced only with ``overwrite``; one
+    that holds exactly this LoRA (the same graph queued again) is left as it is, without an error.
 
     Names are converted through the connected model only (never guessed). kohya files keep
     LyCORIS modules (LoHa, LoKr, DoRA, LoCon) as they are where kohya names the module as the file

@@ -65,11 +65,16 @@ class Input:
     builtins: tuple[str, ...] = ()  # ``builtin:`` names this path input also accepts
     # with path: a kind of ComfyUI models folder ("loras", "checkpoints", "vae", "diffusion_models", "text_encoders",
     # "diffusers"; "input" for images): a value that is no existing path is found by name in that kind's folders
-    # (lora_nodes.modelfolders), and written back as that name; inside ComfyUI its files are offered as choices
+    # (lora_nodes.modelfolders), and written back as that name; inside ComfyUI its files are offered as choices.
+    # With writes: inside ComfyUI the node writes under that kind's first models folder, not the output folder
+    # (SaveLoRA's files into models/loras, where LoadLoRA lists them)
     folder: str | None = None
     multiline: bool = False
     in_key: bool = True  # False: changes how the work is done, not its result (left out of the cache key)
     content_key: bool = False  # a path keyed by its files' names, sizes and contents only (not where or when)
+    # an INT named seed/noise_seed that ComfyUI's editor should follow with its control_after_generate widget
+    # ("randomize" ...); False where a new seed each queue would redo the work (TrainLoRA's): no control widget
+    seed_control: bool = True
 
     @property
     def is_link(self) -> bool:

@@ -100,7 +100,8 @@ def train_lora_node(
 ):
     """Train a LoRA on the dataset. The base stays frozen; the result is kept on disk, so running
     the same training again (even in a new process) loads it instead of training, and a stopped
-    run continues from its last checkpoint."""
+    run continues from its last checkpoint. Inside ComfyUI too, where every node it depends on is
+    a lora-nodes or ComfyUI core node (ComfyUI's log says when one is not)."""
     base = model.materialize()
     if initial_lora is not None:
         check_placement(initial_lora, model.base)  # another family's LoRA, or one that places nothing, is refused
@@ -122,7 +123,9 @@ def train_lora_node(
     lora = result.network.to_lora(base, name, metadata)
     first, last = _mean(result.losses[:10]), _mean(result.losses[-10:])
     where = f" on {result.processes} processes" if result.processes > 1 else ""
-    ctx.info(f"trained {len(lora.modules)} modules for {config.steps} steps in {result.seconds:.1f} s{where}; "
+    steps = f"{config.steps} steps" if not result.resumed_from else \
+        f"{config.steps} steps ({config.steps - result.resumed_from} of them now, resumed at step {result.resumed_from})"
+    ctx.info(f"trained {len(lora.modules)} modules for {steps} in {result.seconds:.1f} s{where}; "
              f"loss {first:.4f} -> {last:.4f} (mean of the first and last 10 steps)",
              loss_first=first, loss_last=last, seconds=round(result.seconds, 3), resumed_from=result.resumed_from,
              processes=result.processes)

@@ -48,7 +48,9 @@ class TrainConfig:
     steps: Annotated[int, Input(INT, min=1, max=1_000_000, description="optimizer steps")] = 500
     batch_size: Annotated[int, Input(INT, min=1, max=256, description="images per batch (per GPU)")] = 1
     gradient_accumulation: Annotated[int, Input(INT, min=1, max=1024, description="batches per optimizer step")] = 1
-    seed: Annotated[int, Input(INT, min=0, max=MAX_SEED, description="same seed and inputs train the same LoRA")] = 0
+    # no "randomize" control in ComfyUI's editor: a new seed each queue would train again every time
+    seed: Annotated[int, Input(INT, min=0, max=MAX_SEED, seed_control=False,
+                               description="same seed and inputs train the same LoRA")] = 0
     min_snr_gamma: Annotated[float, Input(FLOAT, min=0.0, max=100.0, step=0.5,
                                           description="Min-SNR loss weighting of noise-prediction models; 5 is "
                                                       "common, 0 is off")] = 0.0

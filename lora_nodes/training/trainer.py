@@ -288,10 +288,12 @@ class Trainer:
                 losses.append(loss)
                 self._check_finite(losses, step)
                 step += 1
-                self.callbacks.progress(step, config.steps, loss)
+                # the checkpoint before the progress report: a stop asked for there (ComfyUI's Cancel raises
+                # from it) then resumes from this step, not the one before
                 if self.checkpoint_dir and config.save_every_n_steps and step % config.save_every_n_steps == 0 \
                         and step < config.steps and self.rank == 0:
                     save_checkpoint(self.checkpoint_dir, step, self._state(step, losses), self.callbacks.warn)
+                self.callbacks.progress(step, config.steps, loss)
                 if self.callbacks.preview and config.sample_every_n_steps and \
                         step % config.sample_every_n_steps == 0 and self.rank == 0:
                     with torch.no_grad():

@@ -18,7 +18,7 @@ from ..links import users
 from ..problems import Problem, WorkflowError, cut, shown
 from ..workflow import Link, NodeCall, Workflow
 from .shared import kept_layout, layout_extra, unsupported_nodes_error
-from .widgets import CONTROL_VALUES, has_control_widget, widget_inputs
+from .widgets import CONTROL_VALUES, seed_named, widget_inputs
 
 MODE_MUTED, MODE_BYPASSED = 2, 4
 REROUTE, PRIMITIVE = "Reroute", "PrimitiveNode"
@@ -267,7 +267,9 @@ def _positional_widgets(raw: list[Any], widgets: list[Input]) -> dict[str, Any]:
             break
         found[decl.name] = raw[index]
         index += 1
-        if has_control_widget(decl) and index < len(raw) and _is_control(raw[index]):
+        # seed_named, not has_control_widget: a file saved when the seed still had its control (TrainLoRA's
+        # before it was declared without one) keeps that control value after it, which is skipped
+        if seed_named(decl) and index < len(raw) and _is_control(raw[index]):
             following = widgets[position + 1] if position + 1 < len(widgets) else None
             if extra or not _could_hold(following, raw[index]):
                 index += 1

@@ -12,8 +12,8 @@ from typing import Any
 
 from ...nodes.spec import INT, Input, NodeSpec
 
-# INT widgets that ComfyUI's editor follows with a "control_after_generate" widget: the pack asks for
-# it, and a UI-format file holds its value (one of CONTROL_VALUES) right after the seed's
+# INT widgets that ComfyUI's editor follows with a "control_after_generate" widget unless the input's options
+# say control_after_generate: false; a UI-format file holds its value (one of CONTROL_VALUES) right after the seed's
 SEED_NAMES = frozenset({"seed", "noise_seed"})
 CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
 # widgets ComfyUI's editor adds to a core node beside its declared inputs, whose values API-format prompts
@@ -42,9 +42,21 @@ def socket_inputs(spec: NodeSpec) -> list[Input]:
     return [i for i in comfy_order(spec) if i.is_link]
 
 
-def has_control_widget(decl: Input) -> bool:
-    """Whether ComfyUI's editor puts a ``control_after_generate`` widget after this one: INT seeds."""
+def seed_named(decl: Input) -> bool:
+    """Whether ComfyUI's editor gives this input a control widget unless told not to: an INT named as a seed."""
     return decl.type == INT and decl.name in SEED_NAMES
+
+
+def has_control_widget(decl: Input) -> bool:
+    """Whether ComfyUI's editor puts a ``control_after_generate`` widget after this one: INT seeds, but for
+    those declared without (``seed_control=False``, whose options say so: see :func:`control_option`)."""
+    return seed_named(decl) and decl.seed_control
+
+
+def control_option(decl: Input) -> dict[str, bool]:
+    """The ``control_after_generate`` option an input's ComfyUI options carry: for a seed-named INT only,
+    and false said out loud where it has no control (the editor's default for such a name is a control)."""
+    return {"control_after_generate": decl.seed_control} if seed_named(decl) else {}
 
 
 def without_editor_widgets(spec: NodeSpec, inputs: dict[str, Any]) -> dict[str, Any]:

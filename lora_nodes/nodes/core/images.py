@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence
 
 from ...errors import NodeError
-from ..images import save_images, to_pil
+from ..images import to_pil, write_pngs
 from ..spec import COMBO, IMAGE, INT, MASK, STRING, Input, Output, Preflight, node
 
 MAX_RESOLUTION = 16384  # ComfyUI's bound on an image or latent side
@@ -192,14 +192,15 @@ def save_image(
     filename_prefix: Annotated[str, Input(STRING, writes=True, description="file name start under the output "
                                           "folder; may include sub-folders")] = "ComfyUI",
 ):
-    """Write each picture as a PNG under the output folder, as SaveImages does (the workflow embedded)."""
-    save_images.run(ctx, images, filename_prefix)
+    """Write each picture as a PNG under the output folder, as SaveImages does (the workflow embedded),
+    with ComfyUI's pixel levels (cut down, not rounded), so its files are ComfyUI's to the last level."""
+    write_pngs(ctx, images, filename_prefix, truncate=True)
 
 
 @node("PreviewImage", display_name="Preview Image", category="image", comfy_core=True, output_node=True)
 def preview_image(ctx, images: Annotated[torch.Tensor, Input(IMAGE)]):
     """Write the pictures under previews/ in the output folder: headless, no editor shows them."""
-    save_images.run(ctx, images, PREVIEW_PREFIX)
+    write_pngs(ctx, images, PREVIEW_PREFIX, truncate=True)
 
 
 # this module's node specs, in the order `lora-nodes nodes` lists them

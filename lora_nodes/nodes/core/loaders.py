@@ -262,12 +262,20 @@ def lora_loader(
     until sampling; the base is never copied."""
     if _changes_nothing(strength_model, strength_clip):
         return model, clip  # as ComfyUI: the file is not even read
-    lora = _read_lora(ctx, lora_name)
-    # a side at strength 0 is left as it was: nothing is added to its recipe (nor warned about it)
+    return add_lora(ctx, model, clip, _read_lora(ctx, lora_name), strength_model, strength_clip)
+
+
+def add_lora(ctx, model: ModelRecipe, clip: ClipRecipe | None, lora: LoRA, strength_model: float,
+             strength_clip: float) -> tuple[ModelRecipe, ClipRecipe | None]:
+    """``model`` and ``clip`` (if any) with ``lora`` added at their strengths, as LoraLoader adds it.
+
+    A side at strength 0 is left as it was: nothing is added to its recipe (nor warned about it).
+    """
     new_model = _on_model(ctx, model, lora, strength_model) if strength_model != 0 else model
+    if clip is None or strength_clip == 0:
+        return new_model, clip
     checked = strength_model != 0 and clip.base is model.base  # the LoRA was checked on this base just now
-    new_clip = _on_clip(ctx, clip, lora, strength_clip, checked) if strength_clip != 0 else clip
-    return new_model, new_clip
+    return new_model, _on_clip(ctx, clip, lora, strength_clip, checked)
 
 
 @node(

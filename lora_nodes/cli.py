@@ -28,6 +28,8 @@ examples:
   lora-nodes run workflows/quickstart.yaml
   lora-nodes run workflows/quickstart.yaml --set style.path=my_style.safetensors
   lora-nodes run workflows/strength_sweep.yaml --sweep styled.strength_model=0,0.5,1
+  lora-nodes run workflows/strength_sweep.yaml --sweep styled.strength_model=0,0.5,1 \
+      --sweep images.seed=1,2 --workers 2   # a labelled grid; variants in 2 worker processes
   lora-nodes run comfy_prompt.json --models-dir ~/ComfyUI/models   # names such as style/foo.safetensors
   lora-nodes run outputs/quickstart/strength_1_00001.png   # re-run the workflow a PNG was made with
   lora-nodes validate workflows/quickstart.yaml --json
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("file", help="workflow file: .yaml, .json (ours or ComfyUI API format) or .png")
     _add_override_args(run)
     _add_sweep_arg(run)
+    _add_sweep_run_args(run)
     run.add_argument("--output-dir", default="outputs", help="where output files go (default: ./outputs)")
     run.add_argument("--cache-dir", default=None, help="disk cache for expensive results (default: ~/.cache/lora-nodes)")
     run.add_argument("--events", choices=["jsonl"], help="print run events as JSON lines on stdout instead of bars")
@@ -87,7 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--config", default="", help="configs+tokenizer folder for a single-file checkpoint")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     _add_folder_args(inspect)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    """``lora-nodes serve``: the web editor (ComfyUI's, installed with lora-nodes[editor]) on our engine."""
+    serve = sub.add_parser("serve", help="build and run graphs in ComfyUI's web editor, served by our engine",
+                           description="Serve ComfyUI's web editor (pip install 'lora-nodes[editor]') with a queue "
+                           "that runs prompts on our engine. Listens on 127.0.0.1 only unless --host says otherwise; "
+                           "another address needs a token (given with --token, or generated and printed).")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8188, help="port (default: 8188)")
+    serve.add_argument("--token", help="required on every request (default: none on 127.0.0.1, a generated one "
+                       "on other addresses)")
+    serve.add_argument("--output-dir", default="outputs", help="where output files go (default: ./outputs)")
+    serve.add_argument("--user-dir", default="user", help="settings, saved workflows and the history (default: ./user)")
+    serve.add_argument("--cache-dir", default=None, help="disk cache for expensive results (default: ~/.cache/lora-nodes)")
+    _add_folder_args(serve)
 
 
 def _add_override_args(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +137,23 @@ def _add_folder_args(parser: argparse.ArgumentParser, why: str = "") -> None:
 
 def _add_sweep_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", action="append", default=[], metavar="NODE.INPUT=V1,V2,...",
-                        help="one variant per value (repeat for the cartesian product); shared nodes run once")
+                        help="one variant per value (repeat for the cartesian product); shared nodes run once. "
+                        "VALUE '*': every choice (samplers); a folder for a file input: every model file in it; "
+                        "NODE.INPUT:replace=FIND,R1,R2: replace FIND in the text (prompt S/R); a wildcard "
+                        "input (stack.strength_model_*) sets every input it matches")
+
+
+def _add_sweep_run_args(parser: argparse.ArgumentParser) -> None:
+    """How ``run`` shows and spreads a sweep: its grids, worker processes, a Ray cluster."""
+    group = parser.add_argument_group("sweeps", "A --sweep run also writes one labelled grid per sweep (the "
+                                      "first --sweep across, the second down, one grid per value of further ones).")
+    group.add_argument("--no-grid", action="store_true", help="write the variants' images only, no grid")
+    group.add_argument("--workers", type=int, default=0, metavar="N",
+                       help="run variants in N worker processes, each loading the base once (one GPU each where "
+                       "there are GPUs); with --ray: N Ray actors (default: one per GPU, else one per CPU)")
+    group.add_argument("--ray", metavar="ADDRESS",
+                       help="run variants on the Ray cluster at ADDRESS ('auto', 'ray://host:10001'), or 'local' "
+                       "to start one here (needs pip install 'lora-nodes[ray]')")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     handler = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "inspect": cmd_inspect,
-               "convert": cmd_convert}[args.command]
+               "convert": cmd_convert, "serve": cmd_serve}[args.command]
     try:
         with _model_folders(args):
             return handler(args)
@@ -159,14 +195,30 @@ def _quiet_libraries() -> None:
 
 def _load(args: argparse.Namespace):
     """The workflow of ``args.file`` with ``--set`` applied, and the sweep variants."""
-    from .graph import load_workflow
-    from .graph.overrides import apply_overrides, parse_set, parse_sweep, sweep_variants
+    from .graph.overrides import sweep_variants
+
+    workflow, sweeps = _load_with_sweeps(args)
+    return workflow, sweep_variants(sweeps)
+
+
+def _load_with_sweeps(args: argparse.Namespace):
+    """The workflow of ``args.file`` with ``--set`` applied, and its sweeps (each a list of overrides).
+
+    Without ``--sweep``, the sweeps a workflow records under its ``sweep`` key (a grid PNG does) are run.
+    """
+    from .engine.sweep_grids import SWEEP_KEY
+    from .graph import Problem, WorkflowError, load_workflow
+    from .graph.overrides import apply_overrides, expand_sweeps, parse_set, parse_sweep
 
     workflow = load_workflow(args.file)
+    recorded = workflow.extra.pop(SWEEP_KEY, [])  # the variants' own PNGs must not record the sweep
+    if not (isinstance(recorded, list) and all(isinstance(text, str) for text in recorded)):
+        raise WorkflowError([Problem("bad_override", f"the workflow's '{SWEEP_KEY}' key must be a list of "
+                                     "--sweep arguments (NODE.INPUT=V1,V2,...)")])
     sets = [parse_set(text) for text in args.set]
     workflow = apply_overrides(workflow, sets, catalogue(), Path.cwd())
-    sweeps = [parse_sweep(text) for text in args.sweep]
-    return workflow, sweep_variants(sweeps)
+    sweeps = [parse_sweep(text) for text in (args.sweep or recorded)]
+    return workflow, expand_sweeps(workflow, sweeps, catalogue(), Path.cwd())
 
 
 def _print_problems(problems, as_json: bool, stream=None) -> None:
@@ -210,6 +262,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not main_process:  # under `accelerate launch`: one process writes files and reports, the others train
         output_dir, emit, display = tempfile.mkdtemp(prefix="lora-nodes-rank"), ignore, None
     started = time.perf_counter()
+    if args.sweep or args.workers or args.ray:
+        return _run_sweep(args, output_dir, emit, display, started)
     try:
         workflow, variants = _load(args)
         runner = Runner(output_dir=output_dir, cache_dir=args.cache_dir, emit=emit, main_process=main_process,
@@ -231,6 +285,68 @@ def cmd_run(args: argparse.Namespace) -> int:
     if display is not None:
         print(display.summary(time.perf_counter() - started))
     return EXIT_OK
+
+
+def _run_sweep(args: argparse.Namespace, output_dir: str, emit, display: ProgressDisplay | None,
+               started: float) -> int:
+    """A sweep: every variant (serially, in --workers processes or on --ray), then its grids."""
+    from .engine.sweep_grids import write_sweep_grids
+    from .engine.workers import RunnerOptions, run_sweep
+    from .graph import WorkflowError
+    from .graph.overrides import sweep_variants
+
+    sink = emit if display is None or not (args.workers or args.ray) else _ParallelDisplay(display)
+    try:
+        workflow, sweeps = _load_with_sweeps(args)
+        outcomes = run_sweep(workflow, sweep_variants(sweeps), output_dir,
+                             RunnerOptions(args.cache_dir, not args.no_memory_check), sink, Path.cwd(),
+                             workers=args.workers, ray_address=args.ray)
+    except WorkflowError as exc:
+        if display is None:
+            emit(event("invalid", problems=[p.to_dict() for p in exc.problems]))
+        else:
+            _print_problems(exc.problems, False)
+        return EXIT_INVALID
+    except NodeError as exc:  # --ray without Ray installed
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    grids = [] if args.no_grid else write_sweep_grids(workflow, sweeps, outcomes, output_dir, catalogue())
+    if grids:
+        emit(event("grid", files=grids))
+    failed = [o for o in outcomes if not o.ok]
+    if display is not None:
+        display.files += grids
+        for outcome in failed:
+            where = f"node '{outcome.error['node']}' ({outcome.error['type']}): " if outcome.error["node"] else ""
+            print(f"variant {outcome.label} failed: {where}{outcome.error['message']}", file=sys.stderr)
+        print(display.summary(time.perf_counter() - started))
+        if grids:
+            print("grid" + "s" * (len(grids) > 1) + ": " + ", ".join(grids))
+    if failed:
+        if display is not None:
+            print(f"{len(failed)} of {len(outcomes)} variants failed; the others' files were written.",
+                  file=sys.stderr)
+        return EXIT_RUN_FAILED
+    return EXIT_OK
+
+
+class _ParallelDisplay:
+    """The progress display for variants running side by side: a line per node and per variant done
+    (bars of several variants at once would overwrite each other)."""
+
+    def __init__(self, display: ProgressDisplay):
+        self.display = display
+
+    def __call__(self, ev: dict) -> None:
+        if ev["event"] in ("executing", "progress", "run_start"):
+            return
+        if ev["event"] == "variant_end":
+            self.display.files += ev["files"]
+            state = "done" if ev["ok"] else "failed"
+            print(f"[{ev['done']}/{ev['total']}] variant {ev['variant']} {state} in {ev['seconds']:.1f}s"
+                  f" ({ev['worker']})", file=sys.stderr, flush=True)
+            return
+        self.display(ev)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -302,6 +418,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.main import serve
+
+    return serve(args)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lora_nodes"
 # where named in SAME_LAYER_ORDER. ``nodes.spec`` is the declaration vocabulary: it imports
 # nothing of the package, and any layer declares node inputs with it.
 LAYERS = [
-    {"cli", "cli_display", "comfyui", "__init__"},
+    {"cli", "cli_display", "comfyui", "server", "__init__"},
     {"engine"},
     {"graph"},
     {"nodes", "inspection"},
@@ -27,7 +27,8 @@ LAYERS = [
     {"errors"},
 ]
 # (importer, imported) pairs allowed within one layer
-SAME_LAYER_ORDER = {("cli", "cli_display"), ("cli", "comfyui"), ("__init__", "comfyui"), ("modelfolders", "paths")}
+SAME_LAYER_ORDER = {("cli", "cli_display"), ("cli", "comfyui"), ("cli", "server"), ("server", "comfyui"),
+                    ("__init__", "comfyui"), ("modelfolders", "paths")}
 
 
 def _module_name(path: Path) -> str:

@@ -575,3 +575,10 @@ def test_save_image_writes_comfyuis_pixel_levels_and_save_images_rounds(tmp_path
     ours = list(Image.open(tmp_path / "ours_00001.png").getdata())
     assert [p[0] for p in comfy] == [0, 127, 254, 10]
     assert [p[0] for p in ours] == [0, 128, 255, 11]
+
+
+def test_a_clip_skip_beyond_the_encoders_layers_says_how_many_there_are(tiny):
+    _, clip, _ = load(tiny)
+    layers = tiny.components["text_encoder"].config.num_hidden_layers
+    with pytest.raises(NodeError, match=f"which has {layers}: use a clip skip .* of at most {layers}"):
+        encode(clip.with_last_layer(-(layers + 2)), "a red circle")

@@ -37,7 +37,6 @@ from lora_nodes.nodes import catalogue
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 TINY_LORA = WORKFLOWS / "loras" / "tiny_style.safetensors"  # a real LoRA: LoadLoRA's preflight reads its header
-SHAPES_LORA = WORKFLOWS / "loras" / "shapes_style.safetensors"
 
 
 def put(path: Path, source: Path | None = None) -> Path:
@@ -300,27 +299,27 @@ def test_quickstart_converted_for_comfyui_runs_from_a_models_folder_with_the_sam
     """The issue's portability check: quickstart -> convert --to comfyui-api -> run with --models-dir."""
     reference = _pixels(Runner(output_dir=tmp_path / "reference").run(load_workflow(WORKFLOWS / "quickstart.yaml")).files)
     models = tmp_path / "models"
-    lora = put(models / "loras" / "shapes_style.safetensors", SHAPES_LORA)
+    lora = put(models / "loras" / "purple_star.safetensors", WORKFLOWS / "loras" / "purple_star.safetensors")
     # the quickstart as its user has it: the LoRA named by its absolute path in the models folder
     quickstart = tmp_path / "project" / "quickstart.yaml"
     quickstart.parent.mkdir()
-    quickstart.write_text((WORKFLOWS / "quickstart.yaml").read_text().replace("loras/shapes_style.safetensors",
+    quickstart.write_text((WORKFLOWS / "quickstart.yaml").read_text().replace("loras/purple_star.safetensors",
                                                                                  str(lora)))
     folders = ["--models-dir", str(models)]
     converted = tmp_path / "shared" / "quickstart_api.json"
     assert main(["convert", str(quickstart), "--to", "comfyui-api", "-o", str(converted), *folders]) == 0
     prompt = json.loads(converted.read_text())
     assert [n["inputs"]["path"] for n in prompt.values() if n["class_type"].endswith("LoadLoRA")] == [
-        "shapes_style.safetensors"]  # as ComfyUI lists it in its loras choices
+        "purple_star.safetensors"]  # as ComfyUI lists it in its loras choices
     elsewhere = tmp_path / "another_machine"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert main(["run", str(converted), *folders, "--output-dir", str(tmp_path / "converted")]) == 0
     for name, pixels in _pixels([str(p) for p in (tmp_path / "converted").rglob("*.png")]).items():
         assert np.array_equal(pixels, reference[name]), name
-    assert len(reference) == 3
+    assert len(reference) == 4  # the grid and the blue square's three pictures
     # our chunk, ComfyUI's prompt and graph, A1111's parameters: the run resolved the name to the file's
     # absolute path, and wrote the name back
     texts = _chunk_texts(tmp_path / "converted")
     assert not [text for text in texts if str(models) in text or str(models.resolve()) in text]
-    assert sum('"shapes_style.safetensors"' in text for text in texts) == 3 * 3  # 3 PNGs, 3 workflow chunks
+    assert sum('"purple_star.safetensors"' in text for text in texts) == 4 * 3  # 4 PNGs, 3 workflow chunks

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..errors import NodeError
+
 if TYPE_CHECKING:
     from ..families import Family, TextEncoder
     from .base import BaseModel
@@ -203,6 +205,10 @@ def encode_clip(base: BaseModel, encoder: TextEncoder, pieces: Sequence[tuple[st
     if normalize and layer == -1:
         states = output.last_hidden_state
     else:
+        layers = len(output.hidden_states) - 1  # the embeddings' output comes first
+        if -layer > layers:
+            raise NodeError(f"the prompt is to be read {-layer} layers from the end of {encoder.component}, which has "
+                            f"{layers}: use a clip skip (or CLIPSetLastLayer) of at most {layers} (-{layers})")
         states = output.hidden_states[layer]
         if normalize:
             states = getattr(model, "text_model", model).final_layer_norm(states)  # transformers 4 nests it

@@ -11,7 +11,7 @@ from .spec import Catalogue
 def catalogue() -> Catalogue:
     """All node types a workflow may use, by id: ours, then the ComfyUI core nodes we run headless."""
     # deferred: the node modules import torch; ``nodes.spec`` alone (declarations) must stay cheap
-    from . import base, bridge, dataset, images, lora, merge, sample, save, train
+    from . import base, bridge, dataset, grid, images, lora, merge, sample, save, train
     from .core import core_specs
 
     return Catalogue([
@@ -21,6 +21,7 @@ def catalogue() -> Catalogue:
         lora.lora_stack,
         lora.apply_lora_stack,
         *bridge.SPECS,
+        grid.grid_node,
         sample.sample,
         images.save_images,
         save.save_lora,

@@ -26,7 +26,7 @@ from .nodes import catalogue
 EXAMPLES = """\
 examples:
   lora-nodes run workflows/quickstart.yaml
-  lora-nodes run workflows/quickstart.yaml --set style.path=my_style.safetensors
+  lora-nodes run workflows/quickstart.yaml --set star.path=my_style.safetensors
   lora-nodes run workflows/strength_sweep.yaml --sweep styled.strength_model=0,0.5,1
   lora-nodes run workflows/strength_sweep.yaml --sweep styled.strength_model=0,0.5,1 \
       --sweep images.seed=1,2 --workers 2   # a labelled grid; variants in 2 worker processes
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file")
     _add_override_args(validate)
     _add_sweep_arg(validate)
+    _add_sweep_run_args(validate)  # accepted so that a run command validates as it is (they change no check)
     _add_folder_args(validate)
     validate.add_argument("--json", action="store_true", help="print the problems as a JSON list")
 

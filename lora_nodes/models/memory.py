@@ -107,7 +107,7 @@ def free_memory(device: torch.device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type == "cpu":
-        available = _mem_available()
+        available = mem_available()
         limit = _cgroup_available()
         if available is None or limit is None:
             return available if limit is None else limit
@@ -115,7 +115,8 @@ def free_memory(device: torch.device) -> int | None:
     return None  # MPS and others: unified or unknown memory, no reliable number
 
 
-def _mem_available() -> int | None:
+def mem_available() -> int | None:
+    """Bytes of memory available to new work (Linux's MemAvailable), or None where the system does not say."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

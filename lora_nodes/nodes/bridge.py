@@ -25,15 +25,10 @@ from ..lora.recipe import AppliedLoRA, ModelRecipe
 from ..models.hosted import HOST_DENOISER_PREFIX, HostedModel, hosted_model
 from .core.loaders import add_lora
 from .core.values import ClipRecipe
-from .lora import apply_lora_preflight, apply_lora_stack_preflight
-from .spec import CLIP, CORE_MODEL, FLOAT, LORA, LORA_STACK, Input, Output, node
+from .lora import apply_lora_preflight, apply_lora_stack_preflight, strength
+from .spec import CLIP, CORE_MODEL, LORA, LORA_STACK, Input, Output, node
 
 ADAPTER_MODULE = "comfy.weight_adapter"  # ComfyUI's weight adapters (v0.3.30 and later): our patches join them
-
-
-def _strength(what: str) -> Input:
-    return Input(FLOAT, min=-10.0, max=10.0, step=0.01,
-                 description=f"how strongly the LoRA changes the {what}; 0 leaves it as it was, negative inverts")
 
 
 MODEL_INPUT = Input(CORE_MODEL, description="the diffusion model (ComfyUI's MODEL, e.g. from Load Checkpoint)")
@@ -55,8 +50,8 @@ def apply_lora_to_model(
     model: Annotated[Any, MODEL_INPUT],
     lora: Annotated[LoRA, Input(LORA, description="a LoRA from our nodes: Load LoRA, Merge, Resize, Extract, Train")],
     clip: Annotated[Any, CLIP_INPUT] = None,
-    strength_model: Annotated[float, _strength("diffusion model (the picture)")] = 1.0,
-    strength_clip: Annotated[float, _strength("text encoders (how the prompt is read)")] = 1.0,
+    strength_model: Annotated[float, strength("diffusion model (the picture)")] = 1.0,
+    strength_clip: Annotated[float, strength("text encoders (how the prompt is read)")] = 1.0,
 ):
     """Apply one of our LoRAs to ComfyUI's MODEL and CLIP, as ComfyUI's Load LoRA applies a file:
     any format we read (LyCORIS, DoRA, merged or trained here), placed by our rules."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write, atomic_write_text, is_our_temporary, tidy_folder
+from ..modelfolders import name_parts
 
 DEFAULT_USER = "default"
 SETTINGS_FILE = "comfy.settings.json"  # the name the editor's backend keeps settings under
@@ -52,10 +53,8 @@ def confined(root: Path, relative: str) -> Path:
     (through a symlink) outside ``root``. A ``%`` is part of the name: decoding again would turn a
     file called ``100%25.json`` into another one.
     """
-    name = relative
-    parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
-    if (not parts or "\0" in name or name.startswith(("/", "\\", "~")) or (len(name) > 1 and name[1] == ":")
-            or ".." in parts):
+    parts = name_parts(relative)  # the model folders' rule for a name inside a folder
+    if parts is None:
         raise OutsideFolder(f"{relative!r} is not a path inside the folder")
     root = root.resolve()
     path = root.joinpath(*parts)

@@ -1,7 +1,9 @@
 """The ``lora-nodes`` command line: run, validate, nodes, inspect.
 
-Each command imports the heavy parts it needs when it runs (the workflow graph, the scheduler, the
-inspector: they bring networkx, torch and diffusers), so ``lora-nodes --help`` does not wait for them.
+Each command imports the parts it needs when it runs, so ``lora-nodes --help`` does not wait for them.
+``validate``, ``nodes`` and ``convert`` import no model library at all (torch, diffusers, numpy, PIL): the
+node catalogue is declarations, and validation reads file headers only; ``run``, ``inspect`` and ``serve``
+bring torch and diffusers.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import time
 import traceback
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .cli_display import ProgressDisplay
 from .engine.events import JsonLines, event, ignore
 from .errors import NodeError
 from .fileio import atomic_write_text
 from .modelfolders import MODELS_DIR_VARIABLE, FolderSetupError, configured, using_folders
 from .nodes import catalogue
+
+if TYPE_CHECKING:
+    from .cli_display import ProgressDisplay
 
 EXAMPLES = """\
 examples:
@@ -253,6 +258,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .cli_display import ProgressDisplay
     from .engine.scheduler import RunFailed, Runner
     from .graph import WorkflowError
 
@@ -268,7 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         workflow, variants = _load(args)
         runner = Runner(output_dir=output_dir, cache_dir=args.cache_dir, emit=emit, main_process=main_process,
-                        check_memory=not args.no_memory_check)
+                        check_memory=not args.no_memory_check, one_shot=True)
         runner.run_variants(workflow, variants, cwd=Path.cwd())
     except WorkflowError as exc:
         if jsonl:

@@ -8,6 +8,9 @@ Cheap checks (validation's preflights, ``inspect``, telling a LoRA from a model)
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ class TensorFileHeader:
 
 @contextmanager
 def _named_failures(path: Path) -> Iterator[None]:
-    """Turn whatever safetensors raises for a damaged, truncated or foreign file into
+    """Turn whatever reading a damaged, truncated or foreign file raises (here, or in safetensors) into
     :class:`UnreadableTensorFile` naming it."""
     from safetensors import SafetensorError  # deferred, as torch's own loaders are
 
@@ -41,16 +44,104 @@ def _named_failures(path: Path) -> Iterator[None]:
                                    f"{exc}") from exc
 
 
+# The safetensors format (huggingface/safetensors): an 8-byte little-endian header length N, N bytes of
+# UTF-8 JSON ({name: {"dtype", "shape", "data_offsets": [begin, end]}}, and an optional "__metadata__"
+# of strings), then the tensors' bytes, which the offsets must cover exactly, in order.
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers
+DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+              "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+              "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+_USIZE_MAX = 2**64 - 1
+METADATA_KEY = "__metadata__"
+
+
 def read_header(path: str | Path) -> TensorFileHeader:
     """The header of a ``.safetensors`` file; :class:`UnreadableTensorFile` when it is damaged,
-    truncated or not one (no weights are read)."""
-    from safetensors import safe_open
+    truncated or not one (no weights are read).
 
+    Read here in plain Python, checked as the safetensors library checks a header before it reads a
+    tensor (the tests hold the two to the same verdicts): that library opens a file only for a
+    framework, which it imports (torch; numpy), and validation must not wait for either.
+    """
     path = Path(path)
-    with _named_failures(path), safe_open(str(path), framework="pt", device="cpu") as f:
-        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
-        metadata = dict(f.metadata() or {})
+    with _named_failures(path), open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{size} bytes, less than the 8 of a header length")
+        length = int.from_bytes(f.read(8), "little")
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise ValueError(f"a header length of {length} bytes, in a file of {size}")
+        return _parsed_header(json.loads(f.read(length).decode("utf-8")), size - 8 - length)
+
+
+def _parsed_header(header: object, data_bytes: int) -> TensorFileHeader:
+    """The shapes (by name, as safetensors lists keys) and metadata of a header's JSON, after checking it."""
+    if not isinstance(header, dict):
+        raise TypeError("the header is not a JSON object")
+    metadata = header.pop(METADATA_KEY, None)
+    metadata = {} if metadata is None else metadata
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise TypeError(f"its {METADATA_KEY} is not a map of strings")
+    shapes = {name: _checked_shape(name, entry) for name, entry in sorted(header.items())}
+    _check_offsets(header, data_bytes)
     return TensorFileHeader(shapes, metadata)
+
+
+def _is_usize(value: object) -> bool:
+    return type(value) is int and 0 <= value <= _USIZE_MAX
+
+
+def _checked_shape(name: str, entry: object) -> list[int]:
+    """A header entry's shape, after checking its dtype, shape and offsets are well-formed and agree."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise ValueError(f"tensor '{name}' lacks its dtype, shape or data_offsets")
+    shape, offsets, bits = entry["shape"], entry["data_offsets"], DTYPE_BITS.get(entry["dtype"])
+    if bits is None:
+        raise ValueError(f"tensor '{name}' has an unknown dtype {entry['dtype']!r}")
+    if not (isinstance(shape, list) and all(_is_usize(n) for n in shape)):
+        raise ValueError(f"tensor '{name}' has a malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_usize(n) for n in offsets)):
+        raise ValueError(f"tensor '{name}' has malformed data_offsets {offsets!r}")
+    bit_count = math.prod(shape) * bits
+    if bit_count % 8 or offsets[1] - offsets[0] != bit_count // 8:
+        raise ValueError(f"tensor '{name}': {entry['dtype']} {shape} does not fill bytes {offsets}")
+    return shape
+
+
+def _check_offsets(header: dict[str, dict], data_bytes: int) -> None:
+    """The tensors' byte ranges must follow one another from 0 and end where the file does."""
+    end = 0
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        begin, stop = entry["data_offsets"]
+        if begin != end or stop < begin:
+            raise ValueError(f"tensor '{name}' has invalid data_offsets {[begin, stop]}")
+        end = stop
+    if end != data_bytes:
+        raise ValueError(f"the tensors' data ends at byte {end} but the file holds {data_bytes} after the header")
+
+
+@dataclass(frozen=True)
+class HeaderTensor:
+    """A tensor as a header tells it: a shape, no values. What ``torch.empty(shape, device="meta")`` is to
+    the checks that read shapes only (a LoRA's structure), without importing torch."""
+
+    shape: tuple[int, ...]
+    is_meta = True  # no values, as a ``meta`` tensor
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def header_tensors(header: TensorFileHeader) -> dict[str, HeaderTensor]:
+    """Each tensor of ``header`` as a :class:`HeaderTensor` (its shape)."""
+    return {name: HeaderTensor(tuple(shape)) for name, shape in header.shapes.items()}
 
 
 def read_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:

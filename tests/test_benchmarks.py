@@ -57,3 +57,10 @@ def test_train_speed_benchmark_prints_its_table(capsys):
         assert row in out
     assert "steps/s" in out and "peak MB" in out
     assert all(f["steps_per_s"] > 0 and f["peak_mb"] > 0 for f in figures.values())
+
+
+def test_quick_commands_benchmark_prints_its_table(capsys):
+    figures = load("quick_commands").main(["--repeats", "1", "--mode", "source", "--no-warm-up"])
+    out = capsys.readouterr().out
+    assert "lora-nodes validate workflows/quickstart.yaml" in out and 'python -c "import torch"' in out
+    assert all(row["median"] > 0 and row["cpu"] > 0 for row in figures["source"].values())

@@ -102,8 +102,6 @@ class FullDisk:
     def _inject(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import safetensors.torch
 
-        import lora_nodes.nodes.train as train_node
-
         real_save, real_write = safetensors.torch.save_file, checkpoint._write
 
         def save_file(tensors, filename, metadata=None):
@@ -121,8 +119,7 @@ class FullDisk:
             except OSError:
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 305216 vs 305104")
 
-        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-        monkeypatch.setattr(train_node, "save_file", save_file)
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)  # TrainLoRA imports it when it saves
         monkeypatch.setattr(checkpoint, "_write", write_checkpoint)
 
 

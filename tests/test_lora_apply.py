@@ -161,3 +161,35 @@ def test_pickle_files_never_run_code(tmp_path):
     tensors = {"lora_unet_x.lora_down.weight": torch.ones(1, 2), "lora_unet_x.lora_up.weight": torch.ones(2, 1)}
     torch.save(tensors, tmp_path / "plain.pt")
     assert read_lora(tmp_path / "plain.pt").modules["lora_unet_x"].rank == 1
+
+
+def test_a_final_patch_is_in_place_and_equals_the_kept_one(write_lora, tiny):
+    """The last use of a one-shot run patches in place: no new memory, the very same weights as the
+    patch that keeps the original, and the original is then refused, never silently wrong."""
+    from lora_nodes.lora.patcher import OriginalGone
+    from lora_nodes.models.loading import load_base
+
+    first, second = read_lora(write_lora("a", seed=11)), read_lora(write_lora("b", seed=12, rank=2))
+    stacked = (AppliedLoRA(first, 0.8, 0.5), AppliedLoRA(second, -0.3, 1.0))
+    single = (AppliedLoRA(first, 0.6, 0.4),)
+    for applied in (stacked, single):
+        kept_base, final_base = (load_base("builtin:tiny", dtype="float32", device="cpu") for _ in range(2))
+        before = {name: p.detach().clone() for name, p in final_base.unet.named_parameters()}
+        storage = {name: p.data_ptr() for name, p in final_base.unet.named_parameters()}
+        ModelRecipe(kept_base, applied).materialize()
+        ModelRecipe(final_base, applied).materialize(final=True)
+        kept, final = dict(kept_base.unet.named_parameters()), dict(final_base.unet.named_parameters())
+        assert all(torch.equal(final[name], kept[name]) for name in kept)
+        assert {name: p.data_ptr() for name, p in final.items()} == storage  # nothing allocated
+        changed = [name for name in before if not torch.equal(before[name], final[name])]
+        assert Q[5:] + ".weight" in changed
+        expected = before[Q[5:] + ".weight"].double()
+        for one in applied:
+            module = check_placement(one.lora, final_base).placed[Q]
+            expected = expected + one.strength_model * module.scale * (module.up.double() @ module.down.double())
+        got = final[Q[5:] + ".weight"].double()
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+        with pytest.raises(OriginalGone):
+            ModelRecipe(final_base).materialize()
+        with pytest.raises(OriginalGone):
+            patcher_of(final_base).original(Q)

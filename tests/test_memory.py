@@ -208,3 +208,58 @@ def test_refused_sample_says_what_is_free(tiny, monkeypatch):
     with pytest.raises(NodeError, match=r"Sample at 64x48 \(2 images.*needs about \d+ MB.*only 10 MB of RAM"):
         check_sample(tiny, 64, 48, 2, 7.0)
     check_sample(tiny, 64, 48, 2, 7.0, enabled=False)
+
+
+# --------------------------------------------------------------------------- sweeps share one set of patched weights
+
+
+SWEEP = """
+nodes:
+  base:   {{type: LoadBase, inputs: {{source: "builtin:tiny", device: cpu, dtype: float32}}}}
+  style:  {{type: LoadLoRA, inputs: {{path: "{lora}"}}}}
+  styled: {{type: ApplyLoRA, inputs: {{model: [base, model], lora: [style, lora], strength_model: 1.0}}}}
+  images: {{type: Sample, inputs: {{model: [styled, model], prompt: "a red circle", steps: 1, width: 32, height: 32}}}}
+  save:   {{type: SaveImages, inputs: {{images: [images, images], prefix: sweep}}}}
+"""
+
+
+def live_storages_by_shape() -> dict[tuple[int, ...], set[int]]:
+    """Every tensor storage Python holds now, by the shape of a tensor on it (its address as the id)."""
+    import gc
+
+    gc.collect()
+    storages: dict[tuple[int, ...], set[int]] = {}
+    for obj in gc.get_objects():  # type(), not isinstance(): some objects warn when asked their __class__
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and obj.layout == torch.strided:
+            storages.setdefault(tuple(obj.shape), set()).add(obj.untyped_storage().data_ptr())
+    return storages
+
+
+def test_a_strength_sweep_keeps_one_set_of_patched_weights_however_many_variants(tmp_path):
+    # what a long sweep would grow by, were each variant to keep weights of its own: storages of the
+    # LoRA's target weights' shapes alive after each variant
+    from conftest import EXAMPLE_LORA
+
+    from lora_nodes.graph.overrides import parse_sweep, sweep_variants
+
+    workflow = load_workflow(write_workflow(tmp_path, SWEEP.format(lora=EXAMPLE_LORA)))
+    ended: list[int] = []
+    seen: list[dict[tuple[int, ...], set[int]]] = []
+
+    def at_variant_end(ev: dict) -> None:  # after the first variant and after the last
+        if ev["event"] == "run_end":
+            ended.append(1)
+            if len(ended) in (1, 4):
+                seen.append(live_storages_by_shape())
+
+    runner = Runner(output_dir=tmp_path / "out", emit=at_variant_end)
+    variants = sweep_variants([parse_sweep("styled.strength_model=0.25,0.5,0.75,1")])
+    results = runner.run_variants(workflow, variants)
+    recipe = results[0].outputs["styled"][0]
+    target_shapes = {tuple(recipe.base.lora_targets[t].weight.shape) for t in recipe.patch_plan()}
+    assert len(ended) == 4 and target_shapes
+    first, last = seen
+    for shape in target_shapes:  # each shape: the base's own weights of it, plus one buffer per target patched
+        assert last[shape] == first[shape], shape
+    images = [r.outputs["images"][0] for r in results]
+    assert all(not torch.equal(images[0], other) for other in images[1:])  # every strength drew its own picture

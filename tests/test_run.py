@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from conftest import EXAMPLE_LORA, write_workflow
 from PIL import Image
 
@@ -220,3 +221,39 @@ def test_bad_override_yaml_is_invalid_input_not_a_crash(tmp_path, capsys):
     assert "bad_override" in capsys.readouterr().err
     assert main(["validate", str(path), "--set", "images.width=30"]) == 2
     assert "not a multiple of 8" in capsys.readouterr().err
+
+
+TWO_DRAWINGS = """
+format: lora-nodes/1
+nodes:
+  base:   {type: LoadBase}
+  lora:   {type: LoadLoRA, inputs: {path: style.safetensors}}
+  styled: {type: ApplyLoRA, inputs: {model: [base, model], lora: [lora, lora], strength_model: 0.8}}
+  FIRST:  {type: Sample, inputs: {model: [styled, model], prompt: "a red circle", seed: 1, steps: 2}}
+  SECOND: {type: Sample, inputs: {model: [base, model], prompt: "a red circle", seed: 1, steps: 2}}
+  save_a: {type: SaveImages, inputs: {images: [FIRST, images], prefix: styled}}
+  save_b: {type: SaveImages, inputs: {images: [SECOND, images], prefix: plain}}
+"""
+
+
+def test_a_run_from_the_command_line_draws_what_a_kept_runner_draws(tmp_path):
+    """`lora-nodes run` patches weights in place for their last use (nothing is kept after it): with
+    the styled model drawn first or last, its pictures equal those of a runner that keeps its models."""
+    shutil.copy(EXAMPLE_LORA, tmp_path / "style.safetensors")
+    for first, second in (("a_styled", "b_plain"), ("b_styled", "a_plain")):
+        path = write_workflow(tmp_path, TWO_DRAWINGS.replace("FIRST", first).replace("SECOND", second))
+        cli_out, kept_out = tmp_path / f"cli_{first}", tmp_path / f"kept_{first}"
+        assert main(["run", str(path), "--output-dir", str(cli_out)]) == 0
+        Runner(output_dir=kept_out).run(load_workflow(path))
+        for name in ("styled_00001.png", "plain_00001.png"):
+            assert np.array_equal(np.asarray(Image.open(cli_out / name)), np.asarray(Image.open(kept_out / name)))
+        styled, plain = (np.asarray(Image.open(cli_out / n)).astype(int) for n in ("styled_00001.png", "plain_00001.png"))
+        assert np.abs(styled - plain).mean() > 1  # the LoRA shows
+
+
+def test_a_one_shot_runner_runs_once(tmp_path):
+    runner = Runner(output_dir=tmp_path / "out", one_shot=True)
+    workflow = load_workflow(setup_folder(tmp_path))
+    runner.run(workflow)
+    with pytest.raises(RuntimeError, match="one-shot"):
+        runner.run(workflow)

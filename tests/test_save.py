@@ -331,3 +331,9 @@ nodes:
     Runner(nodes, output_dir=tmp_path / "out", emit=events).run(load_workflow(workflow))
     files = sorted(f for e in events.of("executed") for f in e.get("files", []))
     assert files == [str(tmp_path / "out" / "converted.safetensors"), str(tmp_path / "out" / "merged.safetensors")]
+    # as `lora-nodes run` runs it: SaveModel is the last to use the weights and patches them in place
+    alone = tmp_path / "alone.yaml"
+    alone.write_text("\n".join(line for line in workflow.read_text().splitlines() if "SaveLoRA" not in line))
+    Runner(nodes, output_dir=tmp_path / "once", one_shot=True).run(load_workflow(alone))
+    kept, once = (load_file(str(tmp_path / folder / "merged.safetensors")) for folder in ("out", "once"))
+    assert kept.keys() == once.keys() and all(torch.equal(kept[k], once[k]) for k in kept)

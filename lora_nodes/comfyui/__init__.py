@@ -8,10 +8,8 @@ describes it, which ``lora-nodes nodes --json`` prints), loads without building 
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,8 @@ REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"  # the r
 
 def missing_requirements(requirements: Path = REQUIREMENTS) -> list[str]:
     """The distributions ``requirements`` names that are not installed (none when there is no such file)."""
+    from importlib import metadata  # deferred: ``import lora_nodes`` must stay cheap (the CLI imports it)
+
     try:
         lines = requirements.read_text(encoding="utf-8").splitlines()
     except OSError:
@@ -38,6 +38,8 @@ def missing_requirements(requirements: Path = REQUIREMENTS) -> list[str]:
 def report_missing_requirements(requirements: Path = REQUIREMENTS) -> list[str]:
     """At ComfyUI's start-up: one log line naming what is missing and the pip command that installs it
     (rather than a ModuleNotFoundError at a node's first use). Returns the missing names."""
+    import logging
+
     missing = missing_requirements(requirements)
     if missing:
         logging.getLogger("lora_nodes").warning(

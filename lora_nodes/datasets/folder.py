@@ -20,13 +20,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from PIL import Image, ImageOps
+from typing import TYPE_CHECKING, Any
 
 from ..errors import NodeError
+
+if TYPE_CHECKING:  # annotations only: validation imports this module, and must not import torch or PIL
+    import numpy as np
+    import torch
+    from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 """The image files a dataset folder is searched for (any letter case)."""
@@ -110,6 +111,8 @@ class Dataset:
         batches of up to ``batch_size``, and the batches shuffled: the same (seed, epoch) always
         gives the same batches, on any machine.
         """
+        import torch
+
         if len(examples) != len(self.items):
             raise ValueError(f"expected the {len(self.items)} examples of this dataset, got {len(examples)}")
         if batch_size < 1:
@@ -132,6 +135,8 @@ class Dataset:
         ``generator``), the first ``keep_tokens`` staying in place, and joined with ", "
         (kohya's shuffle_caption); otherwise the raw caption.
         """
+        import torch
+
         if not self.shuffle_captions:
             return example.caption
         tags = [tag.strip() for tag in example.caption.split(",")]
@@ -293,6 +298,9 @@ def read_image(path: str | Path) -> np.ndarray:
 
     Decodes the whole file, so a truncated or corrupt image fails here with its name.
     """
+    import numpy as np
+    from PIL import Image, ImageOps
+
     try:
         with Image.open(path) as opened:
             opened.load()
@@ -307,6 +315,9 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    import numpy as np
+    from PIL import Image
+
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # 16-bit greys: PIL's convert("RGB") would clip them to white; scale to 8 bits instead.
         values = np.asarray(image, dtype=np.float32)
@@ -365,6 +376,10 @@ def _lcm(a: int, b: int) -> int:
 
 def _example(item: DatasetItem, resolution: int, crop: str, step: int = 0) -> Example:
     """Resize ``item`` to cover its target size (keeping its aspect ratio), then crop the middle."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     height, width = item.image.shape[:2]
     target_width, target_height = target_size(height, width, resolution, crop, step)
     scale = max(target_width / width, target_height / height)

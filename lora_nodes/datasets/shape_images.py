@@ -15,9 +15,11 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-from PIL import Image, ImageDraw
+if TYPE_CHECKING:  # annotations only: validation imports this module, and must not import torch or PIL
+    import numpy as np
+    from PIL import Image
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -74,6 +76,8 @@ def _star_points(x: float, y: float, size: float) -> list[tuple[float, float]]:
 
 def render(spec: ShapeSpec, image_size: int = 64, supersample: int = 4) -> Image.Image:
     """Draw one image (RGB, ``image_size`` square), antialiased by drawing larger and shrinking."""
+    from PIL import Image, ImageDraw
+
     scale = supersample
     canvas = Image.new("RGB", (image_size * scale, image_size * scale), BACKGROUNDS[spec.background])
     draw = ImageDraw.Draw(canvas)
@@ -106,6 +110,8 @@ def make_dataset(count: int, seed: int = 0, colours: Sequence[str] = BASE_COLOUR
                  shapes: Sequence[str] = BASE_SHAPES, backgrounds: Sequence[str] = tuple(BACKGROUNDS),
                  image_size: int = 64) -> tuple[np.ndarray, list[str], list[ShapeSpec]]:
     """``count`` images (uint8 ``[count, size, size, 3]``), their captions and specs; same seed, same data."""
+    import numpy as np
+
     rng = random.Random(seed)
     specs = [random_spec(rng, colours, shapes, backgrounds, image_size) for _ in range(count)]
     images = np.stack([np.asarray(render(spec, image_size)) for spec in specs])
@@ -114,6 +120,8 @@ def make_dataset(count: int, seed: int = 0, colours: Sequence[str] = BASE_COLOUR
 
 def _largest_blob(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected region of a boolean mask (a small flood fill; images are tiny)."""
+    import numpy as np
+
     height, width = mask.shape
     labels = np.zeros(mask.shape, dtype=np.int32)
     best, best_size, current = 0, 0, 0
@@ -145,6 +153,8 @@ def classify(image: np.ndarray, background: str = "white", colours: Sequence[str
     bounding box its largest connected region fills (circle ~0.79, square 1, triangle 0.5,
     star ~0.38). Leave ``star`` out of ``shapes`` to read anything below a triangle's fill as a triangle.
     """
+    import numpy as np
+
     pixels = np.asarray(image, dtype=np.float32)
     if pixels.max() > 1.5:
         pixels = pixels / 255.0

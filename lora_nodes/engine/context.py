@@ -31,6 +31,9 @@ class NodeContext:
     files: list[str] = field(default_factory=list)
     cache_key: str = ""  # this node's cache key: names its work folders under cache_dir
     check_memory: bool = True  # refuse work estimated not to fit in memory (off: --no-memory-check)
+    # nothing after this node will use a model's weights in this process (the last one of a one-shot
+    # run): a node that patches a model's weights for itself may patch them in place (lora.patcher)
+    last_weight_use: bool = False
 
     def work_dir(self, kind: str) -> Path | None:
         """A folder under the cache dir that belongs to this node's exact inputs (e.g. checkpoints).

@@ -10,12 +10,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import NodeError
+from ..fileio import atomic_write_text
 from ..paths import scan_tree
+from ..tensorfiles import file_sha256
 
 if TYPE_CHECKING:
     from ..nodes.spec import NodeSpec
 
 CONTENT_HASH_LIMIT = 64 * 2**20  # files up to this size are hashed by content; larger by size and mtime
+REMEMBERED_FROM = 2**20  # files at least this big have their hashes remembered across processes
+STORE_ENTRIES = 20_000  # files remembered in a digest store; the least recently hashed are forgotten first
+
+Version = tuple[int, int, int, int]  # what tells a file's versions apart: size, mtime, ctime, inode
 
 
 def digest(data: Any) -> str:
@@ -24,22 +31,100 @@ def digest(data: Any) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
-class Fingerprints:
-    """File fingerprints, each content hash computed once per file version in a process (and other
-    hashes of a file, :meth:`hashed`, likewise)."""
+def file_version(status: os.stat_result) -> Version:
+    """A file's version as ``os.stat`` tells it. The change time is in it because no tool can set
+    it back: a file rewritten with its old size and modification time (``cp -p``, ``rsync -t``)
+    is still a new version."""
+    return status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino
 
-    def __init__(self) -> None:
-        self._hashes: dict[tuple[str, int, int], str] = {}
-        self._other: dict[tuple[str, str, int, int], str] = {}
+
+class DigestStore:
+    """File hashes remembered across processes, in one JSON file (the cache dir's ``file-digests.json``):
+    a big LoRA or model is hashed once per version, not once per run.
+
+    Entries are keyed by path and version (:func:`file_version`); a file that changed in any way is
+    hashed again. Unreadable or damaged stores count as empty, and failing to write one only costs
+    the next run the hashing: it is a cache. Writes merge with what other processes wrote meanwhile
+    and replace the file atomically.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._entries: dict[str, dict[str, Any]] | None = None  # read on first use
+        self._new: dict[str, dict[str, Any]] = {}
+
+    def get(self, path: str, version: Version, what: str) -> str | None:
+        entry = self._read().get(path)
+        if entry and entry.get("version") == list(version):
+            value = entry.get("digests", {}).get(what)
+            return value if isinstance(value, str) else None
+        return None
+
+    def put(self, path: str, version: Version, what: str, value: str) -> None:
+        entries = self._read()
+        entry = entries.get(path)
+        if not entry or entry.get("version") != list(version):
+            entry = {"version": list(version), "digests": {}}
+        entry["digests"][what] = value
+        entries.pop(path, None)
+        entries[path] = self._new[path] = entry  # last in the order: forgotten last
+
+    def save(self) -> None:
+        """Write what this process added, merged into what the file holds now."""
+        if not self._new:
+            return
+        entries = {**self._load(), **self._new}
+        entries = dict(list(entries.items())[-STORE_ENTRIES:])
+        try:
+            atomic_write_text(self.path, json.dumps(entries, separators=(",", ":")))
+        except (OSError, NodeError):
+            pass  # only a cache: the next run hashes again
+        self._new.clear()
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        if self._entries is None:
+            self._entries = self._load()
+        return self._entries
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in entries.items() if isinstance(v, dict) and isinstance(v.get("digests"), dict)} \
+            if isinstance(entries, dict) else {}
+
+
+class Fingerprints:
+    """File fingerprints, each hash of a file computed once per file version in a process, and, with
+    a :class:`DigestStore`, once per file version across processes for files of a MiB or more."""
+
+    def __init__(self, store: DigestStore | None = None) -> None:
+        self._hashes: dict[tuple[str, str, Version], str] = {}
+        self.store = store
 
     def hashed(self, path: str | Path, compute: Callable[[Path], str]) -> str:
         """``compute(path)`` (a hash of the file, e.g. A1111's sha256 of a model), computed once per
-        file version (path, size, mtime) in a process: a big model is read once, not per image."""
-        status = os.stat(path)
-        version = (f"{compute.__module__}.{compute.__qualname__}", str(path), status.st_size, status.st_mtime_ns)
-        if version not in self._other:
-            self._other[version] = compute(Path(path))
-        return self._other[version]
+        file version (:func:`file_version`): a big model is read once, not per image or per run."""
+        return self._hashed(str(path), file_version(os.stat(path)), compute)
+
+    def _hashed(self, path: str, version: Version, compute: Callable[[Path], str]) -> str:
+        what = f"{compute.__module__}.{compute.__qualname__}"
+        known = self._hashes.get((what, path, version))
+        if known is None:
+            remembered = self.store is not None and version[0] >= REMEMBERED_FROM
+            known = self.store.get(path, version, what) if remembered else None
+            if known is None:
+                known = compute(Path(path))
+                if remembered:
+                    self.store.put(path, version, what, known)
+            self._hashes[(what, path, version)] = known
+        return known
+
+    def save(self) -> None:
+        """Keep the hashes computed so far for other processes (where there is a store)."""
+        if self.store is not None:
+            self.store.save()
 
     def __call__(self, path: str | Path) -> dict[str, Any]:
         """What identifies a file's version: path, size, mtime, and its content hash where cheap.
@@ -57,10 +142,7 @@ class Fingerprints:
         if not stat.S_ISREG(status.st_mode):
             return fp | {"mode": stat.S_IFMT(status.st_mode)}
         if status.st_size <= CONTENT_HASH_LIMIT:
-            version = (str(path), status.st_size, status.st_mtime_ns)
-            if version not in self._hashes:
-                self._hashes[version] = content_hash(path)
-            fp["blake2b"] = self._hashes[version]
+            fp["sha256"] = self._hashed(str(path), file_version(status), file_sha256)
         return fp
 
 
@@ -71,15 +153,7 @@ def content_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """
     if "files" in fingerprint:
         return {"files": [content_fingerprint(f) | {"path": f["path"]} for f in fingerprint["files"]]}
-    return {k: v for k, v in fingerprint.items() if k in ("size", "blake2b")}
-
-
-def content_hash(path: str | Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return {k: v for k, v in fingerprint.items() if k in ("size", "sha256")}
 
 
 def node_key(node_type: str, version: int, literals: dict[str, Any],

@@ -18,11 +18,17 @@ from ..graph.problems import WorkflowError
 from ..graph.validate import BoundNode, bind
 from ..graph.workflow import Workflow
 from ..nodes import catalogue as default_catalogue
-from ..nodes.spec import Catalogue
+from ..nodes.spec import CLIP, CORE_MODEL, MODEL, Catalogue
 from .context import NodeContext, NodeError
 from .diskcache import DiskCache
 from .events import EventSink, event, ignore
-from .keys import Fingerprints, spec_key
+from .keys import DigestStore, Fingerprints, spec_key
+
+# the types whose values share a base model's weights (a recipe over it): the nodes that take one use them
+WEIGHT_TYPES = frozenset({MODEL, CORE_MODEL, CLIP})
+
+
+DIGESTS_FILE = "file-digests.json"  # in the cache dir: hashes of big files, kept across runs
 
 
 class RunFailed(Exception):
@@ -44,6 +50,13 @@ class RunResult:
     seconds: float = 0.0
 
 
+def last_weight_user(bound: dict[str, BoundNode], order: list[str]) -> str | None:
+    """The last node in ``order`` given a model (a linked input of a weight type), if any."""
+    users = [node_id for node_id in order
+             if any(decl.type in WEIGHT_TYPES and decl.name in bound[node_id].links for decl in bound[node_id].spec.inputs)]
+    return users[-1] if users else None
+
+
 def execution_order(bound: dict[str, BoundNode]) -> list[str]:
     """The nodes that output nodes need, each after its inputs, in a stable order."""
     graph = bound_graph(bound)
@@ -60,16 +73,20 @@ class Runner:
 
     def __init__(self, catalogue: Catalogue | None = None, output_dir: str | Path = "outputs",
                  cache_dir: str | Path | None = None, emit: EventSink = ignore, main_process: bool = True,
-                 check_memory: bool = True):
+                 check_memory: bool = True, one_shot: bool = False):
         self.catalogue = catalogue or default_catalogue()
         self.output_dir = Path(output_dir)
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "lora-nodes"
         self.emit = emit
         self.main_process = main_process  # in data-parallel training only the main process keeps results on disk
         self.check_memory = check_memory  # nodes refuse work estimated not to fit in memory
+        # runs once and is dropped (the CLI's run): the last node of the last run that uses a model's
+        # weights may patch them in place, as nothing will ask for the originals again
+        self.one_shot = one_shot
+        self._spent = False
         self._results: dict[str, tuple[Any, ...]] = {}
         self._files: dict[str, list[str]] = {}
-        self._fingerprint = Fingerprints()
+        self._fingerprint = Fingerprints(DigestStore(self.cache_dir / DIGESTS_FILE))
 
     @property
     def _disk(self) -> DiskCache:
@@ -77,7 +94,7 @@ class Runner:
 
     def run(self, workflow: Workflow, file_suffix: str = "", variant: str = "") -> RunResult:
         """Validate and run ``workflow``. Raises WorkflowError (invalid) or RunFailed (a node failed)."""
-        return self._run_bound(workflow, bind(workflow, self.catalogue), file_suffix, variant)
+        return self._run_bound(workflow, bind(workflow, self.catalogue), file_suffix, variant, last=True)
 
     def run_variants(self, workflow: Workflow, variants: list[tuple[Override, ...]],
                      cwd: Path | None = None) -> list[RunResult]:
@@ -86,15 +103,21 @@ class Runner:
         All variants are validated before any runs, so a bad value in the last one runs nothing.
         """
         results = []
-        for variant, bound, overrides in bind_variants(workflow, variants, self.catalogue, cwd):
+        bound_variants = list(bind_variants(workflow, variants, self.catalogue, cwd))
+        for i, (variant, bound, overrides) in enumerate(bound_variants):
             label = "_".join(o.label for o in overrides)
-            results.append(self._run_bound(variant, bound, variant_file_suffix(overrides), label))
+            results.append(self._run_bound(variant, bound, variant_file_suffix(overrides), label,
+                                           last=i == len(bound_variants) - 1))
         return results
 
     def _run_bound(self, workflow: Workflow, bound: dict[str, BoundNode], file_suffix: str,
-                   variant: str) -> RunResult:
+                   variant: str, last: bool) -> RunResult:
+        if self._spent:
+            raise RuntimeError("a one-shot Runner has run: its models may hold patched weights; make a new one")
         start = time.perf_counter()
         order = execution_order(bound)
+        final_user = last_weight_user(bound, order) if self.one_shot and last else None
+        self._spent = self.one_shot and last
         embedded = embeddable_workflow(workflow, bound)
         # made on the first SaveImages of this run, once: most runs that write no PNG never need it
         workflow_chunks = cache(lambda: png_chunks(embedded, self.output_dir, self.catalogue))
@@ -110,18 +133,21 @@ class Runner:
 
         try:
             for node_id in order:
-                self._run_node(bound[node_id], keys, result, file_suffix, chunks(node_id))
+                self._run_node(bound[node_id], keys, result, file_suffix, chunks(node_id),
+                               last_weight_use=node_id == final_user)
         except RunFailed:
             self.emit(event("run_end", ok=False, seconds=round(time.perf_counter() - start, 4),
                             executed=result.executed, cached=result.cached, files=result.files))
             raise
+        finally:
+            self._fingerprint.save()
         result.seconds = time.perf_counter() - start
         self.emit(event("run_end", ok=True, seconds=round(result.seconds, 4), executed=result.executed,
                         cached=result.cached, files=result.files))
         return result
 
     def _run_node(self, node: BoundNode, keys: dict[str, str], result: RunResult, file_suffix: str,
-                  chunks: Callable[[], Mapping[str, str]]) -> None:
+                  chunks: Callable[[], Mapping[str, str]], last_weight_use: bool = False) -> None:
         try:
             key = keys[node.id] = self._key(node, keys)
         except OSError as exc:  # a file that passed validation's stat but cannot be read (permissions, I/O)
@@ -137,7 +163,8 @@ class Runner:
                     result.cached.append(node.id)
                 else:
                     ctx = NodeContext(node.id, node.spec.id, self.output_dir, self.cache_dir, self.emit,
-                                      file_suffix, png_chunks=chunks, cache_key=key, check_memory=self.check_memory)
+                                      file_suffix, png_chunks=chunks, cache_key=key, check_memory=self.check_memory,
+                                      last_weight_use=last_weight_use)
                     self._execute(node, ctx, key, keys)
                     result.executed.append(node.id)
         result.outputs[node.id] = self._results[key]

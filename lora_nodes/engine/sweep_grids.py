@@ -13,12 +13,9 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import Any
-
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from ..fileio import write_new_file
-from ..graph.embed import embeddable_workflow, png_chunks
 from ..graph.overrides import REPLACE, Override, file_suffix
 from ..graph.problems import WorkflowError
 from ..graph.validate import bind
@@ -26,7 +23,11 @@ from ..graph.workflow import Workflow
 from ..nodes.grid import draw_grid, short_label, side_by_side
 from ..nodes.spec import Catalogue
 from ..pngchunks import png_info
-from .workers import VariantOutcome, numbered_paths
+
+if TYPE_CHECKING:  # the CLI reads SWEEP_KEY from here to validate: that must not import PIL, nor what a run needs
+    from PIL import Image
+
+    from .workers import VariantOutcome
 
 SWEEP_KEY = "sweep"  # the workflow key a grid PNG records its sweeps under (``--sweep`` arguments)
 GRID_NAME = "grid"
@@ -43,6 +44,8 @@ def sweep_arguments(sweeps: list[list[Override]]) -> list[str]:
 
 
 def _cell(outcome: VariantOutcome) -> Image.Image | None:
+    from PIL import Image
+
     pictures = [Image.open(f) for f in outcome.files if f.lower().endswith(".png")]
     return side_by_side(pictures) if pictures and outcome.ok else None
 
@@ -50,6 +53,8 @@ def _cell(outcome: VariantOutcome) -> Image.Image | None:
 def _grid_chunks(workflow: Workflow, sweeps: list[list[Override]], output_dir: Path,
                  catalogue: Catalogue) -> dict[str, str]:
     """The workflow as every PNG carries it, with the sweeps that made the grid recorded."""
+    from ..graph.embed import embeddable_workflow, png_chunks
+
     try:
         embedded = embeddable_workflow(workflow, bind(workflow, catalogue))
     except WorkflowError:  # the workflow needs a swept value to be valid: embed it as written
@@ -62,6 +67,8 @@ def write_sweep_grids(workflow: Workflow, sweeps: list[list[Override]], outcomes
                       output_dir: str | Path, catalogue: Catalogue) -> list[str]:
     """Draw and write the grids of a sweep run (``outcomes`` in the order of ``sweep_variants``); none
     when no variant saved a picture. Returns the files written."""
+    from .workers import numbered_paths
+
     if not sweeps or len(outcomes) != math.prod(len(s) for s in sweeps):
         return []
     cells = [_cell(o) for o in outcomes]

@@ -4,14 +4,18 @@ One place builds it, for validation (cycles, preflight order), the scheduler (wh
 what order) and ComfyUI's editor files (node order, layout columns). An edge goes from the node
 a link comes from to the node whose input it feeds; links to nodes that are not in the workflow
 are left out (validation reports them).
+
+The graph is a small class of our own, not networkx's: importing networkx takes a quarter of a
+second, and ``lora-nodes validate`` must answer in less than half of one. The order is the one
+networkx's ``lexicographical_topological_sort`` gives; networkx still lists the cycles of a workflow
+that has some (Johnson's algorithm), imported only then.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
-
-import networkx as nx
 
 from .workflow import Link, NodeCall, Workflow
 
@@ -22,6 +26,54 @@ class _Bound(Protocol):
     """What a bound node (:class:`lora_nodes.graph.validate.BoundNode`) tells about its links."""
 
     links: Mapping[str, tuple[str, int]]  # input name -> (upstream node id, output index)
+
+
+class LinkGraph:
+    """Nodes (in the order they were added) and the links between them, each edge once."""
+
+    def __init__(self, nodes: Iterable[str] = (), edges: Iterable[tuple[str, str]] = ()):
+        self._upstream: dict[str, dict[str, None]] = {}  # node -> the nodes it links to (dicts keep order)
+        self._downstream: dict[str, dict[str, None]] = {}  # node -> the nodes linking to it
+        for node_id in nodes:
+            self.add_node(node_id)
+        for upstream, downstream in edges:
+            self.add_edge(upstream, downstream)
+
+    def add_node(self, node_id: str) -> None:
+        self._upstream.setdefault(node_id, {})
+        self._downstream.setdefault(node_id, {})
+
+    def add_edge(self, upstream: str, downstream: str) -> None:
+        self.add_node(upstream)
+        self.add_node(downstream)
+        self._upstream[downstream][upstream] = None
+        self._downstream[upstream][downstream] = None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._upstream)
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._upstream
+
+    def __len__(self) -> int:
+        return len(self._upstream)
+
+    def predecessors(self, node_id: str) -> Iterator[str]:
+        """The nodes ``node_id`` links to."""
+        return iter(self._upstream[node_id])
+
+    def successors(self, node_id: str) -> Iterator[str]:
+        """The nodes that link to ``node_id``."""
+        return iter(self._downstream[node_id])
+
+    def edges(self) -> Iterator[tuple[str, str]]:
+        return ((upstream, node_id) for node_id, ups in self._upstream.items() for upstream in ups)
+
+    def subgraph(self, nodes: Iterable[str]) -> LinkGraph:
+        """The graph of ``nodes`` alone (in this graph's order) and the links among them."""
+        keep = set(nodes)
+        return LinkGraph((n for n in self if n in keep),
+                         ((u, d) for u, d in self.edges() if u in keep and d in keep))
 
 
 def links_of(call: NodeCall) -> Iterator[Link]:
@@ -37,38 +89,59 @@ def link_edges(workflow: Workflow) -> Iterator[tuple[str, str]]:
                 yield link.node, node_id
 
 
-def workflow_graph(workflow: Workflow) -> nx.DiGraph:
+def workflow_graph(workflow: Workflow) -> LinkGraph:
     """Every node of ``workflow`` (in file order) and an edge for each of its links."""
-    graph = nx.DiGraph()
-    graph.add_nodes_from(workflow.nodes)
-    graph.add_edges_from(link_edges(workflow))
-    return graph
+    return LinkGraph(workflow.nodes, link_edges(workflow))
 
 
-def bound_graph(bound: Mapping[str, _Bound]) -> nx.DiGraph:
+def bound_graph(bound: Mapping[str, _Bound]) -> LinkGraph:
     """Every bound node and an edge for each of its links (links to nodes that did not bind are left out)."""
-    graph = nx.DiGraph()
-    graph.add_nodes_from(bound)
-    for node_id, node in bound.items():
-        graph.add_edges_from((upstream, node_id) for upstream, _ in node.links.values() if upstream in bound)
-    return graph
+    return LinkGraph(bound, ((upstream, node_id) for node_id, node in bound.items()
+                             for upstream, _ in node.links.values() if upstream in bound))
 
 
-def link_order(graph: nx.DiGraph, key: Callable[[Any], Any] | None = None) -> list[str]:
+class CycleError(ValueError):
+    """The links form a cycle: there is no order in which every node comes after those it links to."""
+
+
+def link_order(graph: LinkGraph, key: Callable[[Any], Any] | None = None) -> list[str]:
     """The nodes, each after every node it links to; ties broken by ``key`` (default: by node id),
-    so the order is the same on every run."""
-    return list(nx.lexicographical_topological_sort(graph, key=key))
+    so the order is the same on every run. :class:`CycleError` when the links form a cycle.
+
+    Of the nodes whose upstream nodes are all placed, the one with the smallest ``(key, position in
+    the graph)`` comes next: networkx's ``lexicographical_topological_sort``, the same order.
+    """
+    sort_key = key or (lambda node_id: node_id)
+    position = {node_id: i for i, node_id in enumerate(graph)}
+    waiting = {node_id: len(list(graph.predecessors(node_id))) for node_id in graph}
+    ready = [(sort_key(n), position[n], n) for n, count in waiting.items() if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        node_id = heapq.heappop(ready)[2]
+        order.append(node_id)
+        for downstream in graph.successors(node_id):
+            waiting[downstream] -= 1
+            if waiting[downstream] == 0:
+                heapq.heappush(ready, (sort_key(downstream), position[downstream], downstream))
+    if len(order) < len(graph):
+        raise CycleError(f"the links among {sorted(n for n, count in waiting.items() if count)} form a cycle")
+    return order
 
 
-def needed_by(graph: nx.DiGraph, outputs: Iterable[str]) -> set[str]:
+def needed_by(graph: LinkGraph, outputs: Iterable[str]) -> set[str]:
     """The ``outputs`` and every node they need, directly or through other nodes."""
     needed: set[str] = set()
-    for node_id in outputs:
-        needed |= {node_id} | nx.ancestors(graph, node_id)
+    pending = list(outputs)
+    while pending:
+        node_id = pending.pop()
+        if node_id not in needed:
+            needed.add(node_id)
+            pending.extend(graph.predecessors(node_id))
     return needed
 
 
-def depths(graph: nx.DiGraph, order: Iterable[str]) -> dict[str, int]:
+def depths(graph: LinkGraph, order: Iterable[str]) -> dict[str, int]:
     """Each node's depth: the longest path to it from a node without inputs (``order``: a link order)."""
     depth: dict[str, int] = {}
     for node_id in order:
@@ -87,6 +160,12 @@ def users(calls: Mapping[str, NodeCall]) -> dict[str, list[str]]:
 
 def cycles(workflow: Workflow, limit: int = CYCLES_REPORTED) -> list[list[str]]:
     """Up to ``limit`` cycles the links of ``workflow`` form, each as its nodes in link order."""
+    try:
+        link_order(workflow_graph(workflow))
+        return []  # the common case, found without networkx
+    except CycleError:
+        import networkx as nx  # Johnson's algorithm, for the rare workflow whose links form cycles
+
     # the graph of the links alone (a node without links is in no cycle): its node order, the order
     # links are met in, decides where each reported cycle starts
     graph = nx.DiGraph(link_edges(workflow))

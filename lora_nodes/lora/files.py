@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from .. import tensorfiles
 from ..errors import LoRAError
 from .formats import parse_lora
 from .model import LoRA
+
+if TYPE_CHECKING:  # annotations only: reading a LoRA's header (validation) must not import torch
+    from torch import Tensor
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -39,8 +40,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     return tensors, metadata
 
 
-def read_header(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """A ``.safetensors`` file's keys as empty ``meta`` tensors of their shapes, and its metadata.
+def read_header(path: str | Path) -> tuple[dict[str, tensorfiles.HeaderTensor], dict[str, str]]:
+    """A ``.safetensors`` file's keys as tensors of their shapes without values (as ``meta`` tensors, but
+    without importing torch: :class:`~lora_nodes.tensorfiles.HeaderTensor`), and its metadata.
 
     Reads only the header (no weights), for checks that must be cheap; raises :class:`LoRAError`
     as :func:`read_state_dict` does for a file that is not readable.
@@ -51,7 +53,7 @@ def read_header(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         header = tensorfiles.read_header(path)
     except tensorfiles.UnreadableTensorFile as exc:
         raise LoRAError(str(exc)) from exc
-    return {k: torch.empty(shape, device="meta") for k, shape in header.shapes.items()}, header.metadata
+    return tensorfiles.header_tensors(header), header.metadata
 
 
 def _check_is_file(path: Path) -> None:
@@ -64,6 +66,8 @@ def _check_is_file(path: Path) -> None:
 
 
 def _read_pickle_weights_only(path: Path) -> dict[str, Tensor]:
+    import torch
+
     # weights_only=True refuses any pickle that would run code: tensors and plain containers only.
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -79,7 +83,7 @@ def _read_pickle_weights_only(path: Path) -> dict[str, Tensor]:
         data = data["state_dict"]
     if not isinstance(data, dict):
         raise LoRAError(f"{path.name} holds a {type(data).__name__}, not a dict of tensors")
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
 def read_lora(path: str | Path) -> LoRA:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from .. import families
 from ..errors import LoRAError
 from .metadata import metadata_warnings
 from .model import FullModule, LoHaModule, LoKrModule, LoRA, LoRAModule, Module
 from .peft import peft_alphas
+
+if TYPE_CHECKING:  # annotations only: reading a LoRA's header (validation) must not import torch
+    from torch import Tensor
 
 # key suffix -> (part, naming); naming None: the suffix says nothing about the naming.
 SUFFIXES: dict[str, tuple[str, str | None]] = {
@@ -119,9 +120,7 @@ def check_values(tensors: dict[str, Tensor], label: str) -> None:
     for key, tensor in tensors.items():
         if tensor.is_meta or tensor.numel() == 0 or not (tensor.is_floating_point() or tensor.is_complex()):
             continue
-        values = tensor.detach() if tensor.dtype in _ABS_DTYPES else tensor.detach().float()
-        low, high = torch.aminmax(values)  # one pass, no |values| copy; NaN propagates
-        peak = max(-float(low), float(high))
+        peak = _peak(tensor)
         if not math.isfinite(peak):
             nonfinite.append(key)
         elif peak > MAX_WEIGHT and not key.endswith(".alpha"):
@@ -136,7 +135,15 @@ def check_values(tensors: dict[str, Tensor], label: str) -> None:
                         "weights are far smaller: the file is damaged, and applied it would make black or noise images.")
 
 
-_ABS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+def _peak(tensor: Tensor) -> float:
+    """The largest magnitude in ``tensor`` (NaN when it holds a NaN); torch is imported only here, so
+    that a header-only read (``meta`` tensors, validation) does not import it."""
+    import torch
+
+    as_is = tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    values = tensor.detach() if as_is else tensor.detach().float()
+    low, high = torch.aminmax(values)  # one pass, no |values| copy; NaN propagates
+    return max(-float(low), float(high))
 
 
 def _count(items: list, noun: str) -> str:

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from .. import families
 from ..families import Family
-from .lycoris import dora_apply, locon_delta, loha_delta, lokr_delta, lokr_rank
 from .metadata import BASE_MODEL_VERSION, training_summary, trigger_words
-from .ops import add_lora_
+
+if TYPE_CHECKING:  # annotations only: reading a LoRA's header (validation) must not import torch
+    import torch
+    from torch import Tensor
 
 # alpha / rank beyond this is refused: trainers write alpha <= rank (kohya, PEFT defaults), some
 # 2-16x rank, rsLoRA files alpha * sqrt(rank); a thousandfold scale only ever comes from a broken
@@ -99,6 +98,8 @@ class Module:
 
     def apply_(self, weight32: Tensor, strength: float) -> None:
         """Update a float32 weight in place to this module's result at ``strength``."""
+        from .lycoris import dora_apply
+
         delta = self.delta(tuple(weight32.shape), weight32.device)
         if self.dora_scale is not None:
             weight32.copy_(dora_apply(weight32, delta, self.dora_scale.to(weight32.device).float(), strength))
@@ -111,6 +112,8 @@ class Module:
         self.apply_(out, strength)
 
     def apply_bias_(self, bias32: Tensor, strength: float) -> None:
+        import torch
+
         if self.bias is not None:
             bias32.add_(self.bias.to(bias32.device, torch.float32), alpha=strength)
 
@@ -183,6 +186,11 @@ class LoRAModule(Module):
         return (self.up.shape[0], self.down.shape[1], *kernel)
 
     def unscaled_delta(self, shape: tuple[int, ...]) -> Tensor:
+        import torch
+
+        from .lycoris import locon_delta
+        from .ops import add_lora_
+
         if self.mid is not None:
             return locon_delta(self.up.float(), self.down.float(), self.mid.float(), shape)
         return add_lora_(torch.zeros(shape), self.up, self.down, 1.0)
@@ -192,12 +200,16 @@ class LoRAModule(Module):
         return self.mid is None and self.dora_scale is None
 
     def apply_(self, weight32: Tensor, strength: float) -> None:
+        from .ops import add_lora_
+
         if self.is_plain:  # the common case: one fused addmm_
             add_lora_(weight32, self.up, self.down, strength * self.scale)
         else:
             super().apply_(weight32, strength)
 
     def write_(self, out: Tensor, original: Tensor, strength: float) -> None:
+        import torch
+
         if self.is_plain:  # out = original + s * up @ down in one pass, no copy first
             up, down = (t.to(out.device, torch.float32).flatten(1) for t in (self.up, self.down))
             torch.addmm(original.view(up.shape[0], -1), up, down, alpha=strength * self.scale,
@@ -265,6 +277,8 @@ class LoHaModule(Module):
         return (self.w1a.shape[0], *self.w1b.shape[1:])  # conv kernels may be stored flattened
 
     def unscaled_delta(self, shape: tuple[int, ...]) -> Tensor:
+        from .lycoris import loha_delta
+
         f = _float
         return loha_delta(f(self.w1a), f(self.w1b), f(self.w2a), f(self.w2b), f(self.t1), f(self.t2), shape=shape)
 
@@ -286,6 +300,8 @@ class LoKrModule(Module):
     @property
     def rank(self) -> int | None:
         """The factored side's rank; None when neither side is factored (then scale is 1)."""
+        from .lycoris import lokr_rank
+
         return lokr_rank(self.w1b, self.w2b)
 
     def _factor_error(self) -> str | None:
@@ -327,6 +343,8 @@ class LoKrModule(Module):
         return (a * c, b * d, *kernel)
 
     def unscaled_delta(self, shape: tuple[int, ...]) -> Tensor:
+        from .lycoris import lokr_delta
+
         f = _float
         return lokr_delta(w1=f(self.w1), w1a=f(self.w1a), w1b=f(self.w1b), w2=f(self.w2), w2a=f(self.w2a),
                           w2b=f(self.w2b), t2=f(self.t2), shape=shape)
@@ -405,6 +423,8 @@ def rows_of(module: Module, rows: list[int] | range, fused_rows: int) -> Module 
     its rows; one per input column normalises over every row of the fused weight, which the
     separate weights do not hold together.
     """
+    import torch
+
     if isinstance(rows, range) and rows.step == 1:  # one block of rows: views, no index tensor, no copy
         index, pick = torch.arange(rows.start, rows.stop), slice(rows.start, rows.stop)
     else:

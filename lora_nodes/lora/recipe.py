@@ -67,7 +67,11 @@ class ModelRecipe(Generic[Base]):
         wanted = (self.patch_plan() if plan is None else plan).get(target, ())
         return merged_weight(patcher_of(self.base).original(target), wanted)
 
-    def materialize(self) -> Base:
-        """Patch the shared base to this recipe's weights and return it (for sampling, saving)."""
-        patcher_of(self.base).apply(self.patch_plan())
+    def materialize(self, final: bool = False) -> Base:
+        """Patch the shared base to this recipe's weights and return it (for sampling, saving).
+
+        ``final``: the caller is the last user of the base's weights in this process (a node's
+        ``ctx.last_weight_use``): weights are patched in place, and the originals are gone.
+        """
+        patcher_of(self.base).apply(self.patch_plan(), final=final)
         return self.base

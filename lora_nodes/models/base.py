@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .. import families
 from ..errors import ModelLoadError
 from ..families import Family
 from .ldm import unet_module_map
 from .text_names import to_file_name
+
+if TYPE_CHECKING:  # annotations only: validation imports this module, and must not import torch
+    import torch
+    from torch import nn
 
 
 @dataclass(eq=False)
@@ -85,6 +86,8 @@ class BaseModel:
 
         Paths are spelled as LoRA files spell them (see :mod:`.text_names`).
         """
+        from torch import nn
+
         targets = {}
         for component in self.family.lora_components:
             model = self.components.get(component)
@@ -102,7 +105,7 @@ class BaseModel:
         if self.family.denoiser not in self.components:
             return {}, {}
         if self.family.original_modules is None:
-            return unet_module_map(self.unet.config), {}
+            return unet_module_map(self.unet.config, [name for name, _ in self.unet.named_parameters()]), {}
         prefix = f"{self.family.denoiser}."
         shapes = {t[len(prefix):]: tuple(m.weight.shape) for t, m in self.lora_targets.items() if t.startswith(prefix)}
         return self.family.original_modules(shapes)
@@ -158,6 +161,8 @@ class BaseModel:
         """What ``inspect`` shows of a base: family, its denoiser (class and config: widths and block
         counts), text encoders, single-file layout, the blocks LoRAs can change, and every
         LoRA-targetable module."""
+        from torch import nn
+
         config = self.denoiser.config
         return {
             "source": self.source,

@@ -22,13 +22,14 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from ..families import Family, HostPiece
 from ..families.flux import BFL_ROOTS, CHECKPOINT_PREFIXES
+
+if TYPE_CHECKING:  # annotations only: validation imports this module, and must not import torch
+    import torch
+    from torch import Tensor
 
 # (diffusers parameter, first row, end row) with rows of the BFL tensor: a diffusers tensor is the
 # concatenation of its pieces' rows in the order listed (see LoRATarget.fused_targets)
@@ -164,6 +165,7 @@ def _config_json(config: Mapping[str, Any]) -> str:
 def _diffusers_shapes(class_name: str, config_json: str) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of the diffusers model built from the config on the meta device."""
     import diffusers  # deferred: diffusers takes seconds to import
+    import torch
 
     with torch.device("meta"):
         model = getattr(diffusers, class_name).from_config(json.loads(config_json))
@@ -247,6 +249,8 @@ def from_bfl(state: Mapping[str, Tensor], family: Family, config: Mapping[str, A
     """A BFL transformer state dict (prefix removed) -> the diffusers transformer's, cast to ``dtype``
     (floating tensors; None keeps theirs). Fused tensors are split by rows, the final adaLN's halves
     swapped. Raises ValueError naming the missing and unexpected keys, or a tensor of the wrong size."""
+    import torch
+
     plan = bfl_key_plan(family, config)
     missing, unexpected = set(plan) - set(state), set(state) - set(plan)
     if missing or unexpected:
@@ -269,6 +273,8 @@ def from_bfl(state: Mapping[str, Tensor], family: Family, config: Mapping[str, A
 def to_bfl(state: Mapping[str, Tensor], family: Family, config: Mapping[str, Any]) -> dict[str, Tensor]:
     """The diffusers transformer's state dict -> BFL names (no prefix): q/k/v (and the single blocks'
     MLP input) concatenated by rows, the final adaLN's halves swapped. Renamed tensors are shared."""
+    import torch
+
     out = {}
     for key, pieces in bfl_key_plan(family, config).items():
         placed, taken = [], {}  # (row in the BFL tensor, rows of a diffusers tensor); rows taken so far

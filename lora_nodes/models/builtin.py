@@ -10,8 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import families
 from ..families import Family
 from .tokenizer import build_t5_tokenizer, build_tokenizer
@@ -66,6 +64,7 @@ def build_tiny(seed: int = 0) -> dict[str, Any]:
 
     The same seed gives the same weights, without touching the caller's random state.
     """
+    import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -113,6 +112,7 @@ def build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
     Its UNet follows SDXL's layout (no attention in the first block, several transformer layers
     per block, linear projections), so SDXL LoRA names (kohya's SGM ``input_blocks_...``) are real.
     """
+    import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -192,6 +192,7 @@ FLUX_SCHEDULE: dict[str, Any] = {
 
 def build_tiny_flux(seed: int = 0) -> dict[str, Any]:
     """``builtin:tiny-flux``: a FLUX.1-architecture pipeline (about 250k parameters) with random weights."""
+    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
@@ -277,6 +278,7 @@ def shapes_components(vae_scaling_factor: float = 1.0) -> dict[str, Any]:
 
 def build_shapes(weights: str | Path = SHAPES_WEIGHTS) -> dict[str, Any]:
     """``builtin:shapes``: the trained pipeline, loaded from the weights shipped in the package (float32)."""
+    import torch
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as f:

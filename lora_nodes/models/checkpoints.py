@@ -17,21 +17,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from ..families import Family, HostPiece
 from . import bfl, known_configs
 from .ldm import from_ldm_checkpoint, text_encoder_state, to_ldm_checkpoint, unet_key_map, vae_from_ldm
 from .text_names import file_state_dict
 
+if TYPE_CHECKING:  # annotations only: validation imports this module, and must not import torch
+    import torch
+    from torch import Tensor
+
 # (state, family, configs) -> (configs with the denoiser's filled in, component -> state dict)
-Reader = Callable[[Mapping[str, Tensor], Family, Mapping[str, Any]], tuple[dict[str, Any], dict[str, dict[str, Tensor]]]]
-Writer = Callable[[Mapping[str, Any], Family], dict[str, Tensor]]
+# ("Tensor" quoted: these aliases are built at import, and validation imports this module without torch)
+Reader = Callable[[Mapping[str, "Tensor"], Family, Mapping[str, Any]], tuple[dict[str, Any], dict[str, dict[str, "Tensor"]]]]
+Writer = Callable[[Mapping[str, Any], Family], dict[str, "Tensor"]]
 # (state, family) -> every config the file needs, read from its tensors (see known_configs)
-ConfigReader = Callable[[Mapping[str, Tensor], Family], dict[str, Any]]
+ConfigReader = Callable[[Mapping[str, "Tensor"], Family], dict[str, Any]]
 # (family, denoiser config) -> the denoiser's parameter -> where the original tree keeps it (no prefix)
 OriginalPieces = Callable[[Family, Mapping[str, Any]], dict[str, tuple[HostPiece, ...]]]
 
@@ -67,6 +69,8 @@ def _ldm_pieces(family: Family, config: Mapping[str, Any]) -> dict[str, tuple[Ho
 def _meta(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """The tensors under ``prefix`` as meta tensors of their shapes (names kept): for reading names
     and shapes through the converters without copying weights."""
+    import torch
+
     return {k: torch.empty(tuple(v.shape), device="meta") for k, v in state.items() if k.startswith(prefix)}
 
 

@@ -31,12 +31,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
 from ..errors import NodeError
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from ..families import Family, TextEncoder
     from .base import BaseModel
 
@@ -80,6 +79,8 @@ def encode_prompt(base: BaseModel, prompt: str | Sequence[tuple[str, float]],
     last layer for SD1, the penultimate for SD2 and SDXL: ``Family.text_layer``). An encoder kept
     without its last layer (SD2's: see :func:`missing_layer_note`) reads its penultimate layer for -1.
     """
+    import torch
+
     pieces = [(prompt, 1.0)] if isinstance(prompt, str) else [(str(t), float(w)) for t, w in prompt]
     family = base.family
     sequence_encoders = [t for t in family.text_encoders if not is_clip(t)]
@@ -188,6 +189,8 @@ def encode_clip(base: BaseModel, encoder: TextEncoder, pieces: Sequence[tuple[st
                 layer: int | None, normalize: bool) -> tuple[Tensor | None, Tensor | None]:
     """(sequence embeddings from hidden layer ``layer`` or None when not asked, pooled vector of the
     first window) of one CLIP encoder, its windows weighted and concatenated."""
+    import torch
+
     model, tokenizer = base.components[encoder.component], base.components[encoder.tokenizer]
     windows = clip_windows(tokenizer, weighted_groups(tokenizer, pieces))
     weighted = any(w != 1.0 for window in windows for _, w in window)
@@ -221,6 +224,8 @@ def encode_sequence(base: BaseModel, encoder: TextEncoder, pieces: Sequence[tupl
     """A sequence encoder's (T5's) output for the prompt: one window of its tokenizer's length (at
     most 512), ended by its end token and padded, weighted like CLIP's. This is the family's diffusers
     pipeline's rule, not ComfyUI's (see the module docstring)."""
+    import torch
+
     model, tokenizer = base.components[encoder.component], base.components[encoder.tokenizer]
     length = int(min(tokenizer.model_max_length, 512))
 
@@ -239,6 +244,8 @@ def encode_sequence(base: BaseModel, encoder: TextEncoder, pieces: Sequence[tupl
 
 def apply_weights(states: Tensor, empty: Tensor, windows: Sequence[Tokens]) -> Tensor:
     """Move each token's embedding from the empty prompt's by its weight: ``empty + w * (x - empty)``."""
+    import torch
+
     weights = torch.tensor([[w for _, w in window] for window in windows], dtype=states.dtype,
                            device=states.device).unsqueeze(-1)
     return empty + weights * (states - empty)

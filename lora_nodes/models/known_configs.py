@@ -27,14 +27,14 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from math import gcd
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from ..families import Family
 from .builtin import BUILTINS, builtin_family
 from .builtin import builtin_configs as _build_builtin_configs
+
+if TYPE_CHECKING:  # annotations only: validation imports this module, and must not import torch
+    from torch import Tensor
 
 CONFIGS = Path(__file__).with_name("configs")
 V_PREDICTION_MARKER, ZERO_SNR_MARKER = "v_pred", "ztsnr"  # ComfyUI's keys beside the weights
@@ -100,6 +100,8 @@ def text_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
 @lru_cache(maxsize=32)
 def _parameter_shapes(family: Family, part: str, config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The parameter names and shapes of ``part`` built from the config on the meta device."""
+    import torch
+
     cls, config = model_class(family, part), json.loads(config_json)
     with torch.device("meta"):
         if part in family.text_components:

@@ -23,14 +23,14 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from .. import families
 from ..families import Family
 from .text_names import FILE_LEVEL, file_spelling
+
+if TYPE_CHECKING:  # annotations only: validation imports this module, and must not import torch
+    from torch import Tensor
 
 _RESNET_RENAMES = {
     "norm1": "in_layers.0",
@@ -115,6 +115,7 @@ def _config_key(config: Mapping[str, Any]) -> str:
 @lru_cache(maxsize=16)
 def _parameter_names(kind: str, config_json: str) -> tuple[str, ...]:
     """State-dict names of the diffusers model ``kind`` built from the config, on the meta device."""
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[kind]
@@ -202,17 +203,18 @@ def unet_key_map(unet_config: Mapping[str, Any]) -> dict[str, str]:
     return dict(_unet_key_map(_config_key(unet_config)))
 
 
-def unet_module_map(unet_config: Mapping[str, Any]) -> dict[str, str]:
+def unet_module_map(unet_config: Mapping[str, Any], names: Sequence[str] | None = None) -> dict[str, str]:
     """diffusers module path -> LDM/SGM module path.
 
     e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` ->
     ``input_blocks.4.1.transformer_blocks.0.attn1.to_q`` (SD1.5). Covers every module that holds
     parameters and every module between it and a block (containers such as ``down_blocks.1`` that
     have no single LDM counterpart are left out). Used to name kohya SDXL LoRA keys
-    (``lora_unet_input_blocks_4_1_...``).
+    (``lora_unet_input_blocks_4_1_...``). ``names``: the UNet's state-dict names where a UNet is at
+    hand (else one is built on the meta device for them, a tenth of a second for SD1.5's).
     """
     config_json = _config_key(unet_config)
-    names = _parameter_names("unet", config_json)
+    names = _parameter_names("unet", config_json) if names is None else names
     rules = _unet_rules(json.loads(config_json), names)
     modules: dict[str, str] = {}
     for name in names:
@@ -321,6 +323,8 @@ _OC_IN_PROJ = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|
 
 def _open_clip_to_ldm(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """HF CLIP text model (file spelling or flattened) -> OpenCLIP layout under ``prefix``."""
+    import torch
+
     hf = {file_spelling(k): v for k, v in state.items() if not _is_ignored_text_key(k)}
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}

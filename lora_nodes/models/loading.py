@@ -9,27 +9,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .. import families, tensorfiles
 from ..errors import ModelLoadError
 from ..families import Family, TextEncoder
-from .base import BaseModel
 from .builtin import BUILTINS, builtin_family
-from .checkpoints import (
-    cast_floats,
-    checkpoint_layout,
-    component_from_file,
-    config_parts,
-    dequantize,
-    expected_parts,
-)
-from .text_names import state_dict_for
 from .tokenizer import build_t5_tokenizer, build_tokenizer, tokenizer_for, tokenizer_from_files
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:  # annotations only: validation imports this module, and must not import torch
+    import torch
+
+    from .base import BaseModel
+
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # or one tokenizer.json (what transformers 5 writes)
 
 
@@ -38,6 +30,8 @@ def pick_device(device: str = "auto") -> torch.device:
 
     Under ``accelerate launch`` / torchrun each process takes its own GPU (``LOCAL_RANK``).
     """
+    import torch
+
     if device != "auto":
         return torch.device(device)
     if torch.cuda.is_available():
@@ -49,9 +43,18 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto`` is float16 on a GPU and float32 on the CPU (where half precision is slow)."""
+    import torch
+
     if dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
-    return DTYPES[dtype]
+    return torch_dtype(dtype)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a ``dtype`` input names: ``float32``, ``float16`` or ``bfloat16``."""
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 def load_base(source: str, dtype: str = "auto", device: str = "auto", config: str = "",
@@ -62,6 +65,10 @@ def load_base(source: str, dtype: str = "auto", device: str = "auto", config: st
     ``text_encoder_2``) to a file that holds it alone, as ComfyUI's VAE and CLIP loaders take them;
     it replaces what the checkpoint or the config folder would give.
     """
+    import torch
+
+    from .base import BaseModel
+
     target_device = pick_device(device)
     target_dtype = pick_dtype(dtype, target_device)
     files = {name: Path(file) for name, file in (component_files or {}).items() if file}
@@ -129,6 +136,8 @@ def _load_diffusers_folder(folder: Path) -> dict[str, Any]:
 
 def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A ``.safetensors`` model file's tensors (ComfyUI's scaled fp8 multiplied out) and metadata."""
+    from .checkpoints import dequantize
+
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(_NOT_SAFETENSORS.format(name=path.name))
     # a damaged file is named as such here too: inside ComfyUI no validation ran before
@@ -143,6 +152,8 @@ def _load_single_file(path: Path, config: Path | None, dtype: torch.dtype,
                       files: Mapping[str, Path]) -> dict[str, Any]:
     """A single-file checkpoint, with configs and tokenizers from a diffusers folder or its metadata,
     and the components it lacks from files of their own or from the folder's weights."""
+    from .checkpoints import checkpoint_layout
+
     state, metadata = read_model_file(path)
     try:
         family = families.from_checkpoint({key: tensor.shape for key, tensor in state.items()})
@@ -192,6 +203,8 @@ def _lacks_part(name: str, part: str, config: Path | None) -> str:
 
 
 def _component_file(name: str, file: Path, family: Family, configs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    from .checkpoints import component_from_file, expected_parts
+
     if name not in expected_parts(family):
         raise ModelLoadError(f"{file.name}: a {family.display_name} base has no {name} that a file could replace")
     state, _ = read_model_file(file)
@@ -212,6 +225,8 @@ _NOT_SAFETENSORS = ("{name}: single-file checkpoints are read from .safetensors 
 
 def _configs_from_folder(path: Path, config: Path | None, family: Family, held: Sequence[str]) -> dict[str, Any]:
     """The configs for a single file holding the parts ``held``, from a config folder (which must be set)."""
+    from .checkpoints import config_parts
+
     kind = families.layout_name(family)
     needed = config_parts(family)
     if config is None:
@@ -271,6 +286,9 @@ def model_from_state(family: Family, name: str, config: Mapping[str, Any], state
                       dtype: torch.dtype, path: Path) -> torch.nn.Module:
     """Component ``name`` built from its config and given ``state`` (cast to ``dtype``), exactly:
     a missing or unexpected weight is an error (text encoders' leftovers aside, see above)."""
+    from .checkpoints import cast_floats
+    from .text_names import state_dict_for
+
     model = _empty_model(family, name, config)
     expected = model.state_dict()
     state = cast_floats(state_dict_for(model, state), dtype)
@@ -422,6 +440,8 @@ def _single_file_header(path: str, size: int, mtime_ns: int) -> tuple[Family | N
                                                                          tuple[str, ...], str | None]:
     """A single-file checkpoint's family, what is wrong with it, the model parts it holds and its
     embedded configs, from its header; cached while the file is unchanged."""
+    from .checkpoints import checkpoint_layout
+
     name = Path(path).name
     if not path.lower().endswith(".safetensors"):
         return None, (("source", "bad", _NOT_SAFETENSORS.format(name=name)),), (), None
@@ -447,6 +467,8 @@ def _single_file_header(path: str, size: int, mtime_ns: int) -> tuple[Family | N
 def _single_file_problems(name: str, family: Family, held: Sequence[str], embedded: str | None, config: str,
                           files: Mapping[str, str]) -> list[Problem]:
     """What a single file with these parts lacks that neither its config folder nor files give."""
+    from .checkpoints import checkpoint_layout, config_parts, expected_parts
+
     problems: list[Problem] = []
     needed = config_parts(family)
     if not config and not embedded and checkpoint_layout(family).configs_from_tensors is None:
@@ -477,6 +499,8 @@ def _model_class_name(family: Family, part: str) -> str:
 
 def _component_file_problem(part: str, file: str, family: Family) -> str | None:
     """Why ``file`` cannot give a base of ``family`` its ``part``, from the header, or None."""
+    from .checkpoints import expected_parts
+
     if part not in expected_parts(family):
         return f"a {family.display_name} base has no {part} that a file could give"
     path = Path(file)

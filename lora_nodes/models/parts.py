@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .. import families
 from ..errors import ModelLoadError
@@ -32,6 +30,9 @@ from .loading import (
     tokenizer_kind,
 )
 
+if TYPE_CHECKING:  # annotations only: validation imports this module, and must not import torch
+    import torch
+
 PART_FILES = ("denoiser", "text_encoder", "text_encoder_2", "vae")  # the keys load_parts takes
 _T5_MARKER = "encoder.block."  # a T5 encoder's keys; CLIP's are ``text_model.`` (or bare ``encoder.layers.``)
 
@@ -48,6 +49,8 @@ def load_parts(files: Mapping[str, str | Path], family_hint: str | None = None, 
     it (``Family.comfy_clip_types``) or a family id. Two text encoder files are put in the
     family's order whichever key they come under (DualCLIPLoader's order is free).
     """
+    import torch
+
     unknown = sorted(set(files) - set(PART_FILES))
     if unknown:
         raise ModelLoadError(f"load_parts takes {', '.join(PART_FILES)}, not {', '.join(unknown)}")

@@ -23,9 +23,6 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
 from .. import families
 from ..errors import NodeError
 from . import schedules
@@ -33,6 +30,8 @@ from .conditioning import Condition, Conditioning
 from .schedules import DEFAULT_SCHEDULER, SCHEDULER_NAMES, NoiseLevels
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from ..families import Family
     from .base import BaseModel
 
@@ -104,6 +103,8 @@ def latent_channels(base: BaseModel) -> int:
 def default_sigmas(base: BaseModel, sampler: str, steps: int, latent_shape: tuple[int, ...]) -> list[float]:
     """The sigmas the family's diffusers pipeline would step along with ``sampler`` for ``steps`` steps
     (the base's scheduler config as it is), each once, ending in 0."""
+    import torch
+
     family, config = base.family, scheduler_config(base)
     class_name, changes = schedules.sampler_class(family.samplers, sampler, along_sigmas=True)
     scheduler = schedules.make_scheduler(class_name, changes, config)
@@ -152,6 +153,8 @@ def sample_latents(base: BaseModel, positive: Conditioning, negative: Conditioni
     ``latents`` as they are. ``scheduler`` may also be ``"default"``: the base's own scheduler
     config. Returns raw latents of the same shape (float32, on the CPU).
     """
+    import torch
+
     family = base.family
     problem = sampling_problem(family, sampler, scheduler)
     if problem:
@@ -263,6 +266,8 @@ class Run:
     def predict_mean(self, conditions: Conditioning, x: Tensor, timestep: Tensor, sigma: float) -> Tensor:
         """The mean prediction of the conditions active at ``sigma``; when none is, the prediction of a
         clean image of zeros (ComfyUI averages denoised images, and its mean of none is zero)."""
+        import torch
+
         active = [c for c in conditions if self.is_active(c, sigma)]
         if not active:
             return self.zero_image_prediction(x, sigma)
@@ -276,6 +281,8 @@ class Run:
         ``x0 = 0`` the noise is ``x / s`` (or ``x / sigma``), v is ``alpha noise`` and the velocity
         ``noise - x0`` is ``x / sigma``.
         """
+        import torch
+
         x = x.float().cpu()
         if sigma <= 0.0:  # the input is the clean image itself: no prediction can make it zero
             return torch.zeros_like(x)
@@ -301,6 +308,8 @@ class Run:
 
     def predict(self, condition: Condition, x: Tensor, timestep: Tensor) -> Tensor:
         """The denoiser's raw prediction (noise, v or velocity) for one condition, float32."""
+        import torch
+
         batch = x.shape[0]
         tensors = {k: v.to(self.device, self.dtype).expand(batch, *v.shape[1:]) for k, v in condition.tensors.items()}
         model_input = x.to(self.device, self.dtype)
@@ -317,12 +326,16 @@ class Run:
     def time_ids(self, batch: int) -> Tensor:
         """Added size conditioning: original size, crop (0, 0), target size, all the image's size (as
         ComfyUI sets them when the conditioning gives none)."""
+        import torch
+
         height, width = (side * self.base.vae_scale_factor for side in self.shape[-2:])
         ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
         return ids.expand(batch, -1)
 
     def predict_packed(self, condition: Condition, tensors: dict[str, Tensor], x: Tensor, timestep: Tensor) -> Tensor:
         """The prediction of a denoiser that reads 2x2-packed latent tokens (Flux's transformer)."""
+        import torch
+
         pipeline = pipeline_class(self.base.family)
         batch, channels, height, width = x.shape
         packed = pipeline._pack_latents(x, batch, channels, height, width)
@@ -344,6 +357,8 @@ class Run:
 def variance_preserving(scheduler: Any) -> bool:
     """Whether a scheduler's samples are variance-preserving (``alpha x0 + sigma_t noise``): its model
     input is the sample unchanged, where k-diffusion-style schedulers divide by ``sqrt(1 + sigma^2)``."""
+    import torch
+
     probe = torch.ones(1)
     first = scheduler.timesteps[0]
     scaled = scheduler.scale_model_input(probe, first)
@@ -355,6 +370,8 @@ def variance_preserving(scheduler: Any) -> bool:
 def step_arguments(scheduler: Any, seed: int) -> dict[str, Any]:
     """What ``scheduler.step`` takes besides the sample: a CPU generator from the seed for its noise
     (ancestral and SDE samplers), so a seed draws the same picture on every device."""
+    import torch
+
     parameters = inspect.signature(scheduler.step).parameters
     return {"generator": torch.Generator("cpu").manual_seed(int(seed))} if "generator" in parameters else {}
 
@@ -381,6 +398,8 @@ def whole_cells(images: Tensor, cells: int) -> Tensor:
 def encode_images(base: BaseModel, images: Tensor) -> Tensor:
     """Images ([B, H, W, 3] in 0..1) -> the VAE's raw latents ([B, C, H/8, W/8]); the distribution's
     mode (deterministic)."""
+    import torch
+
     vae = the_vae(base)
     pixels = images[..., :3].permute(0, 3, 1, 2).to(base.device, vae.dtype) * 2.0 - 1.0
     with torch.no_grad():
@@ -389,6 +408,8 @@ def encode_images(base: BaseModel, images: Tensor) -> Tensor:
 
 def decode_latents(base: BaseModel, latents: Tensor) -> Tensor:
     """The VAE's raw latents -> images ([B, H, W, 3] in 0..1, float32 on the CPU)."""
+    import torch
+
     vae = the_vae(base)
     with torch.no_grad():
         pixels = vae.decode(latents.to(base.device, vae.dtype), return_dict=False)[0]

@@ -20,14 +20,14 @@ from ..fileio import atomic_folder, atomic_write
 from .base import BaseModel
 from .checkpoints import checkpoint_layout
 from .known_configs import V_PREDICTION_MARKER
-from .loading import DTYPES, EMBEDDED_CONFIG_KEY
+from .loading import EMBEDDED_CONFIG_KEY, torch_dtype
 from .pipeline import pipeline_for
 from .tokenizer import tokenizer_files
 
 
 def target_dtype(base: BaseModel, dtype: str) -> torch.dtype:
     """``same`` is the model's own dtype; otherwise ``float16``, ``bfloat16`` or ``float32``."""
-    return base.dtype if dtype == "same" else DTYPES[dtype]
+    return base.dtype if dtype == "same" else torch_dtype(dtype)
 
 
 @contextmanager

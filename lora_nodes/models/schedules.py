@@ -24,10 +24,10 @@ import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: the node declarations import this module, and must not import torch
+    from torch import Tensor
 
 # ComfyUI's sampler names, in its order: its files may carry any of them. Each family says which it
 # draws with (Family.samplers); the others are refused, naming those it has (models.sampling.sampling_problem).
@@ -103,6 +103,8 @@ def flow_shift(config: Mapping[str, Any]) -> Callable[[float], float]:
 
 def flow_levels(config: Mapping[str, Any]) -> NoiseLevels:
     """The noise levels of a flow-matching schedule config."""
+    import torch
+
     shift = flow_shift(config)
     dynamic = bool(config.get("use_dynamic_shifting"))
     count, multiplier = (10000, 1.0) if dynamic else (1000, 1000.0)
@@ -125,12 +127,16 @@ def noise_levels(scheduler_config: Mapping[str, Any], flow: bool) -> NoiseLevels
 # -- the schedulers: a number of steps -> sigmas (steps + 1 of them, the last 0) ----------------------
 
 def _karras(levels: NoiseLevels, steps: int) -> list[float]:
+    import torch
+
     low, high = levels.sigma_min ** (1 / KARRAS_RHO), levels.sigma_max ** (1 / KARRAS_RHO)
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     return [*((high + ramp * (low - high)) ** KARRAS_RHO).tolist(), 0.0]
 
 
 def _exponential(levels: NoiseLevels, steps: int) -> list[float]:
+    import torch
+
     logs = torch.linspace(math.log(levels.sigma_max), math.log(levels.sigma_min), steps, dtype=torch.float64)
     return [*logs.exp().tolist(), 0.0]
 
@@ -141,6 +147,8 @@ def _simple(levels: NoiseLevels, steps: int) -> list[float]:
 
 
 def _normal(levels: NoiseLevels, steps: int, sgm: bool = False) -> list[float]:
+    import torch
+
     start, end = levels.timestep_of(levels.sigma_max), levels.timestep_of(levels.sigma_min)
     if sgm:  # evenly spaced timesteps without the last, then 0
         times = torch.linspace(start, end, steps + 1, dtype=torch.float64)[:-1]
@@ -163,6 +171,7 @@ def _ddim_uniform(levels: NoiseLevels, steps: int) -> list[float]:
 
 
 def _beta(levels: NoiseLevels, steps: int) -> list[float]:
+    import torch
     from scipy.stats import beta  # deferred: only this scheduler needs scipy
 
     last = len(levels.sigmas) - 1
@@ -189,6 +198,8 @@ def _linear_quadratic(levels: NoiseLevels, steps: int, threshold: float = 0.025)
 
 
 def _kl_optimal(levels: NoiseLevels, steps: int) -> list[float]:
+    import torch
+
     if steps == 1:
         return [levels.sigma_max, 0.0]
     w = torch.arange(steps, dtype=torch.float64) / (steps - 1)
@@ -297,6 +308,8 @@ def install_sigmas(scheduler: Any, sigmas: list[float], flow: bool) -> int:
     matching timesteps. Timesteps are the trained timestep of each sigma (fractional), or 1000 times
     the sigma for flow matching, as diffusers sets them.
     """
+    import torch
+
     steps = len(sigmas) - 1
     body = sigmas[:-1] if sigmas[-1] == 0 else list(sigmas)
     if not flow and uses_karras_conversion(scheduler):
@@ -327,6 +340,7 @@ def fractional_timesteps(alphas_cumprod: Tensor, sigmas: list[float]) -> Tensor:
     """The (fractional) training timestep of each sigma: log sigma interpolated between the trained
     levels, as diffusers' schedulers place a sigma between timesteps."""
     import numpy as np
+    import torch
 
     log_levels = (((1 - alphas_cumprod.double()) / alphas_cumprod.double()) ** 0.5).log().numpy()
     times = np.interp(np.log(np.asarray(sigmas, dtype=np.float64)), log_levels, np.arange(len(log_levels)))

@@ -9,9 +9,10 @@ boundary with the live module, here and nowhere else.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # annotations only: validation imports this module, and must not import torch
+    from torch import nn
 
 FILE_LEVEL = "text_model."
 _FLATTENED_CHILDREN = ("embeddings", "encoder", "final_layer_norm")

@@ -9,8 +9,15 @@ from .spec import Catalogue
 
 @lru_cache(maxsize=1)
 def catalogue() -> Catalogue:
-    """All node types a workflow may use, by id: ours, then the ComfyUI core nodes we run headless."""
-    # deferred: the node modules import torch; ``nodes.spec`` alone (declarations) must stay cheap
+    """All node types a workflow may use, by id: ours, then the ComfyUI core nodes we run headless.
+
+    Declaring them imports no model library (torch, diffusers, numpy, PIL): a node module imports at
+    its top what its declarations and preflights use, its run functions import what running needs,
+    and the types of its values are imported under ``TYPE_CHECKING`` (see :mod:`.spec`). So
+    ``lora-nodes validate``, ``nodes`` and ``convert`` answer in a fraction of a second
+    (tests/test_quick_commands.py holds them to it).
+    """
+    # deferred: every node module, a tenth of a second; ``nodes.spec`` alone (declarations) must stay cheap
     from . import base, bridge, dataset, grid, images, lora, merge, sample, save, train
     from .core import core_specs
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from ..lora.recipe import ModelRecipe
 from ..models.builtin import BUILTINS
 from ..models.loading import base_family
 from ..models.loading import load_base as load_base_model
@@ -76,5 +75,7 @@ def load_base(
     model loader takes it) takes its text encoders and VAE from files of their own or from the
     config folder's weights; files of their own also replace what a whole checkpoint holds.
     """
+    from ..lora.recipe import ModelRecipe
+
     files = component_files({"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "vae": vae})
     return (ModelRecipe(load_base_model(source, dtype, device, config or "", files)),)

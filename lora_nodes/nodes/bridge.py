@@ -14,19 +14,21 @@ from __future__ import annotations
 import importlib
 import weakref
 from functools import cache
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from .. import families
 from ..errors import NodeError
-from ..lora.hosted import HostPatch, host_patches
 from ..lora.model import LoRA
 from ..lora.placement import check_placement, describe_unplaced
-from ..lora.recipe import AppliedLoRA, ModelRecipe
-from ..models.hosted import HOST_DENOISER_PREFIX, HostedModel, hosted_model
 from .core.loaders import add_lora
 from .core.values import ClipRecipe
 from .lora import apply_lora_preflight, apply_lora_stack_preflight, strength
 from .spec import CLIP, CORE_MODEL, LORA, LORA_STACK, Input, Output, node
+
+if TYPE_CHECKING:  # annotations only: declaring the nodes must not import torch
+    from ..lora.hosted import HostPatch
+    from ..lora.recipe import AppliedLoRA
+    from ..models.hosted import HostedModel
 
 ADAPTER_MODULE = "comfy.weight_adapter"  # ComfyUI's weight adapters (v0.3.30 and later): our patches join them
 
@@ -55,6 +57,8 @@ def apply_lora_to_model(
 ):
     """Apply one of our LoRAs to ComfyUI's MODEL and CLIP, as ComfyUI's Load LoRA applies a file:
     any format we read (LyCORIS, DoRA, merged or trained here), placed by our rules."""
+    from ..lora.recipe import AppliedLoRA
+
     return _apply(ctx, model, clip, [AppliedLoRA(lora, strength_model, strength_clip)])
 
 
@@ -77,6 +81,8 @@ def apply_lora_stack_to_model(
 
 
 def _apply(ctx, model: Any, clip: Any, applied: list[AppliedLoRA]) -> tuple[Any, Any]:
+    from ..lora.recipe import ModelRecipe
+
     if isinstance(model, ModelRecipe):  # headless: our core nodes' MODEL and CLIP
         if clip is not None and not isinstance(clip, ClipRecipe):
             raise NodeError("clip is not a CLIP from a loader node")
@@ -91,6 +97,9 @@ def _apply(ctx, model: Any, clip: Any, applied: list[AppliedLoRA]) -> tuple[Any,
 
 def _apply_in_comfyui(ctx, model: Any, clip: Any, applied: list[AppliedLoRA]) -> tuple[Any, Any]:
     """Clones of ComfyUI's ``model`` (ModelPatcher) and ``clip`` (CLIP) with our patches added."""
+    from ..lora.hosted import host_patches
+    from ..models.hosted import HOST_DENOISER_PREFIX
+
     if not (hasattr(model, "clone") and hasattr(model, "add_patches")):
         raise NodeError(f"model is a {type(model).__name__}, not ComfyUI's MODEL or one from a loader node")
     hosted = _hosted(model, clip)
@@ -142,6 +151,8 @@ _HOSTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _hosted(model: Any, clip: Any) -> HostedModel:
     """The base ComfyUI's ``model`` (and ``clip``) is for us, built once for the pair while they live."""
+    from ..models.hosted import hosted_model
+
     inner = model.model
     text = clip.cond_stage_model if clip is not None else inner
     known = _HOSTED.setdefault(inner, weakref.WeakKeyDictionary())
@@ -156,6 +167,8 @@ def _hosted(model: Any, clip: Any) -> HostedModel:
 @cache
 def _patch_class() -> type[HostPatch]:
     """Our patch as one of ComfyUI's weight adapters (which its ModelPatcher asks for the weight)."""
+    from ..lora.hosted import HostPatch
+
     try:
         adapters = importlib.import_module(ADAPTER_MODULE)
     except ImportError:

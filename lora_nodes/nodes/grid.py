@@ -15,15 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
-
-import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
+from typing import TYPE_CHECKING, Annotated
 
 from ..errors import NodeError
 from .images import to_pil
 from .spec import IMAGE, INT, STRING, Input, Output, node
+
+if TYPE_CHECKING:  # annotations only: declaring the node must not import torch or PIL
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (right and bottom excluded), as PIL crops
 BACKGROUND, INK, EMPTY_CELL = (255, 255, 255), (0, 0, 0), (200, 200, 200)
@@ -38,6 +38,8 @@ MAX_COLUMNS = 1024
 @lru_cache(maxsize=16)
 def grid_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's own font at ``size`` pixels (its fixed-size bitmap font on a Pillow without FreeType)."""
+    from PIL import ImageFont
+
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType: one size only
@@ -189,6 +191,8 @@ def _draw_centred(draw: ImageDraw.ImageDraw, box: Box, text: str, font, align_x:
 
 def _fit(picture: Image.Image, width: int, height: int) -> Image.Image:
     """``picture`` on a cell of ``width`` x ``height``, centred (a smaller picture keeps its size)."""
+    from PIL import Image
+
     if picture.size == (width, height):
         return picture
     cell = Image.new("RGB", (width, height), BACKGROUND)
@@ -204,6 +208,8 @@ def draw_grid(cells: Sequence[Image.Image | None], columns: int, column_labels: 
 
     Cells smaller than the largest are centred in theirs. Returns the picture and its layout.
     """
+    from PIL import Image, ImageDraw
+
     if not cells:
         raise ValueError("a grid needs at least one cell")
     pictures = [c.convert("RGB") if c is not None else None for c in cells]
@@ -232,6 +238,8 @@ def draw_grid(cells: Sequence[Image.Image | None], columns: int, column_labels: 
 
 def side_by_side(pictures: Sequence[Image.Image]) -> Image.Image:
     """Several pictures in one row (a variant that saved more than one picture fills its cell so)."""
+    from PIL import Image
+
     if len(pictures) == 1:
         return pictures[0]
     width, height = sum(p.width for p in pictures) + GAP * (len(pictures) - 1), max(p.height for p in pictures)
@@ -288,6 +296,10 @@ def grid_node(
 ):
     """Put pictures in a labelled grid: every picture of images_1, then of images_2 ... fills the cells
     row by row; each column and row is named by its line of the labels, the axes by the titles."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     batches = [b for b in (images_1, images_2, images_3, images_4, images_5, images_6, images_7, images_8)
                if b is not None]
     pictures = [to_pil(image) for batch in batches for image in batch]

@@ -6,16 +6,16 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import Annotated
-
-import numpy as np
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING, Annotated
 
 from ..fileio import write_new_file
 from ..pngchunks import png_info
 from .sample import non_finite_rows
 from .spec import IMAGE, STRING, Input, node
+
+if TYPE_CHECKING:  # annotations only: declaring the nodes must not import torch
+    import torch
+    from PIL import Image
 
 
 def next_free_index(folder: Path, stem: str) -> int:
@@ -34,6 +34,10 @@ def to_pil(image: torch.Tensor, truncate: bool = False) -> Image.Image:
     Levels are rounded to the nearest; ``truncate`` cuts them down instead, as ComfyUI's SaveImage
     does (so ComfyUI's own nodes, run headless, write the levels ComfyUI writes).
     """
+    import numpy as np
+    import torch
+    from PIL import Image
+
     pixels = torch.nan_to_num(image.detach().float(), nan=0.0, posinf=1.0, neginf=0.0)
     levels = pixels.clamp(0, 1) * 255
     array = (levels if truncate else levels.round()).to(torch.uint8).cpu().numpy()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from .. import families
 from ..errors import LoRAError
@@ -13,8 +13,10 @@ from ..lora.files import PICKLE_SUFFIXES, read_lora, read_lora_header
 from ..lora.metadata import trigger_words
 from ..lora.model import LoRA
 from ..lora.placement import FAMILY_ADVICE, check_placement, module_namings
-from ..lora.recipe import AppliedLoRA, ModelRecipe
 from .spec import BOOLEAN, FLOAT, LORA, LORA_STACK, MODEL, STRING, Input, Output, Preflight, node
+
+if TYPE_CHECKING:  # annotations only: declaring the nodes must not import torch
+    from ..lora.recipe import AppliedLoRA, ModelRecipe
 
 
 def strength(what: str) -> Input:
@@ -161,6 +163,8 @@ def apply_lora(
     strength_text: Annotated[float, strength("text encoder (how the prompt is read)")] = 1.0,
 ):
     """Add a LoRA to a model at a strength. Costs nothing until sampling; the base is never copied."""
+    from ..lora.recipe import AppliedLoRA
+
     return (apply_to(ctx, model, [AppliedLoRA(lora, strength_model, strength_text)]),)
 
 
@@ -204,6 +208,8 @@ def lora_stack(
                                                           description="a stack to extend")] = None,
 ):
     """Collect up to four LoRAs with their strengths (after an optional incoming stack), in order."""
+    from ..lora.recipe import AppliedLoRA
+
     slots = [(lora_1, strength_model_1, strength_text_1, enabled_1),
              (lora_2, strength_model_2, strength_text_2, enabled_2),
              (lora_3, strength_model_3, strength_text_3, enabled_3),

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-import statistics
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from .. import families
 from ..errors import LoRAError
-from ..lora import ops
 from ..lora.model import FullModule, LoRA, LoRAModule, Module
 from ..lora.placement import check_placement, module_namings, naming_conflict
-from ..lora.recipe import AppliedLoRA, ModelRecipe
-from ..lora.save import to_plain
 from .lora import FAMILY_MISMATCH, lora_problems
 from .spec import COMBO, FLOAT, INT, LORA, LORA_STACK, MODEL, STRING, Input, Output, Preflight, node
+
+if TYPE_CHECKING:  # annotations only: declaring the nodes must not import torch
+    from ..lora import ops
+    from ..lora.recipe import AppliedLoRA, ModelRecipe
 
 MERGE_METHODS = ("concat", "svd", "ties", "dare_linear", "dare_ties")
 
 
 def to_lowrank(module: Module) -> ops.LowRank:
     """A module as a plain low-rank pair: exact (other formats by SVD at their numerical rank)."""
+    from ..lora import ops
+    from ..lora.save import to_plain
+
     if module.dora_scale is not None:
         raise LoRAError(f"module '{module.key}' is DoRA: its effect depends on the base weight, so it cannot be "
                         "merged or resized on its own; apply it to a model and use ExtractLoRA instead")
@@ -78,6 +81,8 @@ def merge_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any]
 
 
 def _summary(name: str, energies: list[float], ranks: list[int]) -> str:
+    import statistics
+
     if not energies:
         return f"{name}: no modules"
     return (f"{name}: {len(energies)} modules, rank {min(ranks)}..{max(ranks)}, energy kept "
@@ -135,6 +140,8 @@ def merge_loras(
 
 def _merge_module(key: str, parts: list[tuple[Module, float]], method: str, rank: int, density: float,
                   seed: int) -> tuple[Module, float]:
+    from ..lora import ops
+
     lowranks = [(to_lowrank(m), w) for m, w in parts]
     if method == "concat":
         return from_lowrank(key, ops.concat(lowranks)), 1.0
@@ -174,6 +181,8 @@ def resize_lora(
                                                   "the largest")] = 0.9,
 ):
     """Change a LoRA's rank by SVD (as kohya's resize_lora does), reporting each module's new rank and error."""
+    from ..lora import ops
+
     if rule == "fixed" and rank == 0:
         raise LoRAError("rule 'fixed' needs a rank above 0")
     modules, lines, stats = {}, [], {}
@@ -221,6 +230,8 @@ def extract_lora(
                                                  "their weight")] = 1e-6,
 ):
     """A LoRA approximating model_b minus model_a by truncated SVD, for the UNet and the text encoders."""
+    from ..lora import ops
+
     targets_a, targets_b = model_a.base.lora_targets, model_b.base.lora_targets
     plan_a, plan_b = model_a.patch_plan(), model_b.patch_plan()
     modules, energies, ranks = {}, [], []

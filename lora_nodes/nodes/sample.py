@@ -7,19 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Annotated, Any
-
-import torch
+from typing import TYPE_CHECKING, Annotated, Any
 
 from .. import families
 from ..errors import NodeError
 from ..families import Family
-from ..lora.recipe import ModelRecipe
 from ..models import schedules
-from ..models.base import BaseModel
 from ..models.conditioning import clip_skip_layer, encode_prompt, reads_clip_layers
-from ..models.memory import check_sample
-from ..models.pipeline import pipeline_for
 from ..models.sampling import (
     DEFAULT_GUIDANCE,
     decode_latents,
@@ -31,8 +25,13 @@ from ..models.sampling import (
     whole_cells,
 )
 from ..models.schedules import DEFAULT_SCHEDULER, SCHEDULER_NAMES
-from ..training.flow import packed_size_multiple, text_sequence_length
 from .spec import COMBO, FLOAT, IMAGE, INT, MAX_SEED, MODEL, STRING, Input, Output, Preflight, node
+
+if TYPE_CHECKING:  # annotations only: declaring the nodes must not import torch
+    import torch
+
+    from ..lora.recipe import ModelRecipe
+    from ..models.base import BaseModel
 
 SAMPLERS = families.SAMPLER_NAMES  # names follow ComfyUI's; each family says which it draws with, and how
 # the families that take the guidance scale as an input (one pass) rather than by classifier-free guidance
@@ -55,6 +54,8 @@ def sample_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any
 def make_pipeline(base: BaseModel, sampler: str, seed: int | None = None):
     """A diffusers pipeline over the base's components (no copy) with the sampler's scheduler (one the
     family draws with: see :func:`~lora_nodes.models.sampling.sampling_problem`); a sampler drawing its own noise draws it from ``seed``."""
+    from ..models.pipeline import pipeline_for
+
     class_name, changes = base.family.samplers[sampler]
     scheduler = schedules.make_scheduler(class_name, changes, base.components["scheduler"].config, seed)
     pipe = pipeline_for(base, scheduler)
@@ -70,6 +71,8 @@ def guidance_arguments(base: BaseModel, pipe, cfg: float, guidance: float, negat
     guidance becomes ``true_cfg_scale``, which the pipeline runs only against a negative prompt.
     A pipeline that pads its sequence text encoder's tokens pads to that tokenizer's length.
     """
+    from ..training.flow import text_sequence_length
+
     negative = negative_prompt or None
     if base.family.guidance_distilled:
         arguments = {"guidance_scale": guidance, "true_cfg_scale": cfg, "negative_prompt": negative}
@@ -86,6 +89,8 @@ def guidance_passes_scale(family: Family, cfg: float, negative_prompt: str) -> f
 def size_multiple(base: BaseModel) -> int:
     """Image sides must be multiples of this: 8, or more where the pipeline packs 2x2 latent patches
     into tokens (the VAE's downscaling times 2; such a pipeline would otherwise shrink the image)."""
+    from ..training.flow import packed_size_multiple
+
     return max(8, packed_size_multiple(base)) if packs_latents(base.family) else 8
 
 
@@ -142,6 +147,10 @@ def sample(
                                                             "resized to width x height when those are set")] = None,
 ):
     """Draw images from a prompt with the model's weights (LoRAs merged in place, then reused)."""
+    import torch
+
+    from ..models.memory import check_sample
+
     family = model.base.family
     if image is not None:
         image = init_image(model.base, image, width, height)
@@ -161,7 +170,7 @@ def sample(
     passes = guidance_passes_scale(family, cfg, negative_prompt)
     images_drawn = batch_size * (1 if image is None else len(image))
     check_sample(model.base, width, height, images_drawn, passes, enabled=ctx.check_memory)
-    base = model.materialize()
+    base = model.materialize(final=ctx.last_weight_use)
     if scheduler != DEFAULT_SCHEDULER or image is not None or clip_skip > 1 or denoise < 1:
         return (sample_with_core(ctx, base, prompt, negative_prompt, seed, steps, cfg, sampler, scheduler,
                                  width, height, batch_size, guidance, clip_skip, denoise, image),)
@@ -195,6 +204,8 @@ def sample(
 def init_image(base: BaseModel, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """The init image at the size it is drawn at: ``width`` x ``height`` where set (resized), else its
     own size cut to the sides the model takes (centred, as ComfyUI's VAEEncode cuts)."""
+    import torch
+
     image = image.float()
     if image.ndim != 4 or image.shape[-1] < 3:
         raise NodeError(f"image must be [batch, height, width, 3] (ComfyUI's IMAGE), got {list(image.shape)}")
@@ -211,6 +222,8 @@ def sample_with_core(ctx, base: BaseModel, prompt: str, negative_prompt: str, se
                      clip_skip: int, denoise: float, image: torch.Tensor | None) -> torch.Tensor:
     """Sample by our sampling core (as ComfyUI's KSampler): a ComfyUI scheduler, clip skip, an init image
     or denoise below 1. The negative prompt of a guidance-distilled model is used only with it given."""
+    import torch
+
     family = base.family
     layer = clip_skip_layer(family, clip_skip)
     positive = encode_prompt(base, prompt, layer)
@@ -233,6 +246,8 @@ def sample_with_core(ctx, base: BaseModel, prompt: str, negative_prompt: str, se
 
 def non_finite_rows(batch: torch.Tensor) -> torch.Tensor:
     """Per item of a batch (first dimension), whether it holds a NaN or an infinity (a CPU bool tensor)."""
+    import torch
+
     return (~torch.isfinite(batch.detach())).flatten(1).any(dim=1).cpu()
 
 
@@ -244,6 +259,8 @@ def decoder_watch(vae: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     keeps NaN but turns infinities into plain white or black). A forward hook, removed on exit;
     one entry per decoder call (the batch, or each image with VAE slicing).
     """
+    import torch
+
     rows: list[torch.Tensor] = []
 
     def record(_module, _inputs, output) -> None:
@@ -265,6 +282,8 @@ def warn_non_finite(ctx, latents: torch.Tensor | None, decoded: torch.Tensor | N
     The final latents tell the two usual causes apart: NaN there came from denoising (the UNet,
     with its LoRAs), NaN only after decoding came from the VAE.
     """
+    import torch
+
     count = len(images)
     bad = non_finite_rows(images)  # NaN survives the pipeline's clamp; infinities only show in decoded
     if decoded is not None and len(decoded) == count:

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Annotated
 
 from ..errors import NodeError
 from ..fileio import atomic_write
 from ..lora.model import LoRA
-from ..lora.placement import check_placement
-from ..lora.recipe import ModelRecipe
-from ..lora.save import ENERGY_WARNING, lora_file
-from ..models.save import save_diffusers_folder, save_single_file, single_file_parts
 from .lora import save_lora_preflight
 from .spec import BOOLEAN, COMBO, INT, LORA, MODEL, STRING, Input, node
+
+if TYPE_CHECKING:  # annotations only: declaring the nodes must not import torch
+    from torch import Tensor
+
+    from ..lora.recipe import ModelRecipe
 
 SUFFIX = ".safetensors"
 
@@ -84,6 +82,9 @@ def save_lora(
     change (reported when less than 99.99% of it is kept); DoRA is converted against the model's
     weights and equals the original at strength 1 only.
     """
+    from ..lora.placement import check_placement
+    from ..lora.save import ENERGY_WARNING, lora_file
+
     target = output_path(ctx, path, SUFFIX)
     base = model.base if model is not None else None
     if base is not None:
@@ -112,6 +113,7 @@ def holds(target: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, st
     """Whether the .safetensors file ``target`` holds exactly these tensors (names, dtypes, values) and
     this metadata. Compared as content: safetensors does not write its header in a fixed order, so two
     writes of one LoRA need not be equal byte for byte. A file that does not read holds nothing."""
+    import torch
     from safetensors import safe_open
 
     try:
@@ -156,10 +158,12 @@ def save_model(
     BFL names), Load Base takes the text encoders and VAE from their own files or a config folder
     with weights; a LoRA's changes to those parts are then not saved (a warning says so).
     """
+    from ..models.save import save_diffusers_folder, save_single_file, single_file_parts
+
     single = format == "single_file"
     target = output_path(ctx, path, SUFFIX if single else "")
     refuse_overwrite(target, overwrite)
-    base = model.materialize()
+    base = model.materialize(final=ctx.last_weight_use)
     if single:
         warn_parts_left_out(ctx, model, single_file_parts(base))
     try:  # checked before the work, and again as the result is put in place (another writer may be quicker)

@@ -6,8 +6,11 @@ ComfyUI class attributes and the cache keys are all derived from the spec, never
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
+import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from typing import Annotated, Any, get_args, get_origin, get_type_hints
@@ -194,14 +197,69 @@ def node(
     return declare
 
 
-def _hints(node_id: str, owner: Any) -> dict[str, Any]:
-    """The evaluated annotations of a function or dataclass (its module's names resolve them)."""
+class _TypeCheckingName(type):
+    """What a name stands for in a node's annotations when its module imports it only for type checking.
+
+    Node modules import the types their values have (``torch.Tensor``, ``ModelRecipe``, ...) under
+    ``if TYPE_CHECKING:`` so that declaring the nodes (validation, ``lora-nodes nodes``) does not import
+    torch; a declaration needs only each annotation's :class:`Input`, so such a name evaluates to a
+    stand-in class: ``name | None``, ``tuple[name, ...]``, ``name.attribute`` and ``name[...]`` all work.
+    """
+
+    def __getattr__(cls, attribute: str) -> Any:
+        if attribute.startswith("__"):  # typing probes dunders (``__origin__`` ...): a stand-in has none
+            raise AttributeError(attribute)
+        return _TypeCheckingName(f"{cls.__name__}.{attribute}", (), {})
+
+    def __getitem__(cls, item: Any) -> Any:
+        return cls
+
+    def __repr__(cls) -> str:
+        return f"<name for type checking only: {cls.__name__}>"
+
+
+class _AnnotationNames(dict):
+    """Names an annotation is evaluated with (as ``eval``'s locals): a name its module imports only under
+    ``TYPE_CHECKING`` as a :class:`_TypeCheckingName`; any other is looked up as usual (after this mapping:
+    the module's globals, the builtins), so a name defined nowhere is still a NameError."""
+
+    def __init__(self, module: str):
+        super().__init__()
+        self.type_checking = _type_checking_names(module)
+
+    def __missing__(self, name: str) -> Any:
+        if name not in self.type_checking:
+            raise KeyError(name)  # eval goes on to the module's globals and the builtins
+        return _TypeCheckingName(name, (), {})
+
+
+@functools.cache
+def _type_checking_names(module: str) -> frozenset[str]:
+    """The names ``module`` imports in its ``if TYPE_CHECKING:`` blocks, read from its source."""
     try:
+        source = inspect.getsource(sys.modules[module])
+    except (KeyError, OSError, TypeError):  # no such module, or no source to read
+        return frozenset()
+    names: set[str] = set()
+    for block in re.finditer(r"^if TYPE_CHECKING:.*\n((?:[ \t]+.*\n|[ \t]*\n)+)", source, re.MULTILINE):
+        for statement in ast.walk(ast.parse("if True:\n" + block.group(1))):
+            if isinstance(statement, (ast.Import, ast.ImportFrom)):
+                names.update((alias.asname or alias.name).split(".")[0] for alias in statement.names)
+    return frozenset(names)
+
+
+def _hints(node_id: str, owner: Any) -> dict[str, Any]:
+    """The evaluated annotations of a function or dataclass (its module's names resolve them; a function's
+    may also use names imported only under ``TYPE_CHECKING``, see :class:`_TypeCheckingName`)."""
+    try:
+        if inspect.isfunction(owner):
+            return get_type_hints(owner, localns=_AnnotationNames(owner.__module__), include_extras=True)
         return get_type_hints(owner, include_extras=True)
-    except Exception as exc:  # any failure to evaluate (usually a NameError): name the node it declares
+    except Exception as exc:  # any failure to evaluate: name the node it declares
         raise TypeError(f"node {node_id}: the annotations of {owner.__qualname__} do not evaluate "
                         f"({type(exc).__name__}: {exc}); every name they use must be defined at the top of "
-                        f"module {owner.__module__}") from exc
+                        f"module {owner.__module__} (a node function's types may be imported under TYPE_CHECKING)"
+                        ) from exc
 
 
 def _signature_inputs(node_id: str, fn: Callable[..., Any]) -> tuple[tuple[Input, ...], dict[str, type]]:
@@ -251,6 +309,11 @@ def _declared(node_id: str, name: str, hint: Any, default: Any, where: str) -> I
         raise TypeError(f"node {node_id}: {where} declares no input: annotate it as Annotated[type, Input(...)] "
                         "(or with a dataclass of such fields, a group)")
     decl = declared[0]
+    undefined = [value for item in fields(decl) for value in _flat(getattr(decl, item.name))
+                 if isinstance(value, _TypeCheckingName)]
+    if undefined:  # a stand-in stands for a type, never for a value
+        raise TypeError(f"node {node_id}: {where} declares its input with {undefined[0].__name__}, which its module "
+                        "imports only under TYPE_CHECKING")
     if decl.name or decl.default is not REQUIRED:
         raise TypeError(f"node {node_id}: {where} gives a name or default in Input(...); they come from the "
                         "parameter (its name, its default)")
@@ -262,6 +325,10 @@ def _declared(node_id: str, name: str, hint: Any, default: Any, where: str) -> I
                             "declared optional=True")
         default = REQUIRED  # an optional input has no default: left out, the function gets None
     return replace(decl, name=name, default=default)
+
+
+def _flat(value: Any) -> tuple[Any, ...]:
+    return tuple(value) if isinstance(value, tuple) else (value,)
 
 
 def _with_groups(fn: Callable[..., Any], groups: dict[str, type], names: list[str]) -> Callable[..., Any]:

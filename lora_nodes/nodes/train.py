@@ -6,29 +6,22 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Annotated
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Annotated
 
 from ..datasets.folder import Dataset
 from ..fileio import atomic_folder, atomic_write, sibling_work_folder
-from ..lora.files import read_state_dict
-from ..lora.formats import parse_lora
-from ..lora.metadata import training_metadata
 from ..lora.model import LoRA
-from ..lora.placement import check_placement
-from ..lora.recipe import ModelRecipe
-from ..lora.save import kohya_tensors, kohya_version
-from ..models.base import BaseModel
-from ..training.checkpoint import remove_checkpoints
-from ..training.config import TrainConfig
-from ..training.plot import loss_plot
-from ..training.trainer import TRAINER_VERSION, TrainCallbacks, train_lora
+from ..training.config import TRAINER_VERSION, TrainConfig
 from .images import to_pil
 from .lora import train_lora_preflight
 from .sample import DEFAULT_GUIDANCE, guidance_arguments, make_pipeline
 from .spec import DATASET, IMAGE, LORA, MODEL, STRING, Input, Output, node
+
+if TYPE_CHECKING:  # annotations only: declaring the nodes must not import torch
+    import torch
+
+    from ..lora.recipe import ModelRecipe
+    from ..models.base import BaseModel
 
 PREVIEW_STEPS, PREVIEW_CFG = 20, 7.0
 
@@ -42,6 +35,11 @@ class TrainedLoRACache:
 
     def save(self, outputs: tuple, folder: Path) -> None:
         """Store ``outputs`` as ``folder`` (it appears whole or not at all), then drop the checkpoints."""
+        from safetensors.torch import save_file
+
+        from ..lora.save import kohya_tensors
+        from ..training.checkpoint import remove_checkpoints
+
         lora, plot = outputs
         tensors: dict[str, torch.Tensor] = {}
         for key, module in lora.modules.items():
@@ -71,6 +69,11 @@ class TrainedLoRACache:
         return True
 
     def load(self, folder: Path) -> tuple[LoRA, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        from ..lora.files import read_state_dict
+        from ..lora.formats import parse_lora
+
         entry = json.loads((folder / "entry.json").read_text())
         tensors, metadata = read_state_dict(folder / "lora.safetensors")
         return parse_lora(tensors, metadata, name=entry["name"]), load_file(folder / "loss.safetensors")["loss"]
@@ -102,6 +105,14 @@ def train_lora_node(
     the same training again (even in a new process) loads it instead of training, and a stopped
     run continues from its last checkpoint. Inside ComfyUI too, where every node it depends on is
     a lora-nodes or ComfyUI core node (ComfyUI's log says when one is not)."""
+    import torch
+
+    from ..lora.metadata import training_metadata
+    from ..lora.placement import check_placement
+    from ..lora.save import kohya_version
+    from ..training.plot import loss_plot
+    from ..training.trainer import TrainCallbacks, train_lora
+
     base = model.materialize()
     if initial_lora is not None:
         check_placement(initial_lora, model.base)  # another family's LoRA, or one that places nothing, is refused
@@ -138,6 +149,8 @@ def _mean(values: list[float]) -> float:
 
 def _previewer(ctx, base: BaseModel, dataset, config: TrainConfig):
     """Draws the preview prompts with the LoRA as it is at a step, and saves them as PNGs."""
+    import torch
+
     if not config.sample_every_n_steps:
         return None
     prompts = [p.strip() for p in config.sample_prompts.splitlines() if p.strip()]

@@ -5,14 +5,37 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Annotated
-
-import torch
+from typing import TYPE_CHECKING, Annotated
 
 from ..errors import NodeError
 from ..nodes.spec import BOOLEAN, COMBO, FLOAT, INT, MAX_SEED, STRING, Input
 from .flow import TIMESTEP_SAMPLING
-from .network import TARGETS
+
+if TYPE_CHECKING:  # annotations only: declaring TrainLoRA imports this module, and must not import torch
+    import torch
+
+TRAINER_VERSION = 1  # part of the cache key: a change to what training computes must bump it
+
+_UNET_ATTENTION = r"attn\d\.(to_q|to_k|to_v|to_out\.0)"
+_UNET_MLP = r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))"
+# a joint-attention transformer (diffusers' tree): both streams' q/k/v and outputs in the double-stream
+# blocks, q/k/v in the single-stream ones (as diffusers' dreambooth script targets them); its MLP: both
+# streams' feed-forward layers, and the single-stream blocks' MLP input and fused output projection
+_TRANSFORMER_ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_TRANSFORMER_MLP = r"(ff|ff_context)\.net\.(0\.proj|2)|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"
+_DENOISER_ATTENTION = f"{_UNET_ATTENTION}|{_TRANSFORMER_ATTENTION}"
+_DENOISER_MLP = f"{_UNET_MLP}|{_TRANSFORMER_MLP}"
+_TEXT_ATTENTION = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+_TEXT_MLP = r"mlp\.(fc1|fc2)"
+
+# target choice -> (denoiser module pattern, text encoder module pattern); matched at the end of the
+# path. Each UNet pattern matches nothing in a transformer's tree and the reverse. Text encoders:
+# CLIP's layers (a T5 encoder's are named otherwise: it is not trained, as kohya and diffusers default).
+TARGETS: dict[str, tuple[str, str]] = {
+    "attention": (_DENOISER_ATTENTION, _TEXT_ATTENTION),
+    "attention_mlp": (f"{_DENOISER_ATTENTION}|{_DENOISER_MLP}", f"({_TEXT_ATTENTION}|{_TEXT_MLP})"),
+    "all": (r".*", f"({_TEXT_ATTENTION}|{_TEXT_MLP})"),
+}
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
@@ -106,6 +129,8 @@ class TrainConfig:
         ``auto`` takes ``accelerate launch --mixed_precision``, else bf16 on a GPU that has it (fp16
         on one that does not) and full precision on the CPU.
         """
+        import torch
+
         choice = self.mixed_precision
         if choice == "auto":
             choice = os.environ.get("ACCELERATE_MIXED_PRECISION", "")

@@ -12,13 +12,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from ..errors import NodeError
 from ..models.sampling import resolution_mu
+
+if TYPE_CHECKING:  # annotations only: declaring TrainLoRA imports this module, and must not import torch
+    import torch
+    from torch import Tensor
 
 # How the noise level of each training image is drawn (TrainConfig.timestep_sampling):
 #   uniform        s ~ U(0, 1): diffusers' default ("none" weighting) and kohya's "uniform";
@@ -57,6 +58,8 @@ def noise_levels(sampling: str, count: int, generator: torch.Generator, schedule
     ``schedule`` is the base scheduler's config (its ``shift`` and resolution-shift line),
     ``tokens`` the packed token count of the batch's images.
     """
+    import torch
+
     if sampling == "uniform":
         return torch.rand(count, generator=generator)
     levels = torch.sigmoid(torch.randn(count, generator=generator))
@@ -114,6 +117,8 @@ class FlowMatching:
 
     def predict(self, noisy: Tensor, levels: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
         """The transformer's velocity for ``noisy`` latents at noise ``levels``, packed as the pipeline packs."""
+        import torch
+
         batch, channels, height, width = noisy.shape
         dtype, device = self.base.dtype, noisy.device
         packed = self.pipe._pack_latents(noisy, batch, channels, height, width).to(dtype)

@@ -21,27 +21,7 @@ from ..lora.formats import parse_lora
 from ..lora.model import LoRA, LoRAModule
 from ..lora.placement import placement_of
 from ..models.base import BaseModel
-
-_UNET_ATTENTION = r"attn\d\.(to_q|to_k|to_v|to_out\.0)"
-_UNET_MLP = r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))"
-# a joint-attention transformer (diffusers' tree): both streams' q/k/v and outputs in the double-stream
-# blocks, q/k/v in the single-stream ones (as diffusers' dreambooth script targets them); its MLP: both
-# streams' feed-forward layers, and the single-stream blocks' MLP input and fused output projection
-_TRANSFORMER_ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-_TRANSFORMER_MLP = r"(ff|ff_context)\.net\.(0\.proj|2)|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"
-_DENOISER_ATTENTION = f"{_UNET_ATTENTION}|{_TRANSFORMER_ATTENTION}"
-_DENOISER_MLP = f"{_UNET_MLP}|{_TRANSFORMER_MLP}"
-_TEXT_ATTENTION = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
-_TEXT_MLP = r"mlp\.(fc1|fc2)"
-
-# target choice -> (denoiser module pattern, text encoder module pattern); matched at the end of the
-# path. Each UNet pattern matches nothing in a transformer's tree and the reverse. Text encoders:
-# CLIP's layers (a T5 encoder's are named otherwise: it is not trained, as kohya and diffusers default).
-TARGETS: dict[str, tuple[str, str]] = {
-    "attention": (_DENOISER_ATTENTION, _TEXT_ATTENTION),
-    "attention_mlp": (f"{_DENOISER_ATTENTION}|{_DENOISER_MLP}", f"({_TEXT_ATTENTION}|{_TEXT_MLP})"),
-    "all": (r".*", f"({_TEXT_ATTENTION}|{_TEXT_MLP})"),
-}
+from .config import TARGETS
 
 
 def select_targets(base: BaseModel, target: str, train_text_encoder: bool) -> dict[str, nn.Module]:

@@ -35,8 +35,6 @@ from .config import TrainConfig
 from .flow import FlowMatching
 from .network import LoRANetwork, select_targets
 
-TRAINER_VERSION = 1  # part of the cache key: a change to what training computes must bump it
-
 
 @dataclass
 class TrainCallbacks:

@@ -10,16 +10,16 @@ still runs, and what it would have shown can be looked at.
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps, ImageSequence
+from typing import TYPE_CHECKING, Annotated, Any
 
 from ...errors import NodeError
 from ..images import to_pil, write_pngs
 from ..spec import COMBO, IMAGE, INT, MASK, STRING, Input, Output, Preflight, node
+
+if TYPE_CHECKING:  # annotations only: declaring the nodes must not import torch
+    import numpy as np
+    import torch
+    from PIL import Image
 
 MAX_RESOLUTION = 16384  # ComfyUI's bound on an image or latent side
 IMAGE_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
@@ -54,6 +54,8 @@ def resize_samples(samples: torch.Tensor, width: int, height: int, method: str,
     ``crop="center"`` first cuts the middle to the new aspect ratio; "lanczos" resamples 8-bit
     pictures with PIL (images only: values in 0..1), the other methods are torch's interpolation.
     """
+    import torch.nn.functional as F
+
     if crop == "center":
         samples = center_crop(samples, width, height)
     if method == "lanczos":
@@ -62,6 +64,10 @@ def resize_samples(samples: torch.Tensor, width: int, height: int, method: str,
 
 
 def _lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    import numpy as np
+    import torch
+    from PIL import Image
+
     pictures = [to_pil(picture.movedim(0, -1)).resize((width, height), Image.Resampling.LANCZOS)
                 for picture in samples]
     stacked = np.stack([np.asarray(p, dtype=np.float32) / 255.0 for p in pictures])
@@ -88,6 +94,10 @@ def read_picture(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     rotation is applied; the colour channels are kept as they are and the mask is 1 - alpha (a
     picture without transparency gets ComfyUI's empty 64x64 mask).
     """
+    import numpy as np
+    import torch
+    from PIL import Image
+
     try:
         with Image.open(path) as opened:
             frames = [_frame(frame) for frame in _frames(opened)]
@@ -104,12 +114,17 @@ def read_picture(path: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _frames(opened: Image.Image) -> list[Image.Image]:
+    from PIL import ImageSequence
+
     frames = [frame.copy() for frame in ImageSequence.Iterator(opened)]
     return frames[:1] if opened.format in SINGLE_FRAME_FORMATS else frames
 
 
 def _frame(frame: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
     """One frame upright as RGB, and its alpha channel (None when it has no transparency)."""
+    import numpy as np
+    from PIL import ImageOps
+
     frame = ImageOps.exif_transpose(frame)
     if frame.mode == "I":  # 32-bit integers: 16-bit greys, brought to 8 bits as ComfyUI brings them
         frame = frame.point(lambda value: value * (1 / 255))
@@ -122,6 +137,8 @@ def _frame(frame: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
 
 
 def _mask(alpha: np.ndarray | None, height: int, width: int) -> torch.Tensor:
+    import torch
+
     if alpha is None:
         return torch.zeros((height, width), dtype=torch.float32)
     return 1.0 - torch.from_numpy(alpha)
@@ -129,6 +146,8 @@ def _mask(alpha: np.ndarray | None, height: int, width: int) -> torch.Tensor:
 
 def load_image_preflight(literals: dict[str, Any], upstream: dict[str, dict[str, Any]]) -> Preflight:
     """LoadImage before running: a file that is no picture is reported (only its header is read)."""
+    from PIL import Image
+
     path = literals.get("image")
     if not isinstance(path, str) or not os.path.isfile(path):
         return Preflight()  # a missing path is the path check's

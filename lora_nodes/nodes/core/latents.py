@@ -6,16 +6,18 @@ VAE's raw latents, as ComfyUI keeps them (see :class:`.values.Latent`).
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import torch
+from typing import TYPE_CHECKING, Annotated
 
 from ...errors import NodeError
-from ...models.base import BaseModel
 from ...models.sampling import decode_latents, encode_images, whole_cells
 from ..spec import COMBO, FLOAT, IMAGE, INT, LATENT, VAE, Input, Output, node
 from .images import CROP_METHODS, MAX_RESOLUTION, center_crop, resize_samples
 from .values import COMFY_LATENT_DOWNSCALE, Latent
+
+if TYPE_CHECKING:  # annotations only: declaring the nodes must not import torch
+    import torch
+
+    from ...models.base import BaseModel
 
 LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 EMPTY_LATENT_CHANNELS = 4  # what EmptyLatentImage makes (ComfyUI's; the sampler gives it the model's count)
@@ -38,6 +40,8 @@ def fit_to_model(latent: Latent, channels: int, downscale: int | None) -> torch.
     size (our built-in tiny models' VAEs downscale less than 8). Other latents must have the
     model's channels; they are taken at the size they have.
     """
+    import torch
+
     samples = latent.samples
     if not torch.count_nonzero(samples):
         cells = downscale or latent.downscale
@@ -59,6 +63,8 @@ def vae_downscale(base: BaseModel) -> int | None:
 
 def _empty(width: int, height: int, batch_size: int, channels: int) -> Latent:
     """ComfyUI's empty latent: zeros of ``channels`` at an eighth of the size (the sampler fits it to the model)."""
+    import torch
+
     cells = COMFY_LATENT_DOWNSCALE
     return Latent(torch.zeros(batch_size, channels, height // cells, width // cells))
 
@@ -190,6 +196,8 @@ def bislerp(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
 
 def _slerp_axis(cells: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     """Resize axis ``dim`` of channels-last cells to ``size``, by slerp between the two nearest old cells."""
+    import torch
+
     old = cells.shape[dim]
     # where each new cell's centre falls among the old cells (half-cell centres, clamped at the edges)
     position = ((torch.arange(size, dtype=torch.float32) + 0.5) * old / size - 0.5).clamp(0, old - 1)
@@ -203,6 +211,8 @@ def _slerp_axis(cells: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 
 def _slerp(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation between vectors ``a`` and ``b`` (last dimension) at ``ratio``."""
+    import torch
+
     norm_a, norm_b = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
     unit_a = torch.where(norm_a == 0, 0.0, a / norm_a)
     unit_b = torch.where(norm_b == 0, 0.0, b / norm_b)

@@ -8,20 +8,21 @@ errors) and add them to the recipes: MODEL's at strength_model, CLIP's at streng
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from ... import families
 from ...errors import LoRAError, NodeError
 from ...lora.model import LoRA
 from ...lora.placement import FAMILY_ADVICE
-from ...lora.recipe import AppliedLoRA, ModelRecipe
-from ...models import loading, parts
-from ...models.base import BaseModel
 from ...models.builtin import BUILTINS
 from ..base import COMPONENT_INPUTS, load_base_preflight
 from ..lora import apply_to, load_lora, load_lora_preflight, lora_problems
 from ..spec import CLIP, COMBO, CORE_MODEL, FLOAT, STRING, VAE, Input, Output, Preflight, node
 from .values import ClipRecipe
+
+if TYPE_CHECKING:  # annotations only: declaring the nodes must not import torch
+    from ...lora.recipe import ModelRecipe
+    from ...models.base import BaseModel
 
 # ComfyUI's CLIPLoader and DualCLIPLoader ``type`` choices, in ComfyUI's order (its first is the
 # default). A name that is no family of ours is still accepted as a choice (ComfyUI's files carry it);
@@ -145,6 +146,9 @@ def checkpoint_loader_simple(
                                           tuple(BUILTINS), path_kind="any")],
 ):
     """Load a checkpoint once; its MODEL, CLIP and VAE share the one base."""
+    from ...lora.recipe import ModelRecipe
+    from ...models import loading
+
     base = loading.load_base(ckpt_name)
     model = ModelRecipe(base)
     return model, ClipRecipe(model), base
@@ -168,6 +172,9 @@ def unet_loader(
 ):
     """Load a diffusion model (UNet or transformer) from a file of its own; the text encoders and VAE
     come from CLIP and VAE loaders."""
+    from ...lora.recipe import ModelRecipe
+    from ...models import parts
+
     if weight_dtype != "default":
         ctx.warn(f"weight_dtype {weight_dtype}: the weights are kept at the usual precision (lora-nodes does "
                  "not compute in fp8)")
@@ -215,6 +222,9 @@ def dual_clip_loader(
 
 
 def _clip_from_files(files: dict[str, str], clip_type: str, device: str | None) -> ClipRecipe:
+    from ...lora.recipe import ModelRecipe
+    from ...models import parts
+
     problem = clip_type_problem(clip_type)
     if problem:
         raise NodeError(problem)
@@ -235,6 +245,8 @@ def vae_loader(
                                          "taesd previews and pixel_space are not available here)")],
 ):
     """Load a VAE from a file of its own."""
+    from ...models import parts
+
     return (parts.load_parts({"vae": vae_name}),)
 
 
@@ -306,6 +318,8 @@ def _read_lora(ctx, path: str) -> LoRA:
 
 def _on_model(ctx, model: ModelRecipe, lora: LoRA, strength: float) -> ModelRecipe:
     """``model`` with ``lora``'s denoiser modules at ``strength`` (after the checks ApplyLoRA makes)."""
+    from ...lora.recipe import AppliedLoRA
+
     if not _has_modules(lora, text=False):
         _check_family(lora, model.base)
         return model  # nothing of it changes a denoiser (a text-encoder-only LoRA)
@@ -319,6 +333,8 @@ def _on_clip(ctx, clip: ClipRecipe, lora: LoRA, strength: float, checked: bool) 
     it is not checked again; otherwise it is checked here, by its family where it has no
     text-encoder modules to place.
     """
+    from ...lora.recipe import AppliedLoRA
+
     if not _has_modules(lora, text=True):
         if not checked:
             _check_family(lora, clip.base)

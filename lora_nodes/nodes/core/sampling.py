@@ -7,13 +7,11 @@ guided by CONDITIONING, with ComfyUI's sampler and scheduler names (see
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from ... import families
 from ...errors import NodeError
-from ...lora.recipe import ModelRecipe
 from ...models.conditioning import Conditioning
-from ...models.memory import check_sample
 from ...models.sampling import conditioning_problem, latent_channels, sample_latents, sampling_problem
 from ...models.schedules import SAMPLER_NAMES, SCHEDULER_NAMES
 from ..lora import FAMILY_MISMATCH
@@ -32,6 +30,9 @@ from ..spec import (
 )
 from .latents import fit_to_model, vae_downscale
 from .values import Latent
+
+if TYPE_CHECKING:  # annotations only: declaring the nodes must not import torch
+    from ...lora.recipe import ModelRecipe
 
 SWITCH = ("enable", "disable")  # KSamplerAdvanced's add_noise, in ComfyUI's order
 SWITCH_OFF_FIRST = ("disable", "enable")  # its return_with_leftover_noise
@@ -143,6 +144,8 @@ def ksampler_advanced(
 def _sample(ctx, model: ModelRecipe, latent: Latent, positive: Conditioning, negative: Conditioning, *,
             cfg: float, sampler: str, scheduler: str, **options: Any) -> Latent:
     """The latent denoised by ``model``: checks first, then the LoRAs merged in, then the sampler."""
+    from ...models.memory import check_sample
+
     base = model.base
     encoded_by = (condition.family for condition in (*positive, *negative))
     problem = sampling_problem(base.family, sampler, scheduler) or conditioning_problem(base.family, encoded_by)
@@ -153,7 +156,7 @@ def _sample(ctx, model: ModelRecipe, latent: Latent, positive: Conditioning, neg
     height, width = samples.shape[-2:]
     # before any work: a picture too big for the machine is refused, not swapped to death or killed
     check_sample(base, width * cells, height * cells, samples.shape[0], cfg, enabled=ctx.check_memory)
-    denoised = sample_latents(model.materialize(), positive, negative, samples, cfg=cfg, sampler=sampler,
+    denoised = sample_latents(model.materialize(final=ctx.last_weight_use), positive, negative, samples, cfg=cfg, sampler=sampler,
                               scheduler=scheduler, progress=ctx.progress, **options)
     return Latent(denoised, cells)
 

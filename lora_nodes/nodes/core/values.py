@@ -14,11 +14,13 @@ each value sees it through its own recipe (the patcher switches the shared weigh
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: declaring the nodes must not import torch
+    from torch import Tensor
 
-from ...lora.recipe import AppliedLoRA, ModelRecipe
-from ...models.base import BaseModel
+    from ...lora.recipe import AppliedLoRA, ModelRecipe
+    from ...models.base import BaseModel
 
 COMFY_LATENT_DOWNSCALE = 8  # pixels per latent cell along a side, as ComfyUI's empty latents assume
 

@@ -24,6 +24,16 @@ _SHARED_BASES: list = []
 
 
 @pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """(output folder, files written) of one run of the quickstart, shared by the tests that look at it."""
+    from lora_nodes.engine.scheduler import Runner
+    from lora_nodes.graph import load_workflow
+
+    out = tmp_path_factory.mktemp("quickstart_run")
+    return out, Runner(output_dir=out).run(load_workflow(WORKFLOWS / "quickstart.yaml")).files
+
+
+@pytest.fixture(scope="session")
 def tiny():
     """builtin:tiny on the CPU in float32, shared by the session; unpatched whenever a test starts."""
     from lora_nodes.models.loading import load_base

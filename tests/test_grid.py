@@ -156,19 +156,15 @@ def _colour_name(area: np.ndarray) -> str:
     return min(PALETTE, key=lambda name: np.linalg.norm(mean - PALETTE[name]))
 
 
-def test_the_quickstart_grid_shows_the_purple_star_lora_turning_a_blue_square_purple(tmp_path):
-    from conftest import WORKFLOWS
-
-    from lora_nodes.engine.scheduler import Runner
-
-    files = Runner(output_dir=tmp_path).run(load_workflow(WORKFLOWS / "quickstart.yaml")).files
+def test_the_quickstart_grid_shows_the_purple_star_lora_turning_a_blue_square_purple(quickstart_run):
+    out, files = quickstart_run
     grid_file = next(f for f in files if Path(f).name.startswith("grid_"))
     grid = np.asarray(Image.open(grid_file).convert("RGB")).astype(int)
     assert "lora-nodes" in Image.open(grid_file).info  # the workflow, as in every PNG
     # the blue square's three pictures are saved too; the grid shows them twice as large, in its first row
     where = []
     for strength in ("0", "0.5", "1"):
-        picture = np.asarray(Image.open(tmp_path / "quickstart" / f"strength_{strength}_00001.png"))
+        picture = np.asarray(Image.open(out / "quickstart" / f"strength_{strength}_00001.png"))
         large = np.repeat(np.repeat(picture, 2, axis=0), 2, axis=1)
         found = _find_array(grid, large)
         assert found, strength

@@ -18,8 +18,6 @@ from PIL import Image
 
 from lora_nodes import pngchunks
 from lora_nodes.cli import main
-from lora_nodes.engine.scheduler import Runner
-from lora_nodes.graph import load_workflow
 from lora_nodes.graph.load import parse_workflow
 from lora_nodes.graph.validate import bind, check
 from lora_nodes.modelfolders import (
@@ -295,9 +293,10 @@ def _chunk_texts(folder: Path) -> list[str]:
     return texts
 
 
-def test_quickstart_converted_for_comfyui_runs_from_a_models_folder_with_the_same_pixels(tmp_path, monkeypatch):
+def test_quickstart_converted_for_comfyui_runs_from_a_models_folder_with_the_same_pixels(tmp_path, monkeypatch,
+                                                                                           quickstart_run):
     """The issue's portability check: quickstart -> convert --to comfyui-api -> run with --models-dir."""
-    reference = _pixels(Runner(output_dir=tmp_path / "reference").run(load_workflow(WORKFLOWS / "quickstart.yaml")).files)
+    reference = _pixels(quickstart_run[1])
     models = tmp_path / "models"
     lora = put(models / "loras" / "purple_star.safetensors", WORKFLOWS / "loras" / "purple_star.safetensors")
     # the quickstart as its user has it: the LoRA named by its absolute path in the models folder

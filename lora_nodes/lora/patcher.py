@@ -135,18 +135,17 @@ class Patcher:
 
 def _patch_in_place(module: nn.Module, wanted: PatchList) -> None:
     """``module``'s weight (and bias) += every patch of ``wanted``, in its own memory."""
-    weight = module.weight.data
-    merged = weight if weight.dtype == torch.float32 else weight.float()
-    _merge_into(merged, merged, wanted, "weight")
-    if merged is not weight:
-        weight.copy_(merged)
+    _merge_in_place(module.weight.data, wanted, "weight")
     if module.bias is not None and any(m.bias is not None for m, _ in wanted):
-        bias = module.bias.data
-        bias32 = bias if bias.dtype == torch.float32 else bias.float()
-        for patch, strength in wanted:
-            patch.apply_bias_(bias32, strength)
-        if bias32 is not bias:
-            bias.copy_(bias32)
+        _merge_in_place(module.bias.data, wanted, "bias")
+
+
+def _merge_in_place(tensor: Tensor, wanted: PatchList, which: str) -> None:
+    """``tensor`` with every patch of ``wanted`` applied in its own memory (merged in float32, cast back)."""
+    merged = tensor if tensor.dtype == torch.float32 else tensor.float()
+    _merge_into(merged, merged, wanted, which)
+    if merged is not tensor:
+        tensor.copy_(merged)
 
 
 def merged_weight(original: Tensor, wanted: PatchList) -> Tensor:
@@ -174,7 +173,8 @@ def _merge_into(out: Tensor, original: Tensor, wanted: PatchList, which: str) ->
         for module, s in rest:
             module.apply_(out, s)
     else:
-        out.copy_(original)
+        if out is not original:
+            out.copy_(original)
         for module, s in wanted:
             module.apply_bias_(out, s)
 

@@ -14,6 +14,7 @@ present page is the file's own, not a copy-on-write copy). Linux only; elsewhere
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
 import os
@@ -28,11 +29,12 @@ MADV_DONTNEED = 4
 PAGE = mmap.PAGESIZE
 FILE_PAGE, SWAPPED, PRESENT = 1 << 61, 1 << 62, 1 << 63  # /proc/self/pagemap's flags (the kernel's pagemap.rst)
 
-Spans = list[tuple[int, int]]
+Spans = list[tuple[int, int]]  # sorted by start, none overlapping (as /proc/self/maps lists them)
 
 
 def private_file_spans() -> Spans:
-    """(start, end) addresses of this process's private mappings of files (none off Linux)."""
+    """(start, end) addresses of this process's private mappings of files, in address order
+    (none off Linux)."""
     if not sys.platform.startswith("linux"):
         return []
     spans = []
@@ -45,13 +47,20 @@ def private_file_spans() -> Spans:
                     spans.append((start, end))
     except OSError:
         return []
-    return spans
+    return sorted(spans)  # already in order there; sorted, the lookups below need not trust that
+
+
+def _span_holding(spans: Spans, first: int, last: int) -> bool:
+    """Whether one span of ``spans`` holds the addresses ``[first, last)`` (a binary search: a
+    process maps a thousand files, libraries included, and a model has hundreds of weights)."""
+    i = bisect.bisect_right(spans, (first, float("inf"))) - 1
+    return i >= 0 and spans[i][0] <= first and last <= spans[i][1]
 
 
 def is_file_mapped(tensor: Tensor, spans: Spans) -> bool:
     """Whether ``tensor``'s bytes lie in a private mapping of a file (one of ``spans``)."""
     start = tensor.data_ptr()
-    return tensor.device.type == "cpu" and any(s <= start < e for s, e in spans)
+    return tensor.device.type == "cpu" and _span_holding(spans, start, start + 1)
 
 
 def release_read_pages(tensor: Tensor, spans: Spans) -> int:
@@ -62,7 +71,7 @@ def release_read_pages(tensor: Tensor, spans: Spans) -> int:
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
     first, last = -(-start // PAGE) * PAGE, end // PAGE * PAGE  # whole pages only
-    if last <= first or not any(s <= first and last <= e for s, e in spans):
+    if last <= first or not _span_holding(spans, first, last):
         return 0
     if not _only_file_pages(first // PAGE, (last - first) // PAGE):
         return 0  # written in place: giving those pages back would lose what was written

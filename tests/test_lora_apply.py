@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 
 from lora_nodes.errors import LoRAError
 from lora_nodes.lora.files import read_lora
+from lora_nodes.lora.patcher import _merge_low_rank
 from lora_nodes.lora.placement import check_placement
 from lora_nodes.lora.recipe import AppliedLoRA, ModelRecipe, patcher_of
 
@@ -91,10 +92,15 @@ def test_stacked_loras_add_up(tmp_path, tiny):
     save_file({f"{Q}.lora_A.weight": down_b, f"{Q}.lora_B.weight": up_b},
               str(tmp_path / "b.safetensors"))  # PEFT: rank 2, no alpha
     a, b = read_lora(tmp_path / "a.safetensors"), read_lora(tmp_path / "b.safetensors")
-    ModelRecipe(tiny, (AppliedLoRA(a, 0.5, 1.0), AppliedLoRA(b, 2.0, 1.0))).materialize()
+    recipe = ModelRecipe(tiny, (AppliedLoRA(a, 0.5, 1.0), AppliedLoRA(b, 2.0, 1.0)))
+    recipe.materialize()
     expected = (before + 0.5 * (2.0 / 4) * (up_a.double() @ down_a.double())
                 + 2.0 * (2 / 2) * (up_b.double() @ down_b.double()))  # no alpha: alpha = rank
     torch.testing.assert_close(tiny.lora_targets[Q].weight.double(), expected, rtol=1e-5, atol=1e-5)
+    # a GPU merges the two in one product of their factors side by side: the same sum, here on the CPU
+    out = torch.empty_like(weight)
+    _merge_low_rank(out, before.float(), recipe.patch_plan()[Q])
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_conv_lora_applies_on_flattened_kernels(tmp_path, tiny):

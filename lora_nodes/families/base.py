@@ -10,6 +10,7 @@ packages meet here: ``lora`` works on anything that is a :class:`LoRATarget`, an
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -70,10 +71,14 @@ class LoRANaming:
 
     def component_of(self, key: str) -> str | None:
         """The component a LoRA key belongs to, or None when no prefix of this naming fits."""
-        for prefix in sorted(self.component_prefixes, key=len, reverse=True):
+        for prefix in self._prefixes_longest_first:
             if key.startswith(prefix):
                 return self.component_prefixes[prefix]
         return None
+
+    @functools.cached_property
+    def _prefixes_longest_first(self) -> list[str]:
+        return sorted(self.component_prefixes, key=len, reverse=True)
 
 
 @dataclass(frozen=True, eq=False)

@@ -73,6 +73,7 @@ def parse_lora(tensors: dict[str, Tensor], metadata: dict[str, str] | None = Non
     namings: set[str] = set()
     layouts: set[str] = set()
     unknown = []
+    read_as: dict[str, tuple[str, str]] = {}  # module path as written -> (its module key, its naming)
     for key, tensor in tensors.items():
         match = next((s for s in _SUFFIXES_LONGEST_FIRST if key.endswith(s)), None)
         if match is None:
@@ -80,10 +81,13 @@ def parse_lora(tensors: dict[str, Tensor], metadata: dict[str, str] | None = Non
             continue
         part, naming = SUFFIXES[match]
         written = key[: -len(match)].removeprefix(PEFT_WRAPPER)
-        module_key = families.normalize_key(written)
+        if written not in read_as:  # once per module, not per tensor (a file holds thousands)
+            module_key = families.normalize_key(written)
+            read_as[written] = module_key, "kohya" if families.is_kohya_key(module_key) else "diffusers"
+            layouts.add(families.layout_of(written))
+        module_key, key_naming = read_as[written]
         parts.setdefault(module_key, {})[part] = tensor
-        namings.add(naming or ("kohya" if families.is_kohya_key(module_key) else "diffusers"))
-        layouts.add(families.layout_of(written))
+        namings.add(naming or key_naming)
     if not parts:
         first = ", ".join(sorted(tensors)[:5]) or "no tensors"
         raise LoRAError(f"{label}: no LoRA weights found (expected keys like '*.lora_down.weight', "

@@ -2,8 +2,10 @@
 
 The first time a weight is patched, its original tensor is kept as it is (no copy) and the
 parameter is pointed at a second buffer that receives ``original + sum(strength * delta)``,
-written by the first patch's fused ``addmm`` straight from the original and the others' in-place
-``addmm_``: exactly the work of the bare merge, plus nothing. Restoring points the parameter
+written by the first patch's ``addmm`` from the original and the others' in-place ``addmm_`` (on a
+GPU, one product of all the patches' factors stacked; see :func:`_merge_low_rank`): the work of
+the bare merge plus one copy of the weight (BLAS adds into its output, so the first product copies
+the original into the buffer first; SD1.5's UNet, three LoRAs: 0.05 s on 0.35 s). Restoring points the parameter
 back at the original tensor, bitwise and at no cost. Moving to another variant re-patches only
 the modules whose list of (module, strength) changed, always from the original, so weights never
 drift. Math is float32; half-precision weights are merged in float32 and cast back. An original
@@ -163,7 +165,8 @@ def _merge_into(out: Tensor, original: Tensor, wanted: PatchList, which: str) ->
     """``out = original`` with every patch of ``wanted`` applied, all float32 (``out`` may be
     ``original`` itself: then in place)."""
     (first, strength), *rest = wanted
-    if which == "weight" and rest and all(isinstance(m, LoRAModule) and m.is_plain for m, _ in wanted):
+    if which == "weight" and rest and out.device.type != "cpu" and all(  # see _merge_low_rank
+            isinstance(m, LoRAModule) and m.is_plain for m, _ in wanted):
         _merge_low_rank(out, original, wanted)
     elif which == "weight":
         if out is original:
@@ -182,9 +185,11 @@ def _merge_into(out: Tensor, original: Tensor, wanted: PatchList, which: str) ->
 def _merge_low_rank(out: Tensor, original: Tensor, wanted: PatchList) -> None:
     """Several plain LoRAs in one product: their ups (scaled) side by side, their downs stacked.
 
-    ``addmm`` into a buffer apart from its input copies the input first (BLAS updates its C in
-    place), so one product per LoRA passes over the weight once more than the bare in-place merge;
-    one product of the stacked factors passes over it twice, however many LoRAs there are.
+    For a GPU, where the merge is bound by memory: one product per LoRA reads and writes the whole
+    weight once per LoRA, one product of the stacked factors once. Not on the CPU, where it is bound
+    by arithmetic: the stacked product costs what the products one by one cost (the same
+    multiply-adds; SD1.5's UNet with three rank-32 LoRAs: 0.340 s against 0.348 s here), and stacking
+    the factors costs another tenth of that (0.037 s).
     """
     rows = out.shape[0]
     ups = torch.cat([m.up.to(out.device, torch.float32).flatten(1) * (s * m.scale) for m, s in wanted], dim=1)

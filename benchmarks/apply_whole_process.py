@@ -21,15 +21,18 @@ apply_lora.py makes them) and once without, and the LoRAs' cost is the differenc
 The model is an SD1.5-shaped UNet with random weights, a one-layer CLIP text encoder of SD1.5's
 width (768) and builtin:tiny's VAE and tokenizer, saved once as a diffusers folder in a scratch
 folder. One untimed round runs every kind first (files in the page cache for all alike); then
-runs alternate (ours, diffusers, ours without, ...) and the table gives medians of --repeats.
+rounds of every kind follow, each in its own shuffled order, and the table gives medians of
+--repeats, then how much each kind varied.
 The in-process rows are apply_lora.py's (best of --repeats): the full apply, one strength changed
-and a run's last use in place, against diffusers and the bare in-place merge (the floor). Goals (issue 17): whole process at least 5x cheaper than
-diffusers, in process within 1.05x of the floor.
+and a run's last use in place, against diffusers and the bare in-place merge (the floor).
+Goals (issue 17): whole process at least 5x cheaper than diffusers, in process within 1.05x of
+the floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import subprocess
 import sys
@@ -150,16 +153,24 @@ def commands(root: Path, model: Path, loras: list[Path]) -> dict[tuple[str, str]
             ("diffusers", "with"): diffusers("with"), ("diffusers", "without"): diffusers("without")}
 
 
-def whole_process(model: Path, loras: list[Path], root: Path, repeats: int) -> dict[tuple[str, str], float]:
-    """Median seconds of each kind of run (after one untimed round of all)."""
+def whole_process(model: Path, loras: list[Path], root: Path, repeats: int) -> dict[tuple[str, str], list[float]]:
+    """Seconds of each kind of run, every timed run (after one untimed round of all).
+
+    Every round runs each kind once, in an order shuffled per round (seeded): load on the machine
+    falls on all alike, and no kind always follows the same one (on a virtual machine, what the
+    process before left in memory changes how fast the next one gets its own, by a second or more).
+    """
     kinds = commands(root, model, loras)
     seconds: dict[tuple[str, str], list[float]] = {key: [] for key in kinds}
     for n in range(repeats + 1):
-        for key, command in kinds.items():  # alternating, so load on the machine falls on all alike
-            took = timed(command(n))
+        order = list(kinds)
+        if n:
+            random.Random(n).shuffle(order)
+        for key in order:
+            took = timed(kinds[key](n))
             if n:
                 seconds[key].append(took)
-    return {key: statistics.median(values) for key, values in seconds.items()}
+    return seconds
 
 
 def in_process(tiny: bool, repeats: int) -> dict[str, float]:
@@ -180,14 +191,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model = root / "model"
         (make_tiny if args.tiny else make_model)(model)
         loras = make_loras(root, model, rank=4 if args.tiny else 32)
-        medians = whole_process(model, loras, root, args.repeats)
+        runs = whole_process(model, loras, root, args.repeats)
+    medians = {key: statistics.median(values) for key, values in runs.items()}
     figures = in_process(args.tiny, args.repeats)
     torch.set_grad_enabled(True)
     cost = {side: medians[(side, "with")] - medians[(side if side != "ours, first run" else "ours", "without")]
             for side in ("ours", "ours, first run", "diffusers")}
     print_table(args, medians, cost, figures)
+    print_spread(runs)
     return {"whole_ours": cost["ours"], "whole_ours_first_run": cost["ours, first run"],
             "whole_diffusers": cost["diffusers"], **{f"in_process_{k}": v for k, v in figures.items()}}
+
+
+def print_spread(runs: dict[tuple[str, str], list[float]]) -> None:
+    """How much each kind of whole run varies: a cost read off medians is only as good as this."""
+    print("spread of the whole runs, seconds (lowest, lower quartile, median, upper quartile, highest):")
+    for (side, kind), values in runs.items():
+        low, mid, high = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+        print(f"  {side + ', ' + kind + ' LoRAs':34}{min(values):7.2f}{low:7.2f}{mid:7.2f}{high:7.2f}{max(values):7.2f}")
 
 
 def print_table(args: argparse.Namespace, medians: dict[tuple[str, str], float], cost: dict[str, float],

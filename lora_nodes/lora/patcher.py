@@ -8,10 +8,10 @@ the bare merge plus one copy of the weight (BLAS adds into its output, so the fi
 the original into the buffer first; SD1.5's UNet, three LoRAs: 0.05 s on 0.35 s). Restoring
 points the parameter back at the original tensor, bitwise and at no cost. Moving to another
 variant re-patches only the modules whose list of (module, strength) changed, always from the
-original, so weights never drift. Math is float32; half-precision weights are merged in float32 and cast back. An original
-mapped from its file gives its pages back once read (:mod:`lora_nodes.filepages`): kept originals
-cost no memory until they are needed again (a sweep holds one copy of the patched weights, as a
-single run does).
+original, so weights never drift. Math is float32; half-precision weights are merged in float32
+and cast back. An original mapped from its file gives its pages back once read
+(:mod:`lora_nodes.filepages`): kept originals cost no memory until they are needed again (a sweep
+holds one copy of the patched weights, as a single run does).
 
 When nothing will ask for the original again (the last use of the weights in a run whose results
 are not kept: ``apply(plan, final=True)``), a weight in the process's own memory (built, converted

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from .engine.events import JsonLines, event, ignore
 from .errors import NodeError
 from .fileio import atomic_write_text
+from .libraries import import_model_libraries
 from .modelfolders import MODELS_DIR_VARIABLE, FolderSetupError, configured, using_folders
 from .nodes import catalogue
 
@@ -273,6 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_sweep(args, output_dir, emit, display, started)
     try:
         workflow, variants = _load(args)
+        import_model_libraries()  # after validation: a workflow with problems is told at once
         runner = Runner(output_dir=output_dir, cache_dir=args.cache_dir, emit=emit, main_process=main_process,
                         check_memory=not args.no_memory_check, one_shot=True)
         runner.run_variants(workflow, variants, cwd=Path.cwd())
@@ -305,6 +307,7 @@ def _run_sweep(args: argparse.Namespace, output_dir: str, emit, display: Progres
     sink = emit if display is None or not (args.workers or args.ray) else _ParallelDisplay(display)
     try:
         workflow, sweeps = _load_with_sweeps(args)
+        import_model_libraries()
         outcomes = run_sweep(workflow, sweep_variants(sweeps), output_dir,
                              RunnerOptions(args.cache_dir, not args.no_memory_check), sink, Path.cwd(),
                              workers=args.workers, ray_address=args.ray)

@@ -22,7 +22,7 @@ LAYERS = [
     {"training"},
     {"lora", "models", "datasets"},
     {"families"},
-    {"fileio", "filepages", "pngchunks", "tensorfiles", "nodes.spec"},
+    {"fileio", "filepages", "libraries", "pngchunks", "tensorfiles", "nodes.spec"},
     {"paths", "modelfolders"},
     {"errors"},
 ]

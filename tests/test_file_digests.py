@@ -26,8 +26,24 @@ def big_file(path, fill=b"a"):
 
 
 def test_the_content_hash_is_the_files_sha256(tmp_path):
-    path = big_file(tmp_path / "lora.safetensors")
-    assert Fingerprints()(path)["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    path = big_file(tmp_path / "captions.txt")
+    assert Fingerprints()(path)["content"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_safetensors_files_content_hash_is_its_headers_and_its_datas(tmp_path):
+    """Hashed apart, so that the data's hash (A1111's LoRA hash) serves the PNGs as well; any byte
+    changed, in the header or the data, changes it."""
+    from conftest import EXAMPLE_LORA
+
+    raw = EXAMPLE_LORA.read_bytes()
+    split = 8 + int.from_bytes(raw[:8], "little")
+    expected = f"{hashlib.sha256(raw[:split]).hexdigest()}+{hashlib.sha256(raw[split:]).hexdigest()}"
+    path = tmp_path / "style.safetensors"
+    path.write_bytes(raw)
+    assert Fingerprints()(path)["content"] == expected
+    for changed in (20, split + 5):  # a byte of the header's JSON; a byte of a tensor
+        path.write_bytes(raw[:changed] + bytes([raw[changed] ^ 1]) + raw[changed + 1:])
+        assert Fingerprints()(path)["content"] != expected
 
 
 def test_a_second_process_reads_the_hash_a_first_one_kept(tmp_path):
@@ -84,4 +100,6 @@ def test_a_run_keeps_the_hashes_in_its_cache_dir(tmp_path, monkeypatch):
                                     "  save: {type: SaveLoRA, inputs: {lora: [lora, lora], path: copy.safetensors}}\n")
     assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]) == 0
     kept = json.loads((tmp_path / "c" / "file-digests.json").read_text())
-    assert kept[str(lora)]["digests"]["lora_nodes.tensorfiles.file_sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
+    raw = lora.read_bytes()
+    data = raw[8 + int.from_bytes(raw[:8], "little"):]
+    assert kept[str(lora)]["digests"]["lora_nodes.tensorfiles.tensor_data_sha256"] == hashlib.sha256(data).hexdigest()

@@ -195,7 +195,7 @@ def test_fingerprint_reads_no_fifo_and_stays_in_the_folder(tmp_path):
     (tmp_path / "data" / "link").symlink_to(tmp_path / "elsewhere")
     fingerprint = Fingerprints()(tmp_path / "data")
     assert [f["path"] for f in fingerprint["files"]] == ["a.txt"]
-    assert "sha256" not in Fingerprints()(tmp_path / "data" / "pipe")
+    assert "content" not in Fingerprints()(tmp_path / "data" / "pipe")
 
 
 @pytest.mark.parametrize(("raw", "valid"), [

@@ -137,11 +137,19 @@ nodes:
 
 
 def test_file_hashes_once_per_file_version(tmp_path, write_lora, monkeypatch):
-    from lora_nodes.graph import parameters
+    """Two images, one LoRA without sshs_model_hash: its tensor data is hashed once, for its node's
+    cache key and for both PNGs' Lora hashes."""
+    from lora_nodes import tensorfiles
 
     calls = []
-    real = parameters.tensor_data_sha256
-    monkeypatch.setattr(parameters, "tensor_data_sha256", lambda path: calls.append(path) or real(path))
+    real = tensorfiles._sha256_of
+
+    def counting(f, start, end=None):
+        if start > 0 and end is None:  # from the tensor data to the end: tensor_data_sha256
+            calls.append(f.name)
+        return real(f, start, end)
+
+    monkeypatch.setattr(tensorfiles, "_sha256_of", counting)
     lora = write_lora("two", seed=2)
     path = write_workflow(tmp_path, f"""
 format: lora-nodes/1
@@ -155,7 +163,7 @@ nodes:
   save_b: {{type: SaveImages, inputs: {{images: [b, images], prefix: b}}}}
 """)
     Runner(output_dir=tmp_path / "out").run(load_workflow(path))
-    assert len(calls) == 1
+    assert calls == [str(lora)]
 
 
 def inspect_json(capsys, path: Path) -> dict:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import NodeError
 from ..fileio import atomic_write_text
 from ..paths import scan_tree
-from ..tensorfiles import file_sha256
+from ..tensorfiles import file_sha256, header_sha256, tensor_data_sha256
 
 if TYPE_CHECKING:
     from ..nodes.spec import NodeSpec
@@ -142,8 +142,16 @@ class Fingerprints:
         if not stat.S_ISREG(status.st_mode):
             return fp | {"mode": stat.S_IFMT(status.st_mode)}
         if status.st_size <= CONTENT_HASH_LIMIT:
-            fp["sha256"] = self._hashed(str(path), file_version(status), file_sha256)
+            fp["content"] = self._content_hash(path, file_version(status))
         return fp
+
+    def _content_hash(self, path: Path, version: Version) -> str:
+        """A hash of the file's bytes: its sha256; for a ``.safetensors`` file, the sha256 of its header
+        and that of its tensor data. The second is A1111's hash of a LoRA without ``sshs_model_hash``
+        (PNG parameters name LoRAs by it), so the data of such a LoRA is read and hashed once, not twice."""
+        if path.suffix.lower() != ".safetensors":
+            return self._hashed(str(path), version, file_sha256)
+        return f"{self._hashed(str(path), version, header_sha256)}+{self._hashed(str(path), version, tensor_data_sha256)}"
 
 
 def content_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -153,7 +161,7 @@ def content_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """
     if "files" in fingerprint:
         return {"files": [content_fingerprint(f) | {"path": f["path"]} for f in fingerprint["files"]]}
-    return {k: v for k, v in fingerprint.items() if k in ("size", "sha256")}
+    return {k: v for k, v in fingerprint.items() if k in ("size", "content")}
 
 
 def node_key(node_type: str, version: int, literals: dict[str, Any],

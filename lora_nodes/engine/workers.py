@@ -109,8 +109,10 @@ class VariantWorker:
     """A Runner of its own and a scratch output folder: runs variants, sends back their files' bytes."""
 
     def __init__(self, options: RunnerOptions, name: str, emit: Callable[[int, dict], None]):
+        from ..libraries import import_model_libraries
         from .scheduler import Runner
 
+        import_model_libraries()  # a worker process, spawned, imports them afresh
         self.name = name
         self.scratch = Path(tempfile.mkdtemp(prefix="lora-nodes-worker-"))
         self._emit, self._index = emit, -1

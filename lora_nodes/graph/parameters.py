@@ -108,7 +108,7 @@ def parameters_chunk(bound: Mapping[str, BoundNode], save_id: str, outputs: Mapp
         fields.update(model_fields(_base_file(base) or "", hashed))
     fields.update(drawing.extra)
     if loras:
-        hashes = {Path(path).stem: hashed(Path(path), lora_hash)[:LORA_HASH_DIGITS] for path in loras}
+        hashes = {Path(path).stem: lora_hash(Path(path), hashed)[:LORA_HASH_DIGITS] for path in loras}
         fields["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in hashes.items())
     fields = {key: value for key, value in fields.items() if value is not None}
     return {PARAMETERS_KEY: parameters_text(drawing.prompt, drawing.negative_prompt, fields)}
@@ -152,12 +152,14 @@ def model_fields(source: str, hashed: Hasher = _compute) -> dict[str, str]:
     return {"Model": path.name}
 
 
-def lora_hash(path: Path) -> str:
+def lora_hash(path: Path, hashed: Hasher = _compute) -> str:
     """A LoRA file's hash as A1111 takes it: its ``sshs_model_hash`` metadata, else the sha256 of
-    its tensor data (a ``.safetensors`` file) or of the whole file (others)."""
+    its tensor data (a ``.safetensors`` file) or of the whole file (others). ``hashed`` computes
+    them: the engine's is the one its file fingerprints hash with, so a LoRA's data is hashed once
+    for both."""
     if path.suffix.lower() != ".safetensors":
-        return file_sha256(path)
-    return read_header(path).metadata.get("sshs_model_hash") or tensor_data_sha256(path)
+        return hashed(path, file_sha256)
+    return read_header(path).metadata.get("sshs_model_hash") or hashed(path, tensor_data_sha256)
 
 
 # --------------------------------------------------------------------------- from the images to a sampler

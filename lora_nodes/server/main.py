@@ -8,6 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
+from ..libraries import import_model_libraries
 from ..modelfolders import active_folders
 from . import EXAMPLES_DIR, new_token
 from .app import Server, ServerConfig, is_loopback
@@ -38,6 +39,7 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = config_from_args(args, static)
+    import_model_libraries()  # before serving: the first graph does not wait for them
     server = Server(config)
     # listening on every address: show the machine's name, which others can open (0.0.0.0 they cannot)
     shown_host = socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host

@@ -197,15 +197,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     medians = {key: statistics.median(values) for key, values in runs.items()}
     figures = in_process(args.tiny, args.repeats)
     torch.set_grad_enabled(True)
-    # each round's difference, with the LoRAs and without in the same round, then their median: a
-    # drift of the machine over the rounds falls on both runs of a difference
-    cost = {side: statistics.median(with_ - without for with_, without in zip(
-                runs[(side, "with")], runs[(side if side != "ours, first run" else "ours", "without")], strict=True))
-            for side in ("ours", "ours, first run", "diffusers")}
+    cost = lora_costs(runs)
     print_table(args, medians, cost, figures)
     print_spread(runs)
     return {"whole_ours": cost["ours"], "whole_ours_first_run": cost["ours, first run"],
             "whole_diffusers": cost["diffusers"], **{f"in_process_{k}": v for k, v in figures.items()}}
+
+
+def lora_costs(runs: dict[tuple[str, str], list[float]]) -> dict[str, float]:
+    """The LoRAs' cost for each side: the median of the rounds' differences, with the LoRAs minus
+    without, both from the same round (a drift of the machine over the rounds falls on both runs of
+    a difference). A first run is set against ours without LoRAs: a run without has no file to hash."""
+    return {side: statistics.median(with_ - without for with_, without in zip(
+                runs[(side, "with")], runs[(side if side != "ours, first run" else "ours", "without")], strict=True))
+            for side in ("ours", "ours, first run", "diffusers")}
 
 
 def print_spread(runs: dict[tuple[str, str], list[float]]) -> None:

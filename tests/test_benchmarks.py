@@ -2,6 +2,7 @@
 
 import importlib.util
 
+import pytest
 from conftest import REPO
 
 
@@ -64,3 +65,15 @@ def test_quick_commands_benchmark_prints_its_table(capsys):
     out = capsys.readouterr().out
     assert "lora-nodes validate workflows/quickstart.yaml" in out and 'python -c "import torch"' in out
     assert all(row["median"] > 0 and row["cpu"] > 0 for row in figures["source"].values())
+
+
+def test_the_whole_process_cost_is_the_median_of_each_rounds_difference():
+    """A slow round slows both of its runs: the difference within a round cancels it, the difference
+    of the two medians would not."""
+    whole = load("apply_whole_process")
+    runs = {("ours", "with"): [10.5, 14.5, 11.5], ("ours", "without"): [10.0, 14.0, 9.0],
+            ("ours, first run", "with"): [10.8, 14.9, 9.9], ("diffusers", "with"): [15.0, 19.0, 14.0],
+            ("diffusers", "without"): [11.0, 15.0, 10.0]}
+    costs = whole.lora_costs(runs)
+    # rounds' differences: ours 0.5, 0.5, 2.5; first run 0.8, 0.9, 0.9; diffusers 4, 4, 4
+    assert costs == pytest.approx({"ours": 0.5, "ours, first run": 0.9, "diffusers": 4.0})

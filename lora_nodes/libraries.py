@@ -5,8 +5,8 @@ functions) that live as long as the process. The cyclic collector, seeing the he
 walks all of them several times on the way, and every later full collection walks them again: 1.0 to
 1.6 s of a 12-second ``lora-nodes run`` on 2 CPU cores went to collections. Imported with the
 collector paused, then frozen (``gc.freeze``: later collections skip them), they cost no collection:
-the run's take 0.02 s. The garbage the imports leave stays (about 9 MB), as it would until the end
-of the process anyway.
+the run's take 0.02 s. The cost: the garbage the imports leave is never collected (about 9 MB;
+445 MB resident after the imports against 436 MB).
 
 The CLI's ``run`` and ``serve`` and the sweep's worker processes call it; the ComfyUI pack does not
 (its process is ComfyUI's to tune).
@@ -20,8 +20,8 @@ import gc
 
 @functools.cache  # once per process: a second call would only freeze what the process made since
 def import_model_libraries() -> None:
-    """Import torch, diffusers and transformers (and diffusers' pipeline base, which most of what
-    loading a model imports) with the collector paused, then freeze what the process holds.
+    """Import torch, transformers and diffusers' pipeline base (which imports most of what loading a
+    model needs) with the collector paused, then freeze what the process holds.
 
     A library that fails to import is left for the node that needs it to report, naming itself.
     """

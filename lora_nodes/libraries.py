@@ -31,8 +31,8 @@ def import_model_libraries() -> None:
         import torch  # noqa: F401
         import transformers  # noqa: F401
         from diffusers import DiffusionPipeline  # noqa: F401
-    except Exception:  # noqa: BLE001, S110 - the node that loads a model says what is wrong, naming itself
-        pass
+    except (ImportError, OSError, RuntimeError, AttributeError):  # how a broken install fails
+        pass  # the node that loads a model says what is wrong, naming itself
     finally:
         gc.freeze()
         if enabled:

@@ -7,6 +7,7 @@ any size); here each kind runs a small fixed-seed sample, so a failure reproduce
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def _fuzz_module():
 
 
 @pytest.mark.parametrize("kind", list(CASES))
-def test_generated_inputs_end_in_success_or_a_problem(kind):
+def test_generated_inputs_end_in_success_or_a_problem(kind, tmp_path):
     fuzz = _fuzz_module()
     failures, results = [], []
 
@@ -37,5 +38,11 @@ def test_generated_inputs_end_in_success_or_a_problem(kind):
 
     fuzz.run_kind(kind, CASES[kind], record, fixed_seed=2)
     assert len(results) >= CASES[kind] // 2, "the generator produced too few cases to mean anything"
-    assert "problem" in results and ("ok" in results or kind == "png"), f"{kind}: {sorted(set(results))}"
+    # generated LoRA files are nearly all damaged (about one in 30 comes through) and hypothesis draws a
+    # different 30 in a different process state, so the harness's "ok" is shown on a LoRA known good
+    assert "problem" in results and ("ok" in results or kind in ("png", "lora")), f"{kind}: {sorted(set(results))}"
+    if kind == "lora":
+        good = tmp_path / "good.safetensors"
+        shutil.copy(fuzz.EXAMPLE_LORA, good)
+        assert fuzz.check_lora_file(good).result == "ok"
     assert not failures, f"{len(failures)} of {len(results)} {kind} cases crashed or hung:\n" + "\n".join(failures[:5])

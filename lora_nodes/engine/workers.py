@@ -109,10 +109,8 @@ class VariantWorker:
     """A Runner of its own and a scratch output folder: runs variants, sends back their files' bytes."""
 
     def __init__(self, options: RunnerOptions, name: str, emit: Callable[[int, dict], None]):
-        from ..libraries import import_model_libraries
         from .scheduler import Runner
 
-        import_model_libraries()  # a worker process, spawned, imports them afresh
         self.name = name
         self.scratch = Path(tempfile.mkdtemp(prefix="lora-nodes-worker-"))
         self._emit, self._index = emit, -1
@@ -124,8 +122,12 @@ class VariantWorker:
 
     def run(self, job: VariantJob) -> VariantReport:
         """Run one variant into the scratch folder; its files come back as bytes and leave the folder."""
+        from ..libraries import import_model_libraries
         from .scheduler import RunFailed
 
+        # a spawned worker imports them afresh: here, once it holds a variant, not before it asks for
+        # one (importing first, the worker that started last would find the queue emptied)
+        import_model_libraries()
         self._index = job.index
         written: list[str] = []
         emit = self.runner.emit

@@ -92,10 +92,11 @@ def _parsed_header(header: object, data_start: int, size: int) -> TensorFileHead
     metadata = {} if metadata is None else metadata
     if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise TypeError(f"its {METADATA_KEY} is not a map of strings")
-    shapes = {name: _checked_shape(name, entry) for name, entry in sorted(header.items())}
+    entries = sorted(header.items())
+    shapes = {name: _checked_shape(name, entry) for name, entry in entries}
     _check_offsets(header, size - data_start)
     places = {name: (entry["dtype"], data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1])
-              for name, entry in sorted(header.items())}
+              for name, entry in entries}
     return TensorFileHeader(shapes, metadata, places)
 
 

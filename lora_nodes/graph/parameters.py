@@ -159,7 +159,13 @@ def lora_hash(path: Path, hashed: Hasher = _compute) -> str:
     for both."""
     if path.suffix.lower() != ".safetensors":
         return hashed(path, file_sha256)
-    return read_header(path).metadata.get("sshs_model_hash") or hashed(path, tensor_data_sha256)
+    return hashed(path, _stored_lora_hash) or hashed(path, tensor_data_sha256)
+
+
+def _stored_lora_hash(path: Path) -> str:
+    """The ``sshs_model_hash`` a ``.safetensors`` LoRA's metadata holds ("" without one), through
+    ``hashed`` like the hashes: its header is read once per file version, not once per image."""
+    return read_header(path).metadata.get("sshs_model_hash", "")
 
 
 # --------------------------------------------------------------------------- from the images to a sampler

@@ -234,6 +234,9 @@ def print_table(args: argparse.Namespace, medians: dict[tuple[str, str], float],
               f"{cost[side]:11.2f}{cost['diffusers']:11.2f}{ratio}{'':27}   (goal >= 5x)")
     print(f"{'whole process, diffusers':34}{medians[('diffusers', 'with')]:11.2f}"
           f"{medians[('diffusers', 'without')]:9.2f}{cost['diffusers']:11.2f}")
+    ours_run, their_run = medians[("ours", "with")], medians[("diffusers", "with")]
+    print(f"(a whole run with the LoRAs, as a user waits for it: {ours_run:.2f} s ours, {their_run:.2f} s "
+          f"diffusers', {their_run / ours_run:.1f}x)")
     floor, reads, copies = figures["floor"], figures["bound_reads"], figures["bound_copies"]
     for label, mine, their, bound in (("in process, full apply", "ours_full", "diffusers_full", floor + reads + copies),
                                       ("in process, one strength changed", "ours_switch", "diffusers_switch",

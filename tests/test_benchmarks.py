@@ -77,3 +77,19 @@ def test_the_whole_process_cost_is_the_median_of_each_rounds_difference():
     costs = whole.lora_costs(runs)
     # rounds' differences: ours 0.5, 0.5, 2.5; first run 0.8, 0.9, 0.9; diffusers 4, 4, 4
     assert costs == pytest.approx({"ours": 0.5, "ours, first run": 0.9, "diffusers": 4.0})
+
+
+def test_the_whole_process_table_compares_whole_runs_as_well(capsys):
+    """Beside the LoRAs' cost, the table says how long a whole run with them took on each side."""
+    import argparse
+
+    whole = load("apply_whole_process")
+    medians = {("ours", "with"): 8.0, ("ours", "without"): 7.0, ("ours, first run", "with"): 8.5,
+               ("diffusers", "with"): 12.0, ("diffusers", "without"): 9.0}
+    figures = {"floor": 0.3, "bound_reads": 0.02, "bound_copies": 0.05, "ours_full": 0.4, "ours_switch": 0.36,
+               "ours_last_use": 0.33, "diffusers_full": 2.0, "diffusers_switch": 2.2}
+    whole.print_table(argparse.Namespace(tiny=False, repeats=3), medians,
+                      {"ours": 1.0, "ours, first run": 1.5, "diffusers": 3.0}, figures)
+    out = capsys.readouterr().out
+    assert "8.00 s ours, 12.00 s diffusers', 1.5x" in out  # 12 / 8
+    assert "3.0x" in out and "2.0x" in out  # the costs: 3 / 1 and 3 / 1.5

@@ -257,3 +257,25 @@ def test_a_one_shot_runner_runs_once(tmp_path):
     runner.run(workflow)
     with pytest.raises(RuntimeError, match="one-shot"):
         runner.run(workflow)
+
+
+def test_a_runner_forgets_the_least_recent_runs_results_first_and_never_the_last_runs(tmp_path):
+    """What a long-lived process (the server) drops while memory is short: run longest ago first."""
+    def copying(lora: str) -> object:
+        return load_workflow(write_workflow(tmp_path, (
+            "format: lora-nodes/1\nnodes:\n"
+            f"  lora: {{type: LoadLoRA, inputs: {{path: '{EXAMPLE_LORA.with_name(lora)}'}}}}\n"
+            f"  save: {{type: SaveLoRA, inputs: {{lora: [lora, lora], path: '{lora}'}}}}\n"), f"{lora}.yaml"))
+
+    first, second, third = (copying(name) for name in
+                            ("tiny_style.safetensors", "shapes_style.safetensors", "purple_star.safetensors"))
+    runner = Runner(output_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
+    for workflow in (first, second, third, first):  # the first again: now the most recent
+        runner.run(workflow)
+    assert runner.forget_oldest_results()  # the second's: run longest ago
+    assert runner.run(third).executed == []
+    assert runner.run(second).executed == ["lora", "save"]
+    while runner.forget_oldest_results():
+        pass
+    assert runner.run(second).executed == []  # the last run's results stay
+    assert runner.run(first).executed == ["lora", "save"]

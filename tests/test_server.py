@@ -451,6 +451,39 @@ def test_free_drops_the_engine_cache(live):
     assert [d["node"] for d in of(messages, "executing", again) if d["node"]] == ["1", "2"]
 
 
+def test_while_memory_is_short_the_least_recent_prompts_results_go_first(live, monkeypatch):
+    """After each prompt, while memory is short, the results of the prompt run longest ago go first;
+    those of the last prompt stay. While memory lasts, every prompt's results stay."""
+    shapes_lora = str(EXAMPLE_LORA.with_name("shapes_style.safetensors"))
+    other = {"1": {"class_type": "lora-nodes.LoadLoRA", "inputs": {"path": shapes_lora}},
+             "2": {"class_type": "lora-nodes.SaveLoRA", "inputs": {"lora": ["1", 0], "path": "other.safetensors"}}}
+
+    def ran(prompt) -> list[str]:
+        (prompt_id,), messages = live.run_watched([prompt])
+        return [d["node"] for d in of(messages, "executing", prompt_id) if d["node"]]
+
+    monkeypatch.setattr(live.server.queue, "memory_short", lambda: False)
+    ran(COPY_LORA), ran(other)
+    assert ran(COPY_LORA) == [] and ran(other) == []  # both remembered
+    checks = []
+    monkeypatch.setattr(live.server.queue, "memory_short", lambda: checks.append(1) or True)
+    assert ran(COPY_LORA) == []  # still remembered; after it, the other prompt's results go
+    assert len(checks) >= 2  # asked again after each prompt's results went, until only the last prompt's were left
+    monkeypatch.setattr(live.server.queue, "memory_short", lambda: False)
+    assert ran(COPY_LORA) == []  # the last prompt's results stayed
+    assert ran(other) == ["1", "2"]  # the least recent prompt's went
+
+
+def test_memory_is_short_below_a_quarter_free_and_never_asks_more_than_half():
+    from lora_nodes.server.worker import _short
+
+    gib = 2**30
+    assert _short(15 * gib, 64 * gib) and not _short(17 * gib, 64 * gib)  # a quarter of 64 GiB
+    assert _short(int(2.9 * gib), 8 * gib) and not _short(int(3.1 * gib), 8 * gib)  # at least 3 GiB
+    assert _short(int(1.9 * gib), 4 * gib) and not _short(int(2.1 * gib), 4 * gib)  # at most half
+    assert not _short(None, 8 * gib) and not _short(gib, None)  # unknown: nothing is forgotten
+
+
 def test_get_prompt_and_queue_when_idle(live):
     assert live.get("/api/prompt") == (200, {"exec_info": {"queue_remaining": 0}})
     assert live.get("/api/queue") == (200, {"queue_running": [], "queue_pending": []})

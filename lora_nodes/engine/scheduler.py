@@ -65,7 +65,7 @@ def execution_order(bound: dict[str, BoundNode]) -> list[str]:
 
 
 class Runner:
-    """Runs workflows and keeps every node's result in memory for the life of the process.
+    """Runs workflows and keeps every node's result in memory, until :meth:`forget_oldest_results`.
 
     Running again (another variant, or the same workflow after an edit) re-runs only the nodes
     whose cache key changed: their type, version, literal inputs, upstream keys or files read.
@@ -86,6 +86,8 @@ class Runner:
         self._spent = False
         self._results: dict[str, tuple[Any, ...]] = {}
         self._files: dict[str, list[str]] = {}
+        self._runs = 0  # runs started
+        self._last_run: dict[str, int] = {}  # cache key -> the number of the last run that used its result
         self._fingerprint = Fingerprints(DigestStore(self.cache_dir / DIGESTS_FILE))
 
     @property
@@ -118,6 +120,7 @@ class Runner:
         order = execution_order(bound)
         final_user = last_weight_user(bound, order) if self.one_shot and last else None
         self._spent = self.one_shot and last
+        self._runs += 1
         embedded = embeddable_workflow(workflow, bound)
         # made on the first SaveImages of this run, once: most runs that write no PNG never need it
         workflow_chunks = cache(lambda: png_chunks(embedded, self.output_dir, self.catalogue))
@@ -169,6 +172,22 @@ class Runner:
                     result.executed.append(node.id)
         result.outputs[node.id] = self._results[key]
         result.files += self._files[key]
+        self._last_run[key] = self._runs
+
+    def forget_oldest_results(self) -> bool:
+        """Drop from memory the results that the least recent run still remembered used last; the latest
+        run's are never dropped. False when there was nothing to drop.
+
+        A long-lived process (the server) calls this while memory is short: what the user ran longest
+        ago goes first, and running it again re-runs (or reloads from the disk cache) only what went.
+        """
+        older = [run for run in self._last_run.values() if run < self._runs]
+        if not older:
+            return False
+        oldest = min(older)
+        for key in [key for key, run in self._last_run.items() if run == oldest]:
+            del self._results[key], self._files[key], self._last_run[key]
+        return True
 
     def _key(self, node: BoundNode, keys: dict[str, str]) -> str:
         upstream = {name: (keys[up], index) for name, (up, index) in node.links.items()}

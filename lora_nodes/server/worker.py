@@ -5,9 +5,11 @@ between them: queueing the same graph with one strength changed re-runs only wha
 prompt that fails (a node's error, a file gone since validation) is recorded and the next one runs.
 Run events become ComfyUI's WebSocket messages, sent to every connected client.
 
-Memory: the waiting prompts are bounded (:data:`MAX_PENDING`); the engine's memory cache is not:
-every distinct result a prompt produced stays in it until ``POST /api/free`` (the editor's "free
-memory" / "unload models") drops it, so a long session of many different graphs grows until then.
+Memory: the waiting prompts are bounded (:data:`MAX_PENDING`). Every result a prompt produced stays
+in the engine's memory cache while memory lasts: after each prompt, while less than
+:func:`memory_short`'s margin is free (in RAM, or on the GPU the models use), the results the least
+recent earlier prompt used go first, then the next; the last prompt's stay. ``POST /api/free``
+(the editor's "free memory" / "unload models") drops them all.
 """
 
 from __future__ import annotations
@@ -34,6 +36,39 @@ log = logging.getLogger("lora_nodes.server")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 Send = Callable[[str, dict[str, Any]], None]  # (message type, data) to every connected client
 MAX_PENDING = 1000  # prompts waiting at once; past this a client is asked to wait (each holds its graph)
+# memory to keep free between prompts, as a share of the machine's (or the GPU's) and at least a few GiB:
+# room for the next prompt's model and its work, which the results of old prompts must not take
+FREE_SHARE, FREE_AT_LEAST = 0.25, 3 * 2**30
+
+
+def memory_short() -> bool:
+    """Whether RAM, or the memory of a CUDA GPU, has less free than the margin the next prompt needs
+    (:data:`FREE_SHARE` of it, at least :data:`FREE_AT_LEAST`); False where that cannot be known."""
+    import torch
+
+    from ..models.memory import free_memory
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return any(_short(free_memory(device), _total_memory(device)) for device in devices)
+
+
+def _total_memory(device: Any) -> int | None:
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _short(free: int | None, total: int | None) -> bool:
+    if free is None or total is None:
+        return False
+    return free < min(max(FREE_AT_LEAST, total * FREE_SHARE), total / 2)
 
 
 class PromptRefused(Exception):
@@ -89,6 +124,7 @@ class PromptQueue:
         self._interrupt = threading.Event()
         self._free = False
         self._stop = False
+        self.memory_short = memory_short  # after each prompt: whether to forget the oldest results
         self.pending_limit = MAX_PENDING
         self._thread = threading.Thread(target=self._work, name="lora-nodes-queue", daemon=True)
 
@@ -200,6 +236,11 @@ class PromptQueue:
     def _free_now(self) -> None:
         self._runner, self._free = None, False
         gc.collect()
+        self._empty_gpu_cache()
+
+    @staticmethod
+    def _empty_gpu_cache() -> None:
+        """Give the GPU memory PyTorch holds unused back to the driver (other programs see it free)."""
         try:
             import torch
 
@@ -207,6 +248,16 @@ class PromptQueue:
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
+
+    def _forget_while_memory_is_short(self) -> None:
+        """The least recent prompts' results go, one prompt's at a time, until enough memory is free or
+        only the last prompt's are left."""
+        forgot = False
+        while self._runner is not None and self.memory_short() and self._runner.forget_oldest_results():
+            gc.collect()  # a model's weights go now, not at some later collection
+            forgot = True
+        if forgot:
+            self._empty_gpu_cache()
 
     def _work(self) -> None:
         while (item := self._take()) is not None:
@@ -216,6 +267,8 @@ class PromptQueue:
             except Exception:
                 log.exception("prompt %s failed outside any node", item.prompt_id)
             finally:
+                if not self._free:  # outside the lock: collecting can take a while, and handlers wait on it
+                    self._forget_while_memory_is_short()
                 with self._cond:
                     self._running = None
                     if self._free:

@@ -1,7 +1,9 @@
 """Running workflows: only what outputs need, cached by key, sweeps share nodes, errors name the node."""
 
+import gc
 import json
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -270,9 +272,12 @@ def test_a_runner_forgets_the_least_recent_runs_results_first_and_never_the_last
     first, second, third = (copying(name) for name in
                             ("tiny_style.safetensors", "shapes_style.safetensors", "purple_star.safetensors"))
     runner = Runner(output_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
+    loaded = {}
     for workflow in (first, second, third, first):  # the first again: now the most recent
-        runner.run(workflow)
+        loaded[id(workflow)] = weakref.ref(runner.run(workflow).outputs["lora"][0])
     assert runner.forget_oldest_results()  # the second's: run longest ago
+    gc.collect()
+    assert loaded[id(second)]() is None and loaded[id(third)]() is not None  # its memory is free again
     assert runner.run(third).executed == []
     assert runner.run(second).executed == ["lora", "save"]
     while runner.forget_oldest_results():

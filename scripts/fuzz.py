@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -76,6 +77,7 @@ class Case:
     data: bytes = b""
     lora: dict[str, Any] | None = None  # tensors by key (saved with safetensors) and "__metadata__"
     note: str = ""  # what the generator did, for reports
+    intact: bool = False  # a LoRA generated well-formed: saved without byte-level damage
 
     def describe(self) -> str:
         shown = self.data[:300] if self.data else repr(sorted(self.lora or {}))[:300]
@@ -441,20 +443,24 @@ def tiny_base():
 
 @st.composite
 def lora_files(draw) -> Case:
+    """A LoRA file over builtin:tiny's modules: half of them well-formed (so that loading, placing and
+    applying are exercised, with metadata still drawn at random), half damaged in their tensors, keys
+    or bytes."""
     import torch
 
+    intact = draw(st.booleans())
     shapes = tiny_shapes().modules
-    picked = draw(st.lists(st.sampled_from(shapes), min_size=0, max_size=4, unique_by=lambda m: m[0]))
+    picked = draw(st.lists(st.sampled_from(shapes), min_size=int(intact), max_size=4, unique_by=lambda m: m[0]))
     layout = draw(st.sampled_from(["kohya", "kohya", "peft", "loha", "lokr", "full"]))
     tensors: dict[str, Any] = {}
     for kohya, dotted, shape in picked:
-        tensors.update(_module_tensors(draw, layout, kohya, dotted, shape))
-    for _ in range(draw(st.integers(0, 3))):  # damage a few tensors
+        tensors.update((_intact_module_tensors if intact else _module_tensors)(draw, layout, kohya, dotted, shape))
+    for _ in range(0 if intact else draw(st.integers(0, 3))):  # damage a few tensors
         if not tensors:
             break
         key = draw(st.sampled_from(sorted(tensors)))
         tensors[key] = _damaged(draw, tensors[key])
-    if draw(st.integers(0, 5)) == 0:
+    if not intact and draw(st.integers(0, 5)) == 0:
         tensors[draw(st.sampled_from(["x", "lora_unet_x.alpha", "unet.x.lora_A.weight"]))] = torch.ones(
             draw(st.lists(st.integers(0, 3), max_size=3)))
     metadata = draw(st.one_of(st.none(), st.dictionaries(
@@ -463,7 +469,8 @@ def lora_files(draw) -> Case:
         st.one_of(st.sampled_from(['{"a": {"b": "x"}}', '{"a": {"b": Infinity}}', "[1, 2]", "{", "sdxl_base_v1-0",
                                    '{"lora_alpha": "x", "alpha_pattern": [1]}', '{"r": 0}', "sd_v1", ""]),
                   st.text(max_size=10)))))
-    return Case("lora.safetensors", lora={**tensors, "__metadata__": metadata}, note=layout)
+    return Case("lora.safetensors", lora={**tensors, "__metadata__": metadata},
+                note=f"{layout}, {'intact' if intact else 'damaged'}", intact=intact)
 
 
 def _rand(shape: tuple[int, ...]):
@@ -497,6 +504,30 @@ def _module_tensors(draw, layout: str, kohya: str, dotted: str, shape: tuple[int
     if draw(st.integers(0, 6)) == 0:
         found[f"{kohya}.dora_scale"] = _rand(draw(st.sampled_from([(out_dim, 1), (1, in_dim), (3,), ()])))
     return found
+
+
+def _intact_module_tensors(draw, layout: str, kohya: str, dotted: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    """One module's tensors in ``layout``, well-formed: a rank of 1 to 4, shapes that fit ``shape``, a
+    positive alpha (LoKr: a 1x1 first factor, so the second has the weight's shape)."""
+    import torch
+
+    rank = draw(st.integers(1, 4))
+    out_dim, in_dim = shape[0], math.prod(shape[1:])
+    tail = shape[2:]
+    if layout == "peft":
+        return {f"{dotted}.lora_A.weight": _rand((rank, shape[1], *tail)),
+                f"{dotted}.lora_B.weight": _rand((out_dim, rank, *([1] * len(tail))))}
+    if layout == "loha":
+        return {f"{kohya}.hada_w1_a": _rand((out_dim, rank)), f"{kohya}.hada_w1_b": _rand((rank, in_dim)),
+                f"{kohya}.hada_w2_a": _rand((out_dim, rank)), f"{kohya}.hada_w2_b": _rand((rank, in_dim)),
+                f"{kohya}.alpha": torch.tensor(float(rank))}
+    if layout == "lokr":
+        return {f"{kohya}.lokr_w1": _rand((1, 1)), f"{kohya}.lokr_w2": _rand((out_dim, in_dim))}
+    if layout == "full":
+        return {f"{kohya}.diff": _rand(shape)}
+    return {f"{kohya}.lora_down.weight": _rand((rank, shape[1], *tail)),
+            f"{kohya}.lora_up.weight": _rand((out_dim, rank, *([1] * len(tail)))),
+            f"{kohya}.alpha": torch.tensor(float(draw(st.sampled_from([1, rank]))))}
 
 
 def _damaged(draw, tensor):
@@ -670,7 +701,7 @@ def run_case(case: Case, folder: Path, damage: int = 0) -> Outcome:
     try:
         with time_bound(CASE_SECONDS):
             if case.lora is not None:
-                path.write_bytes(lora_payload(case, damage))
+                path.write_bytes(lora_payload(case, 0 if case.intact else damage))
                 return check_lora_file(path)
             path.write_bytes(case.data)
             return check_workflow_file(path, folder, CONVERT_TARGETS[damage % len(CONVERT_TARGETS)])

@@ -7,7 +7,6 @@ any size); here each kind runs a small fixed-seed sample, so a failure reproduce
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ def _fuzz_module():
 
 
 @pytest.mark.parametrize("kind", list(CASES))
-def test_generated_inputs_end_in_success_or_a_problem(kind, tmp_path):
+def test_generated_inputs_end_in_success_or_a_problem(kind):
     fuzz = _fuzz_module()
     failures, results = [], []
 
@@ -35,14 +34,11 @@ def test_generated_inputs_end_in_success_or_a_problem(kind, tmp_path):
         results.append(outcome.result)
         if outcome.result in ("crash", "hang"):
             failures.append(f"{outcome.result}: {outcome.detail}\n  case: {case.describe()}")
+        elif case.intact and outcome.result != "ok":  # a well-formed LoRA file of any layout must load and apply
+            failures.append(f"refused: {outcome.detail}\n  case: {case.describe()}")
 
     fuzz.run_kind(kind, CASES[kind], record, fixed_seed=2)
     assert len(results) >= CASES[kind] // 2, "the generator produced too few cases to mean anything"
-    # generated LoRA files are nearly all damaged (about one in 30 comes through) and hypothesis draws a
-    # different 30 in a different process state, so the harness's "ok" is shown on a LoRA known good
-    assert "problem" in results and ("ok" in results or kind in ("png", "lora")), f"{kind}: {sorted(set(results))}"
-    if kind == "lora":
-        good = tmp_path / "good.safetensors"
-        shutil.copy(fuzz.EXAMPLE_LORA, good)
-        assert fuzz.check_lora_file(good).result == "ok"
-    assert not failures, f"{len(failures)} of {len(results)} {kind} cases crashed or hung:\n" + "\n".join(failures[:5])
+    assert "problem" in results and ("ok" in results or kind == "png"), f"{kind}: {sorted(set(results))}"
+    assert not failures, f"{len(failures)} of {len(results)} {kind} cases crashed, hung or were refused:\n" + "\n".join(
+        failures[:5])

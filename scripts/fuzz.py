@@ -454,7 +454,7 @@ def lora_files(draw) -> Case:
     layout = draw(st.sampled_from(["kohya", "kohya", "peft", "loha", "lokr", "full"]))
     tensors: dict[str, Any] = {}
     for kohya, dotted, shape in picked:
-        tensors.update((_intact_module_tensors if intact else _module_tensors)(draw, layout, kohya, dotted, shape))
+        tensors.update(_module_tensors(draw, layout, kohya, dotted, shape, intact))
     for _ in range(0 if intact else draw(st.integers(0, 3))):  # damage a few tensors
         if not tensors:
             break
@@ -479,39 +479,14 @@ def _rand(shape: tuple[int, ...]):
     return torch.randn(shape) * 0.01
 
 
-def _module_tensors(draw, layout: str, kohya: str, dotted: str, shape: tuple[int, ...]) -> dict[str, Any]:
+def _module_tensors(draw, layout: str, kohya: str, dotted: str, shape: tuple[int, ...],
+                    intact: bool = False) -> dict[str, Any]:
+    """One module's tensors in ``layout`` for a weight of ``shape``. ``intact``: well-formed (a rank of 1
+    to 4, a positive alpha, LoKr factors whose Kronecker product has the weight's shape, no DoRA);
+    otherwise a rank of 0, alphas of 0 or -1, LoKr factors of any shape and odd DoRA scales are drawn too."""
     import torch
 
-    rank = draw(st.integers(0, 4))
-    out_dim, in_dim = shape[0], int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
-    tail = shape[2:]
-    if layout == "peft":
-        prefix = dotted
-        return {f"{prefix}.lora_A.weight": _rand((rank, shape[1], *tail)),
-                f"{prefix}.lora_B.weight": _rand((out_dim, rank, *([1] * len(tail))))}
-    if layout == "loha":
-        return {f"{kohya}.hada_w1_a": _rand((out_dim, rank)), f"{kohya}.hada_w1_b": _rand((rank, in_dim)),
-                f"{kohya}.hada_w2_a": _rand((out_dim, rank)), f"{kohya}.hada_w2_b": _rand((rank, in_dim)),
-                f"{kohya}.alpha": torch.tensor(float(max(rank, 1)))}
-    if layout == "lokr":
-        return {f"{kohya}.lokr_w1": _rand((draw(st.integers(1, 4)), draw(st.integers(1, 4)))),
-                f"{kohya}.lokr_w2": _rand((max(out_dim // 2, 1), max(in_dim // 2, 1)))}
-    if layout == "full":
-        return {f"{kohya}.diff": _rand(shape)}
-    found = {f"{kohya}.lora_down.weight": _rand((rank, shape[1], *tail)),
-             f"{kohya}.lora_up.weight": _rand((out_dim, rank, *([1] * len(tail)))),
-             f"{kohya}.alpha": torch.tensor(float(draw(st.sampled_from([1, 4, 0, -1]))))}
-    if draw(st.integers(0, 6)) == 0:
-        found[f"{kohya}.dora_scale"] = _rand(draw(st.sampled_from([(out_dim, 1), (1, in_dim), (3,), ()])))
-    return found
-
-
-def _intact_module_tensors(draw, layout: str, kohya: str, dotted: str, shape: tuple[int, ...]) -> dict[str, Any]:
-    """One module's tensors in ``layout``, well-formed: a rank of 1 to 4, shapes that fit ``shape``, a
-    positive alpha (LoKr: a 1x1 first factor, so the second has the weight's shape)."""
-    import torch
-
-    rank = draw(st.integers(1, 4))
+    rank = draw(st.integers(1 if intact else 0, 4))
     out_dim, in_dim = shape[0], math.prod(shape[1:])
     tail = shape[2:]
     if layout == "peft":
@@ -520,14 +495,20 @@ def _intact_module_tensors(draw, layout: str, kohya: str, dotted: str, shape: tu
     if layout == "loha":
         return {f"{kohya}.hada_w1_a": _rand((out_dim, rank)), f"{kohya}.hada_w1_b": _rand((rank, in_dim)),
                 f"{kohya}.hada_w2_a": _rand((out_dim, rank)), f"{kohya}.hada_w2_b": _rand((rank, in_dim)),
-                f"{kohya}.alpha": torch.tensor(float(rank))}
+                f"{kohya}.alpha": torch.tensor(float(max(rank, 1)))}
     if layout == "lokr":
-        return {f"{kohya}.lokr_w1": _rand((1, 1)), f"{kohya}.lokr_w2": _rand((out_dim, in_dim))}
+        if intact:  # a 1x1 first factor: the second has the weight's shape
+            return {f"{kohya}.lokr_w1": _rand((1, 1)), f"{kohya}.lokr_w2": _rand((out_dim, in_dim))}
+        return {f"{kohya}.lokr_w1": _rand((draw(st.integers(1, 4)), draw(st.integers(1, 4)))),
+                f"{kohya}.lokr_w2": _rand((max(out_dim // 2, 1), max(in_dim // 2, 1)))}
     if layout == "full":
         return {f"{kohya}.diff": _rand(shape)}
-    return {f"{kohya}.lora_down.weight": _rand((rank, shape[1], *tail)),
-            f"{kohya}.lora_up.weight": _rand((out_dim, rank, *([1] * len(tail)))),
-            f"{kohya}.alpha": torch.tensor(float(draw(st.sampled_from([1, rank]))))}
+    found = {f"{kohya}.lora_down.weight": _rand((rank, shape[1], *tail)),
+             f"{kohya}.lora_up.weight": _rand((out_dim, rank, *([1] * len(tail)))),
+             f"{kohya}.alpha": torch.tensor(float(draw(st.sampled_from([1, rank] if intact else [1, 4, 0, -1]))))}
+    if not intact and draw(st.integers(0, 6)) == 0:
+        found[f"{kohya}.dora_scale"] = _rand(draw(st.sampled_from([(out_dim, 1), (1, in_dim), (3,), ()])))
+    return found
 
 
 def _damaged(draw, tensor):

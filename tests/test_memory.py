@@ -103,6 +103,17 @@ def test_free_memory_of_the_cpu_is_known_and_plausible():
     assert free is not None and 64 * MiB < free < 64 * 1024 * GiB
 
 
+
+def test_total_memory_is_the_ram_or_a_containers_limit_below_it(tmp_path):
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert memory.total_memory(torch.device("cpu"), cgroup=tmp_path / "none") == physical
+    (tmp_path / "memory.max").write_text("max\n")
+    assert memory.total_memory(torch.device("cpu"), cgroup=tmp_path) == physical
+    (tmp_path / "memory.max").write_text(f"{GiB}\n")
+    assert memory.total_memory(torch.device("cpu"), cgroup=tmp_path) == min(physical, GiB)
+    assert memory.total_memory(torch.device("meta")) is None
+
+
 MEASURE = """
 import torch
 from lora_nodes.engine.context import NodeContext

@@ -129,6 +129,24 @@ def mem_available() -> int | None:
         return None
 
 
+def total_memory(device: torch.device, cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes of memory ``device`` has in all: a CUDA GPU's, or the RAM (capped by a cgroup v2 limit, as
+    in a container); None where that cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        return physical if limit == "max" else min(physical, int(limit))
+    except (OSError, ValueError):
+        return physical
+
+
 def _cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """A cgroup v2 memory limit minus what the group uses (page cache it could drop not counted)."""
     try:

@@ -46,23 +46,10 @@ def memory_short() -> bool:
     (:data:`FREE_SHARE` of it, at least :data:`FREE_AT_LEAST`); False where that cannot be known."""
     import torch
 
-    from ..models.memory import free_memory
+    from ..models.memory import free_memory, total_memory
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    return any(_short(free_memory(device), _total_memory(device)) for device in devices)
-
-
-def _total_memory(device: Any) -> int | None:
-    import os
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    return any(_short(free_memory(device), total_memory(device)) for device in devices)
 
 
 def _short(free: int | None, total: int | None) -> bool:

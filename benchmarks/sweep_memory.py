@@ -2,6 +2,7 @@
 
     python benchmarks/sweep_memory.py                                  # builds the model in a scratch folder
     python benchmarks/sweep_memory.py --model /tmp/m --lora /tmp/m/lora_0.safetensors --repeats 5
+    python benchmarks/sweep_memory.py --tiny --repeats 1               # builtin:tiny's pipeline (a quick check)
 
 The model is ``apply_whole_process.py``'s SD1.5-shaped pipeline folder (a ~860M-parameter float32 UNet)
 and the LoRA one of its kohya rank-32 files (every attention and feed-forward linear of the UNet's
@@ -36,7 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from apply_whole_process import make_loras, make_model, workflow
+from apply_whole_process import make_loras, make_model, make_tiny, workflow
 
 SWEEP = "a0.strength_model=0.25,0.5,0.75,1"
 KINDS = ("base", "single", "sweep")
@@ -76,18 +77,19 @@ def peak_and_wall(command: list[str]) -> tuple[float, float, float]:
     return usage.ru_maxrss / 1024, anonymous[0], wall  # Linux reports ru_maxrss in KiB
 
 
-def prepared(model: Path | None, lora: Path | None, scratch: Path) -> tuple[Path, Path]:
-    """The model folder and the LoRA file, made where they are missing."""
+def prepared(model: Path | None, lora: Path | None, scratch: Path, tiny: bool = False) -> tuple[Path, Path]:
+    """The model folder and the LoRA file, made where they are missing (``tiny``: builtin:tiny's pipeline
+    and a rank-4 LoRA)."""
     import torch
 
     torch.set_grad_enabled(False)
     model = model or scratch / "model"
     if not (model / "model_index.json").exists():
-        print(f"making the SD1.5-shaped model in {model} ...", file=sys.stderr)
-        make_model(model)
+        print(f"making the {'tiny' if tiny else 'SD1.5-shaped'} model in {model} ...", file=sys.stderr)
+        (make_tiny if tiny else make_model)(model)
     if lora is None or not lora.exists():
-        print("making the rank-32 LoRAs ...", file=sys.stderr)
-        made = make_loras((lora.parent if lora else scratch), model)
+        print("making the LoRAs ...", file=sys.stderr)
+        made = make_loras((lora.parent if lora else scratch), model, rank=4 if tiny else 32)
         lora = lora if lora else made[0]
         if not lora.exists():
             made[0].rename(lora)
@@ -114,10 +116,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--model", type=Path, help="the SD1.5-shaped diffusers folder (made there if missing)")
     parser.add_argument("--lora", type=Path, help="a kohya LoRA file for it (made if missing)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each kind (medians)")
+    parser.add_argument("--tiny", action="store_true", help="builtin:tiny's pipeline and a rank-4 LoRA (seconds)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="sweep-memory-") as folder:
         scratch = Path(folder)
-        model, lora = prepared(args.model, args.lora, scratch)
+        model, lora = prepared(args.model, args.lora, scratch, args.tiny)
         command = commands(model, lora, scratch)
         runs: dict[str, list[tuple[float, float, float]]] = {kind: [] for kind in KINDS}
         for n in range(args.repeats):
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                       for i, name in enumerate(("peak_mib", "anonymous_mib", "wall_s"))} for kind in KINDS}
     single = figures["single"]["peak_mib"]
     print(f"\nPeak resident memory of whole `lora-nodes run` processes, median of {args.repeats}")
-    print(f"(SD1.5-shaped UNet, float32; 1 rank-32 LoRA; 1-step 64x64 Sample; sweep: {SWEEP})")
+    shape = "builtin:tiny, float32; 1 rank-4 LoRA" if args.tiny else "SD1.5-shaped UNet, float32; 1 rank-32 LoRA"
+    print(f"({shape}; 1-step 64x64 Sample; sweep: {SWEEP})")
     print(f"{'run':28} {'peak MiB':>9} {'anonymous':>10} {'wall s':>8} {'vs single':>10}")
     labels = {"base": "base, no LoRA", "single": "single run (1 LoRA)", "sweep": "4-variant strength sweep"}
     for kind in KINDS:

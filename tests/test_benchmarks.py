@@ -93,3 +93,10 @@ def test_the_whole_process_table_compares_whole_runs_as_well(capsys):
     out = capsys.readouterr().out
     assert "8.00 s ours, 12.00 s diffusers', 1.5x" in out  # 12 / 8
     assert "3.0x" in out and "2.0x" in out  # the costs: 3 / 1 and 3 / 1.5
+
+
+def test_sweep_memory_benchmark_prints_its_table(capsys):
+    figures = load("sweep_memory").main(["--tiny", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "4-variant strength sweep" in out and "vs single" in out
+    assert all(f["peak_mib"] > 0 and f["anonymous_mib"] > 0 and f["wall_s"] > 0 for f in figures.values())

@@ -382,9 +382,11 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
             gc.collect()  # our patch buffers go with the base before diffusers copies the model
             theirs, why_not = _diffusers_or_why_not(setup, paths, args.repeats)
             prefix = "" if n == 0 else f"{layout.label}_"
+            bounds = timings.bounds()
             figures |= {f"{prefix}{name}": value for name, value in (
                 ("floor", timings.floor), ("ours_full", timings.full), ("ours_switch", timings.switch),
-                ("ours_last_use", timings.last_use), ("bound_reads", timings.reads), ("bound_copies", timings.copies))}
+                ("ours_last_use", timings.last_use), ("bound_reads", timings.reads), ("bound_copies", timings.copies),
+                ("bound_full", bounds[0]), ("bound_switch", bounds[1]), ("bound_last_use", bounds[2]))}
             if theirs is not None:
                 figures |= {f"{prefix}diffusers_full": theirs[0], f"{prefix}diffusers_switch": theirs[1]}
             rows.append((layout.label, timings, theirs, why_not))

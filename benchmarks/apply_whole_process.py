@@ -238,11 +238,10 @@ def print_table(args: argparse.Namespace, medians: dict[tuple[str, str], float],
     print(f"(a whole run with the LoRAs, as a user waits for it: {ours_run:.2f} s ours, {their_run:.2f} s "
           f"diffusers', {their_run / ours_run:.1f}x)")
     floor, reads, copies = figures["floor"], figures["bound_reads"], figures["bound_copies"]
-    for label, mine, their, bound in (("in process, full apply", "ours_full", "diffusers_full", floor + reads + copies),
-                                      ("in process, one strength changed", "ours_switch", "diffusers_switch",
-                                       floor + copies),
-                                      ("in process, last use in place", "ours_last_use", "diffusers_full", floor + reads)):
-        ours, theirs = figures[mine], figures.get(their)
+    for label, row, their in (("in process, full apply", "full", "diffusers_full"),
+                              ("in process, one strength changed", "switch", "diffusers_switch"),
+                              ("in process, last use in place", "last_use", "diffusers_full")):
+        ours, theirs, bound = figures[f"ours_{row}"], figures.get(their), figures[f"bound_{row}"]
         print(f"{label:34}{'':20}{ours:11.3f}" + (f"{theirs:11.3f}{theirs / ours:13.1f}x" if theirs else
               f"{'n/a':>11}{'':14}") + f"{floor:7.3f}{ours / floor:9.2f}x{ours / bound:9.2f}x   (goal <= 1.05x the floor)")
     print(f"(in process, the bound is the floor + {reads:.3f} s reading the files' bytes once where a row reads them "

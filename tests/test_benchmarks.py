@@ -87,7 +87,8 @@ def test_the_whole_process_table_compares_whole_runs_as_well(capsys):
     medians = {("ours", "with"): 8.0, ("ours", "without"): 7.0, ("ours, first run", "with"): 8.5,
                ("diffusers", "with"): 12.0, ("diffusers", "without"): 9.0}
     figures = {"floor": 0.3, "bound_reads": 0.02, "bound_copies": 0.05, "ours_full": 0.4, "ours_switch": 0.36,
-               "ours_last_use": 0.33, "diffusers_full": 2.0, "diffusers_switch": 2.2}
+               "ours_last_use": 0.33, "diffusers_full": 2.0, "diffusers_switch": 2.2, "bound_full": 0.37,
+               "bound_switch": 0.35, "bound_last_use": 0.32}
     whole.print_table(argparse.Namespace(tiny=False, repeats=3), medians,
                       {"ours": 1.0, "ours, first run": 1.5, "diffusers": 3.0}, figures)
     out = capsys.readouterr().out

@@ -48,7 +48,8 @@ def memory_short() -> bool:
 
     from ..models.memory import free_memory, total_memory
 
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    # the GPU only once this process has used it: asking an unused one would start a CUDA context
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_initialized() else [])
     return any(_short(free_memory(device), total_memory(device)) for device in devices)
 
 
